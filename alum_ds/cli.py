@@ -1,0 +1,130 @@
+"""``alum-ds`` and the ``launch/*.py`` entry points: parse, build, call; no logic of their own."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from alum_ds.config import ConfigError, load_config
+from alum_ds.data.shards import DataError
+
+DEFAULT_DS_CONFIG = str(Path(__file__).resolve().parent.parent / "ds_configs" / "zero2.json")
+
+
+def _train_parser(prog: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="ALUM pretraining. Extra --section.key=value arguments override the config "
+        "(e.g. --schedule.steps=1000 --alum.alpha=1).",
+    )
+    p.add_argument("--ds_config", "--ds-config", default=DEFAULT_DS_CONFIG,
+                   help="DeepSpeed JSON (ZeRO stage, precision, offload)")
+    p.add_argument("--config", default=None, help="run config file (TOML or JSON)")
+    p.add_argument("--resume", default="", help="checkpoint folder to resume from "
+                   "(default: the run folder's latest, if any)")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                   help=argparse.SUPPRESS)  # passed by the deepspeed launcher
+    return p
+
+
+def _fail(msg: str) -> int:
+    print(f"alum-ds: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def train_main(argv: list[str] | None = None, prog: str = "alum-ds train") -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, rest = _train_parser(prog).parse_known_args(argv)
+    try:
+        bad = [r for r in rest if not (r.startswith("--") and "=" in r)]
+        if bad:
+            raise ConfigError(f"unrecognised argument {bad[0]!r} (overrides look like "
+                              "--section.key=value)")
+        cfg = load_config(args.config, rest)
+        from alum_ds.ds_config import read_ds_json
+
+        read_ds_json(args.ds_config)  # fail before starting processes and the engine
+        from alum_ds.launching import maybe_respawn_cpu_ranks
+
+        maybe_respawn_cpu_ranks()
+        from alum_ds.trainer import train
+
+        train(cfg, args.ds_config, resume=args.resume)
+    except (ConfigError, DataError) as e:
+        return _fail(str(e))
+    return 0
+
+
+def prepare_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="alum-ds prepare",
+                                description="Tokenize a corpus into shards (or --verify a folder).")
+    p.add_argument("inputs", nargs="*", help="text/jsonl files, folders or globs")
+    p.add_argument("--out", help="output folder")
+    p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("--tokenizer", default="", help="existing local tokenizer folder")
+    p.add_argument("--text-field", default="text", help="JSON lines field holding the text")
+    p.add_argument("--val-fraction", type=float, default=0.05)
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--verify", metavar="DIR", help="check a prepared folder fully and exit")
+    a = p.parse_args(argv)
+    from alum_ds.data.prepare import prepare_inputs
+    from alum_ds.data.shards import verify_folder
+
+    try:
+        if a.verify:
+            print(json.dumps(verify_folder(a.verify), indent=2))
+            return 0
+        if not a.inputs or not a.out:
+            return _fail("prepare needs INPUT... and --out DIR (or --verify DIR)")
+        m = prepare_inputs(a.inputs, a.out, vocab_size=a.vocab_size, tokenizer=a.tokenizer,
+                           val_fraction=a.val_fraction, seed=a.seed, text_field=a.text_field)
+    except DataError as e:
+        return _fail(str(e))
+    tr = sum(s["tokens"] for s in m["splits"]["train"])
+    print(f"prepared {a.out}: {tr:,} training tokens, vocabulary {m['tokenizer']['vocab_size']}")
+    return 0
+
+
+def export_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="alum-ds export",
+                                description="Checkpoint -> Hugging Face model folder.")
+    p.add_argument("checkpoint", help="a checkpoint folder (RUN/checkpoints/stepN) or a run folder")
+    p.add_argument("out_dir")
+    a = p.parse_args(argv)
+    from alum_ds.export import export
+
+    try:
+        out = export(a.checkpoint, a.out_dir)
+    except (ConfigError, DataError, FileNotFoundError) as e:
+        return _fail(str(e))
+    print(f"exported {out}")
+    return 0
+
+
+COMMANDS = {
+    "train": ("run ALUM pretraining in this process (or under a launcher)", None),
+    "prepare": ("tokenize a corpus into shards, or verify a prepared folder", prepare_main),
+    "export": ("write a Hugging Face model folder from a checkpoint", export_main),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: alum-ds COMMAND [ARGS]\n\ncommands:")
+        for name, (text, _) in COMMANDS.items():
+            print(f"  {name:<9} {text}")
+        print("\nMulti-rank training: deepspeed launch/pretrain.py --ds_config ds_configs/zero2.json")
+        return 0 if argv else 2
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "train":
+        return train_main(rest)
+    if cmd not in COMMANDS:
+        return _fail(f"unknown command {cmd!r} (see alum-ds --help)")
+    return COMMANDS[cmd][1](rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,323 @@
+"""The typed run config: one dataclass per section, a file plus ``--section.key=value`` overrides.
+
+The run config owns the ML meaning of a run (model, data, masking, ALUM, optimisation, schedule,
+checkpoints, logging). Systems settings (ZeRO stage, precision, offload) belong to the DeepSpeed
+JSON; ``ds_config`` joins the two and refuses contradictions. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+
+try:  # Python 3.11+; on 3.10 config files must be JSON
+    import tomllib
+except ImportError:  # pragma: no cover
+    tomllib = None  # type: ignore[assignment]
+
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A bad config value or file; the message is one line and names the key."""
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "tiny"
+    """Architecture preset: tiny, small, base (RoBERTa-base shape) or large (RoBERTa-large)."""
+    pretrained: str = ""
+    """Local Hugging Face RoBERTa folder to start from (continual pretraining); overrides preset."""
+    dropout: float = 0.1
+    """Hidden and attention dropout."""
+    activation_checkpointing: bool = False
+    """Non-reentrant activation checkpointing of encoder layers (reentrant breaks the ascent)."""
+
+
+@dataclass
+class DataConfig:
+    dir: str = ""
+    """Prepared data folder (``alum-ds prepare``). Empty: the embedded default corpus, prepared
+    into the cache folder on first use."""
+    cache_dir: str = ""
+    """Where the embedded default is prepared. Empty: $ALUM_DS_CACHE or ~/.cache/alum_ds."""
+    seq_len: int = 128
+    """Tokens per packed training sequence, including <s> and </s>."""
+    vocab_size: int = 8192
+    """BPE vocabulary size learned for the embedded default."""
+    seed: int = 1234
+    """Seeds the global sample order of every epoch and the masks."""
+
+
+@dataclass
+class MaskingConfig:
+    prob: float = 0.15
+    """Fraction of non-special tokens selected for prediction."""
+    mask_frac: float = 0.8
+    """Of the selected tokens: replaced by <mask>."""
+    random_frac: float = 0.1
+    """Of the selected tokens: replaced by a random token (the rest stay unchanged)."""
+
+
+@dataclass
+class AlumConfig:
+    enabled: bool = True
+    """False: plain MLM through the same code path."""
+    alpha: float = 10.0
+    """Weight of the symmetric-KL regulariser (10 for pretraining, 1 for fine-tuning)."""
+    sigma: float = 1e-5
+    """Standard deviation of the initial random perturbation."""
+    eta: float = 1e-3
+    """Ascent step size (per-token norm of each ascent step)."""
+    epsilon: float = 1e-3
+    """Projection radius per token for the ``project`` rule."""
+    ascent_steps: int = 1
+    """K, the number of ascent steps."""
+    norm: str = "linf"
+    """Per-token norm of the ascent: linf (paper default) or l2."""
+    update: str = "project"
+    """``project`` (paper, Algorithm 1) or ``normalize`` (authors' later code)."""
+    start_step: int = 0
+    """Optimizer step from which ALUM is on; plain MLM before it (the paper's curriculum)."""
+    min_surviving_fraction: float = 0.5
+    """Precision guard: the fraction of the intended perturbation norm that must survive the cast
+    to the model's dtype; below it the step stops with a message naming a radius that survives."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-4
+    """Peak learning rate."""
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    grad_clip: float = 1.0
+    """Gradient clipping (global norm); 0 disables."""
+
+
+@dataclass
+class ScheduleConfig:
+    steps: int = 300
+    """Optimizer steps of the run."""
+    warmup_steps: int = 30
+    micro_batch_size: int = 8
+    """Sequences per rank per micro-step."""
+    grad_accum: int = 1
+    """Micro-steps per optimizer step."""
+    decay: str = "linear"
+    """Decay after warmup: linear or constant."""
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0
+    """Save every N optimizer steps (0: only at the end)."""
+    keep: int = 3
+    """How many checkpoints to keep; the one `latest` points to is never removed."""
+
+
+@dataclass
+class RunSection:
+    dir: str = "runs/default"
+    """Run folder: resolved config, metrics, TensorBoard logs and checkpoints."""
+    seed: int = 42
+    """Seeds model initialisation and the perturbation noise."""
+
+
+@dataclass
+class LoggingConfig:
+    every: int = 10
+    """Log metrics every N optimizer steps."""
+    tensorboard: bool = True
+
+
+@dataclass
+class RunConfig:
+    run: RunSection = field(default_factory=RunSection)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+    alum: AlumConfig = field(default_factory=AlumConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self) -> str:
+        """Hash of the values that change what a run computes (not where it writes)."""
+        d = self.to_dict()
+        d.pop("run", None)
+        d.pop("logging", None)
+        d.pop("checkpoint", None)
+        d["schedule"].pop("steps", None)  # extending a run is allowed
+        blob = json.dumps(d, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+_CHOICES = {
+    ("model", "preset"): ("tiny", "small", "base", "large"),
+    ("alum", "norm"): ("linf", "l2"),
+    ("alum", "update"): ("project", "normalize"),
+    ("schedule", "decay"): ("linear", "constant"),
+}
+
+
+def _coerce(section: str, key: str, tp: Any, value: Any) -> Any:
+    """Convert ``value`` (from a file or a command-line string) to the field's type."""
+    where = f"{section}.{key}"
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.strip("()[] ").split(",") if v.strip()]
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{where}: expected {len(args)} comma-separated values, got {value!r}")
+        return tuple(_coerce(section, key, a, v) for a, v in zip(args, value))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        try:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"{where}: unsupported type {tp}")  # pragma: no cover
+
+
+def _section_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _set(cfg: RunConfig, dotted: str, value: Any) -> None:
+    section, _, key = dotted.partition(".")
+    sections = _section_types(RunConfig)
+    if section not in sections or not key:
+        known = ", ".join(sections)
+        raise ConfigError(f"unknown config key {dotted!r} (sections: {known})")
+    sec_obj = getattr(cfg, section)
+    fields = _section_types(type(sec_obj))
+    if key not in fields:
+        raise ConfigError(
+            f"unknown config key {dotted!r} (keys of [{section}]: {', '.join(fields)})"
+        )
+    setattr(sec_obj, key, _coerce(section, key, fields[key], value))
+
+
+def _validate(cfg: RunConfig) -> None:
+    for (section, key), choices in _CHOICES.items():
+        v = getattr(getattr(cfg, section), key)
+        if v not in choices:
+            raise ConfigError(f"{section}.{key}: {v!r} is not one of {', '.join(choices)}")
+    checks = [
+        ("data.seq_len", cfg.data.seq_len >= 8, "must be at least 8"),
+        ("data.vocab_size", cfg.data.vocab_size >= 300, "must be at least 300 (256 bytes + specials)"),
+        ("masking.prob", 0 < cfg.masking.prob < 1, "must be in (0, 1)"),
+        ("masking.mask_frac", 0 <= cfg.masking.mask_frac <= 1, "must be in [0, 1]"),
+        (
+            "masking.random_frac",
+            0 <= cfg.masking.random_frac <= 1 - cfg.masking.mask_frac,
+            "must be in [0, 1 - masking.mask_frac]",
+        ),
+        ("alum.alpha", cfg.alum.alpha >= 0, "must be >= 0"),
+        ("alum.sigma", cfg.alum.sigma >= 0, "must be >= 0"),
+        ("alum.eta", cfg.alum.eta > 0, "must be > 0"),
+        ("alum.epsilon", cfg.alum.epsilon > 0, "must be > 0"),
+        ("alum.ascent_steps", cfg.alum.ascent_steps >= 1, "must be >= 1"),
+        ("alum.start_step", cfg.alum.start_step >= 0, "must be >= 0"),
+        ("optim.lr", cfg.optim.lr > 0, "must be > 0"),
+        ("optim.grad_clip", cfg.optim.grad_clip >= 0, "must be >= 0"),
+        ("schedule.steps", cfg.schedule.steps >= 1, "must be >= 1"),
+        ("schedule.warmup_steps", cfg.schedule.warmup_steps >= 0, "must be >= 0"),
+        ("schedule.micro_batch_size", cfg.schedule.micro_batch_size >= 1, "must be >= 1"),
+        ("schedule.grad_accum", cfg.schedule.grad_accum >= 1, "must be >= 1"),
+        ("checkpoint.every", cfg.checkpoint.every >= 0, "must be >= 0"),
+        ("checkpoint.keep", cfg.checkpoint.keep >= 1, "must be >= 1"),
+        ("logging.every", cfg.logging.every >= 1, "must be >= 1"),
+    ]
+    for key, ok, msg in checks:
+        if not ok:
+            raise ConfigError(f"{key}: {msg}")
+
+
+def load_config(path: str | None = None, overrides: typing.Sequence[str] = ()) -> RunConfig:
+    """Build the run config from defaults, an optional TOML/JSON file, then ``key=value`` overrides.
+
+    Raises ConfigError with a one-line message for unknown keys, wrong types or bad values.
+    """
+    cfg = RunConfig()
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {path} not found")
+        try:
+            if p.suffix == ".json":
+                data = json.loads(p.read_text())
+            elif tomllib is None:
+                raise ConfigError(f"config file {path}: TOML needs Python 3.11+, use JSON")
+            else:
+                data = tomllib.loads(p.read_text())
+        except ConfigError:
+            raise
+        except (ValueError, UnicodeDecodeError) as e:  # JSON and TOML decode errors are ValueErrors
+            raise ConfigError(f"config file {path} is malformed: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a table of sections")
+        for section, values in data.items():
+            if not isinstance(values, dict):
+                raise ConfigError(f"config file {path}: [{section}] must be a table")
+            for key, value in values.items():
+                _set(cfg, f"{section}.{key}", value)
+    for item in overrides:
+        text = item[2:] if item.startswith("--") else item
+        key, eq, value = text.partition("=")
+        if not eq:
+            raise ConfigError(f"override {item!r} must look like --section.key=value")
+        _set(cfg, key.strip(), value.strip())
+    _validate(cfg)
+    return cfg
+
+
+def config_from_dict(d: dict[str, Any]) -> RunConfig:
+    """Rebuild a RunConfig from ``to_dict`` output (e.g. a checkpoint's stored config)."""
+    cfg = RunConfig()
+    for section, values in d.items():
+        for key, value in values.items():
+            _set(cfg, f"{section}.{key}", value)
+    _validate(cfg)
+    return cfg
+
+
+__all__ = [
+    "ConfigError",
+    "RunConfig",
+    "load_config",
+    "config_from_dict",
+]

@@ -1,0 +1,175 @@
+"""The packed, masked, resumable training stream.
+
+Documents are concatenated with ``</s>`` after each one and cut into sequences of
+``seq_len - 2`` tokens, each wrapped in ``<s> ... </s>`` (RoBERTa's FULL-SENTENCES packing:
+sequences cross document boundaries, nothing is padded). Epoch ``e`` visits every sequence once,
+in the order of a permutation seeded by ``(seed, e)``.
+
+The stream's only state is the global count of sequences consumed. A micro-step of ``world``
+ranks takes the next ``world * micro_batch`` global positions, rank ``r`` the ``r``-th contiguous
+block, so the sequence seen at each global position, and its mask, depend on neither the number
+of ranks nor on where a run was stopped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from alum_ds.config import MaskingConfig
+from alum_ds.data.masking import mask_batch
+from alum_ds.data.shards import DataError, open_split, read_manifest
+
+
+class PackedSequences:
+    """Random access to the packed sequences of one split, reading shards by memory map."""
+
+    def __init__(self, data_dir: str | Path, split: str, seq_len: int) -> None:
+        m = read_manifest(data_dir)
+        tok = m["tokenizer"]
+        self.bos, self.eos = int(tok["bos_id"]), int(tok["eos_id"])
+        self.seq_len = seq_len
+        self.body = seq_len - 2
+        self.shards = open_split(data_dir, split)
+        # Stream position of each document's first token: tokens before it plus one </s> per
+        # earlier document.
+        self._doc_starts = [s.offsets[:-1] + np.arange(s.offsets.size - 1) for s in self.shards]
+        lengths = [int(s.tokens.size + s.offsets.size - 1) for s in self.shards]
+        self._shard_starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        self.stream_tokens = int(self._shard_starts[-1])
+        self.num_sequences = self.stream_tokens // self.body
+        if self.num_sequences == 0:
+            raise DataError(
+                f"{data_dir}: the {split} split holds {self.stream_tokens} tokens, fewer than one "
+                f"sequence of {seq_len}: use a larger corpus or a smaller data.seq_len"
+            )
+
+    def __len__(self) -> int:
+        return self.num_sequences
+
+    def get(self, seq_ids: np.ndarray) -> np.ndarray:
+        """Token arrays [len(seq_ids), seq_len] for the given sequence indices."""
+        pos = (seq_ids.astype(np.int64)[:, None] * self.body) + np.arange(self.body)[None, :]
+        flat = pos.reshape(-1)
+        out = np.empty(flat.size, dtype=np.int64)
+        shard_of = np.searchsorted(self._shard_starts, flat, side="right") - 1
+        for k in np.unique(shard_of):
+            sel = shard_of == k
+            local = flat[sel] - self._shard_starts[k]
+            starts, shard = self._doc_starts[k], self.shards[k]
+            doc = np.searchsorted(starts, local, side="right") - 1
+            within = local - starts[doc]
+            doc_len = shard.offsets[doc + 1] - shard.offsets[doc]
+            is_tok = within < doc_len
+            vals = np.full(local.size, self.eos, dtype=np.int64)
+            vals[is_tok] = shard.tokens[(shard.offsets[doc] + within)[is_tok]]
+            out[sel] = vals
+        body = out.reshape(len(seq_ids), self.body)
+        seqs = np.empty((len(seq_ids), self.seq_len), dtype=np.int64)
+        seqs[:, 0] = self.bos
+        seqs[:, 1:-1] = body
+        seqs[:, -1] = self.eos
+        return seqs
+
+
+@dataclass
+class StreamState:
+    consumed: int = 0
+    """Global count of training sequences consumed (across all ranks and epochs)."""
+
+
+class TrainStream:
+    """Deterministic global order per epoch; batches addressed by global position."""
+
+    def __init__(
+        self, data_dir: str | Path, *, seq_len: int, seed: int, masking: MaskingConfig
+    ) -> None:
+        self.seqs = PackedSequences(data_dir, "train", seq_len)
+        m = read_manifest(data_dir)["tokenizer"]
+        self.special = np.asarray(m["special_ids"], dtype=np.int64)
+        self.mask_id = int(m["mask_id"])
+        self.vocab_size = int(m["vocab_size"])
+        self.seed = seed
+        self.masking = masking
+        self.state = StreamState()
+        self._perm_epoch = -1
+        self._perm = np.zeros(0, dtype=np.int64)
+
+    def order(self, epoch: int) -> np.ndarray:
+        if epoch != self._perm_epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            self._perm = rng.permutation(len(self.seqs))
+            self._perm_epoch = epoch
+        return self._perm
+
+    def at(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(epoch, sequence index) for global positions."""
+        n = len(self.seqs)
+        epochs = positions // n
+        ids = np.empty_like(positions)
+        for e in np.unique(epochs):
+            sel = epochs == e
+            ids[sel] = self.order(int(e))[positions[sel] % n]
+        return epochs, ids, positions
+
+    def batch_at(self, start: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """Masked ``(inputs, labels)`` for global positions ``[start, start + count)``."""
+        epochs, ids, _ = self.at(np.arange(start, start + count, dtype=np.int64))
+        tokens = self.seqs.get(ids)
+        inputs = np.empty_like(tokens)
+        labels = np.empty_like(tokens)
+        for e in np.unique(epochs):
+            sel = epochs == e
+            inputs[sel], labels[sel] = mask_batch(
+                tokens[sel], ids[sel], epoch=int(e), seed=self.seed, cfg=self.masking,
+                special_ids=self.special, mask_id=self.mask_id, vocab_size=self.vocab_size,
+            )
+        return inputs, labels
+
+    def next_for_rank(
+        self, *, rank: int, world: int, micro_batch: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """This rank's part of the next micro-step; advances the global count for all ranks."""
+        start = self.state.consumed + rank * micro_batch
+        batch = self.batch_at(start, micro_batch)
+        self.state.consumed += world * micro_batch
+        return batch
+
+    @property
+    def epoch(self) -> int:
+        return self.state.consumed // len(self.seqs)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"consumed": self.state.consumed, "seed": self.seed,
+                "num_sequences": len(self.seqs)}
+
+    def load_state_dict(self, d: dict[str, int]) -> None:
+        if d.get("num_sequences") not in (None, len(self.seqs)):
+            raise DataError(
+                f"the checkpoint's data had {d['num_sequences']} sequences per epoch, this data "
+                f"has {len(self.seqs)}: resume with the same data folder and data.seq_len"
+            )
+        self.state.consumed = int(d["consumed"])
+
+
+def validation_batches(
+    data_dir: str | Path, *, seq_len: int, seed: int, masking: MaskingConfig, batch: int,
+    rank: int, world: int, max_sequences: int = 0,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """This rank's share of the held-out sequences, masked identically on every evaluation."""
+    vs = PackedSequences(data_dir, "validation", seq_len)
+    m = read_manifest(data_dir)["tokenizer"]
+    n = len(vs) if not max_sequences else min(len(vs), max_sequences)
+    mine = np.arange(rank, n, world, dtype=np.int64)
+    out = []
+    for i in range(0, mine.size, batch):
+        ids = mine[i : i + batch]
+        inputs, labels = mask_batch(
+            vs.get(ids), ids, epoch=0, seed=seed + 7919, cfg=masking,
+            special_ids=np.asarray(m["special_ids"]), mask_id=int(m["mask_id"]),
+            vocab_size=int(m["vocab_size"]),
+        )
+        out.append((inputs, labels))
+    return out

@@ -1,0 +1,115 @@
+"""Join the DeepSpeed JSON (systems settings) with the run config (ML settings).
+
+The JSON owns ZeRO stage, precision, offload and buckets; the run config owns batch sizes,
+accumulation, clipping, optimizer and schedule. A value that both set differently is an error,
+never a silent override. ``"enabled": "auto"`` under ``bf16`` means bf16 where the device computes
+in it natively (CUDA with bf16 support) and fp32 otherwise: on the CPU bf16 matmuls are emulated
+on most machines and slower than fp32.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+from alum_ds.config import ConfigError, RunConfig
+
+
+def read_ds_json(path: str) -> dict[str, Any]:
+    """Read a DeepSpeed JSON file; missing or malformed files raise a one-line ConfigError."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"DeepSpeed config {path} not found (see ds_configs/ for examples)")
+    try:
+        data = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(
+            f"DeepSpeed config {path} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}"
+        ) from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"DeepSpeed config {path} is not UTF-8 text") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"DeepSpeed config {path} must be a JSON object")
+    return data
+
+
+def _owned(ds: dict, key: str, want: Any, run_key: str, path: str) -> None:
+    if key in ds and ds[key] != want:
+        raise ConfigError(
+            f"DeepSpeed config {path} sets {key}={ds[key]} but the run config has "
+            f"{run_key}={want}: set it in one place (the run config owns it)"
+        )
+    ds[key] = want
+
+
+def resolve_ds_config(
+    path: str, cfg: RunConfig, *, world_size: int, bf16_supported: bool, on_gpu: bool
+) -> dict[str, Any]:
+    """Return the final DeepSpeed dict for this run, or raise ConfigError naming the conflict."""
+    ds = copy.deepcopy(read_ds_json(path))
+    for key in ("optimizer", "scheduler"):
+        if key in ds:
+            raise ConfigError(
+                f"DeepSpeed config {path} has an {key!r} section; the run config owns the "
+                f"optimizer and schedule (--optim.* and --schedule.*): remove it"
+            )
+    zero = ds.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        raise ConfigError(f"DeepSpeed config {path}: zero_optimization must be an object")
+    stage = zero.get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"DeepSpeed config {path}: zero_optimization.stage must be 0-3, got {stage!r}")
+
+    sched = cfg.schedule
+    _owned(ds, "train_micro_batch_size_per_gpu", sched.micro_batch_size,
+           "schedule.micro_batch_size", path)
+    _owned(ds, "gradient_accumulation_steps", sched.grad_accum, "schedule.grad_accum", path)
+    _owned(ds, "gradient_clipping", cfg.optim.grad_clip, "optim.grad_clip", path)
+    global_batch = sched.micro_batch_size * sched.grad_accum * world_size
+    if "train_batch_size" in ds and ds["train_batch_size"] != global_batch:
+        raise ConfigError(
+            f"DeepSpeed config {path} sets train_batch_size={ds['train_batch_size']} but "
+            f"micro_batch_size {sched.micro_batch_size} x grad_accum {sched.grad_accum} x "
+            f"{world_size} ranks = {global_batch}: remove train_batch_size from the JSON"
+        )
+    ds["train_batch_size"] = global_batch
+
+    for name in ("bf16", "fp16"):
+        sec = ds.get(name)
+        if sec is None:
+            continue
+        if not isinstance(sec, dict) or "enabled" not in sec:
+            raise ConfigError(f"DeepSpeed config {path}: {name} must be an object with 'enabled'")
+        if sec["enabled"] == "auto":
+            sec["enabled"] = bool(bf16_supported and on_gpu) if name == "bf16" else False
+        if not isinstance(sec["enabled"], bool):
+            raise ConfigError(
+                f"DeepSpeed config {path}: {name}.enabled must be true, false or \"auto\""
+            )
+    if ds.get("fp16", {}).get("enabled") and not on_gpu:
+        raise ConfigError(
+            f"DeepSpeed config {path} enables fp16, which needs a GPU; on the CPU use a config "
+            f"with \"bf16\": {{\"enabled\": \"auto\"}} (fp32 here) or bf16"
+        )
+    if ds.get("fp16", {}).get("enabled") and ds.get("bf16", {}).get("enabled"):
+        raise ConfigError(f"DeepSpeed config {path} enables both fp16 and bf16: pick one")
+    if ds.get("bf16", {}).get("enabled") and not bf16_supported:
+        raise ConfigError(f"DeepSpeed config {path} enables bf16, which this device lacks")
+    # Step logging is ours (metrics); DeepSpeed's own per-step prints would interleave with it.
+    ds.setdefault("steps_per_print", 1 << 30)
+    return ds
+
+
+def precision_of(ds: dict[str, Any]) -> str:
+    """'bf16', 'fp16' or 'fp32' for a resolved DeepSpeed dict."""
+    if ds.get("bf16", {}).get("enabled"):
+        return "bf16"
+    if ds.get("fp16", {}).get("enabled"):
+        return "fp16"
+    return "fp32"
+
+
+def zero_stage_of(ds: dict[str, Any]) -> int:
+    return int(ds.get("zero_optimization", {}).get("stage", 0))
