@@ -23,19 +23,23 @@ TEXT_SUFFIXES = (".txt", ".jsonl", ".json")
 SHARD_TOKENS = 1 << 26  # 64M tokens (128 MiB of uint16) per shard
 
 
-class _Replacements:
-    """A codecs error handler that replaces undecodable bytes and counts them."""
-
-    def __init__(self) -> None:
-        self.count = 0
-
-    def __call__(self, err: UnicodeDecodeError) -> tuple[str, int]:
-        self.count += err.end - err.start
-        return "\ufffd", err.end
-
-
-_replacements = _Replacements()
-codecs.register_error("alum_ds_count", _replacements)
+def decode_utf8(data: bytes) -> tuple[str, int]:
+    """UTF-8 text with each undecodable span replaced by U+FFFD (as ``errors="replace"``), and
+    the number of bytes replaced."""
+    # Counted here rather than in a registered codecs error handler: such a handler is
+    # process-global, so its count leaked from one prepare call into the next.
+    view = memoryview(data)
+    parts: list[str] = []
+    replaced = pos = 0
+    while True:
+        try:
+            parts.append(codecs.utf_8_decode(view[pos:], "strict", True)[0])
+            return "".join(parts), replaced
+        except UnicodeDecodeError as e:
+            parts.append(codecs.utf_8_decode(view[pos : pos + e.start], "strict", True)[0])
+            parts.append("\ufffd")
+            replaced += e.end - e.start
+            pos += e.end
 
 
 def expand_inputs(inputs: list[str]) -> list[Path]:
@@ -55,10 +59,15 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
     return files
 
 
-def read_documents(files: list[Path], text_field: str = "text") -> Iterator[str]:
-    """Documents from text files (blank-line separated) and JSON lines (one per line)."""
+def read_documents(
+    files: list[Path], text_field: str = "text", stats: dict[str, int] | None = None
+) -> Iterator[str]:
+    """Documents from text files (blank-line separated) and JSON lines (one per line).
+    Undecodable bytes are replaced and added up in ``stats["replaced_bytes"]``."""
     for f in files:
-        text = f.read_bytes().decode("utf-8", errors="alum_ds_count")
+        text, replaced = decode_utf8(f.read_bytes())
+        if stats is not None:
+            stats["replaced_bytes"] = stats.get("replaced_bytes", 0) + replaced
         if f.suffix in (".jsonl", ".json"):
             for n, line in enumerate(text.splitlines(), 1):
                 if not line.strip():
@@ -72,7 +81,8 @@ def read_documents(files: list[Path], text_field: str = "text") -> Iterator[str]
                 if str(obj[text_field]).strip():
                     yield str(obj[text_field])
         else:
-            for para in text.split("\n\n"):
+            # Windows line ends would otherwise hide every blank line: one file, one document.
+            for para in text.replace("\r\n", "\n").split("\n\n"):
                 if para.strip():
                     yield para.strip()
 
@@ -119,6 +129,10 @@ def prepare(
     vocab = len(tok)
     dtype = S.token_dtype(vocab)
     backend = tok.backend_tokenizer
+    # Corpus text such as "<s>" (HTML) or "</s>" is text: as special ids it would fake document
+    # boundaries and masks inside a sequence. Set after save_pretrained, so the saved tokenizer
+    # keeps the usual behaviour.
+    backend.encode_special_tokens = True
 
     splits: dict[str, list[dict[str, Any]]] = {}
     total_tokens = 0
@@ -162,8 +176,7 @@ def prepare(
         },
         "dtype": dtype.name,
         "splits": splits,
-        "source": {**(source or {}), "documents": len(documents),
-                   "replaced_bytes": _replacements.count},
+        "source": {"replaced_bytes": 0, **(source or {}), "documents": len(documents)},
         "seconds": round(time.time() - t0, 3),
     }
     S.write_manifest(out, manifest)
@@ -182,9 +195,14 @@ def prepare_inputs(inputs: list[str], out_dir: str, **kwargs: Any) -> dict[str, 
     """``alum-ds prepare INPUT... --out DIR``."""
     text_field = kwargs.pop("text_field", "text")
     files = expand_inputs(inputs)
-    docs = list(read_documents(files, text_field))
+    stats = {"replaced_bytes": 0}
+    docs = list(read_documents(files, text_field, stats))
+    if not docs:
+        # prepare() sees only documents; name the files here so the message says what to fix.
+        names = ", ".join(str(f) for f in files[:3]) + (", ..." if len(files) > 3 else "")
+        raise S.DataError(f"the corpus is empty: no document with text in {names}")
     return prepare(documents=docs, out_dir=out_dir,
-                   source={"inputs": [str(f) for f in files]}, **kwargs)
+                   source={"inputs": [str(f) for f in files], **stats}, **kwargs)
 
 
 def ensure_embedded(cache_dir: str | Path, *, vocab_size: int, seed: int) -> Path:

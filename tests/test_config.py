@@ -1,0 +1,128 @@
+"""Config errors are one-line messages naming the key, and a non-zero exit."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from alum_ds.cli import main, train_main
+from alum_ds.config import ConfigError, load_config
+from alum_ds.ds_config import resolve_ds_config
+from tests.conftest import ROOT, run
+
+ZERO2 = str(ROOT / "ds_configs" / "zero2.json")
+
+
+def _err(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_defaults_validate() -> None:
+    cfg = load_config()
+    assert cfg.alum.enabled and cfg.alum.alpha == 10.0 and cfg.alum.sigma == 1e-5
+    assert cfg.alum.eta == 1e-3 and cfg.alum.ascent_steps == 1 and cfg.alum.norm == "linf"
+
+
+def test_overrides_and_file(tmp_path: Path) -> None:
+    f = tmp_path / "run.toml"
+    f.write_text('[alum]\nalpha = 1.0\nnorm = "l2"\n[optim]\nbetas = [0.9, 0.95]\n')
+    cfg = load_config(str(f), ["--alum.alpha=2", "--schedule.steps=7", "--model.dropout=0"])
+    assert cfg.alum.alpha == 2.0 and cfg.alum.norm == "l2" and cfg.schedule.steps == 7
+    assert cfg.optim.betas == (0.9, 0.95)
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("--alum.bogus=1", "alum.bogus"),
+        ("--nosuch.key=1", "nosuch.key"),
+        ("--schedule.steps=ten", "schedule.steps"),
+        ("--alum.norm=l3", "alum.norm"),
+        ("--alum.enabled=maybe", "alum.enabled"),
+        ("--masking.prob=1.5", "masking.prob"),
+        ("--schedule.micro_batch_size=0", "schedule.micro_batch_size"),
+    ],
+)
+def test_bad_override_is_one_line(override: str, needle: str, capsys) -> None:
+    assert train_main(["--ds_config", ZERO2, override]) == 2
+    line = _err(capsys)
+    assert line.startswith("alum-ds: error:") and needle in line
+
+
+def test_missing_ds_json(tmp_path: Path, capsys) -> None:
+    assert train_main(["--ds_config", str(tmp_path / "nope.json")]) == 2
+    assert "nope.json not found" in _err(capsys)
+
+
+def test_malformed_ds_json(tmp_path: Path, capsys) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"zero_optimization": {"stage": 2,}')
+    assert train_main(["--ds_config", str(bad)]) == 2
+    line = _err(capsys)
+    assert "bad.json is not valid JSON" in line and "line 1" in line
+
+
+def test_malformed_config_file(tmp_path: Path, capsys) -> None:
+    bad = tmp_path / "run.toml"
+    bad.write_text("[alum\nalpha=")
+    assert train_main(["--ds_config", ZERO2, "--config", str(bad)]) == 2
+    assert "run.toml is malformed" in _err(capsys)
+
+
+def _resolve(ds: dict, tmp_path: Path, overrides=(), world=2, on_gpu=False) -> dict:
+    p = tmp_path / "ds.json"
+    p.write_text(json.dumps(ds))
+    return resolve_ds_config(str(p), load_config(None, list(overrides)), world_size=world,
+                             bf16_supported=True, on_gpu=on_gpu)
+
+
+def test_ds_json_contradicting_run_config(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="train_micro_batch_size_per_gpu=4.*schedule.micro_batch_size=8"):
+        _resolve({"train_micro_batch_size_per_gpu": 4}, tmp_path)
+    with pytest.raises(ConfigError, match="gradient_clipping"):
+        _resolve({"gradient_clipping": 5.0}, tmp_path)
+    with pytest.raises(ConfigError, match="train_batch_size=10"):
+        _resolve({"train_batch_size": 10}, tmp_path)
+    with pytest.raises(ConfigError, match="optimizer"):
+        _resolve({"optimizer": {"type": "Adam"}}, tmp_path)
+    with pytest.raises(ConfigError, match="fp16, which needs a GPU"):
+        _resolve({"fp16": {"enabled": True}}, tmp_path)
+    with pytest.raises(ConfigError, match="stage must be 0-3"):
+        _resolve({"zero_optimization": {"stage": 5}}, tmp_path)
+
+
+def test_ds_json_agreeing_values_and_auto_precision(tmp_path: Path) -> None:
+    ds = _resolve({"train_micro_batch_size_per_gpu": 8, "bf16": {"enabled": "auto"}}, tmp_path)
+    assert ds["train_batch_size"] == 16 and ds["gradient_accumulation_steps"] == 1
+    assert ds["bf16"]["enabled"] is False  # auto: fp32 on the CPU
+    ds = _resolve({"bf16": {"enabled": "auto"}}, tmp_path, on_gpu=True)
+    assert ds["bf16"]["enabled"] is True
+
+
+def test_every_shipped_ds_config_parses() -> None:
+    for p in sorted((ROOT / "ds_configs").glob("*.json")):
+        json.loads(p.read_text())
+
+
+def test_cli_help_lists_subcommands(capsys) -> None:
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for cmd in ("prepare", "train", "export"):
+        assert f"  {cmd}" in out
+
+
+def test_launcher_reports_bad_json_and_fails(tmp_path: Path) -> None:
+    """Through the real deepspeed launcher: a clear message and a non-zero exit."""
+    from tests.conftest import deepspeed_cmd
+
+    bad = tmp_path / "bad.json"
+    bad.write_text("{")
+    r = run(deepspeed_cmd(str(ROOT / "launch" / "pretrain.py"), "--ds_config", str(bad)), ROOT,
+            timeout=180)
+    assert r.returncode != 0
+    assert "bad.json is not valid JSON" in r.stderr + r.stdout
+    assert "Traceback" not in r.stderr + r.stdout

@@ -1,0 +1,501 @@
+"""The data path on small corpora: prepare, shards, packing, the resumable stream, masking, errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from transformers import AutoTokenizer
+
+from alum_ds.cli import main
+from alum_ds.config import MaskingConfig
+from alum_ds.data import prepare as P
+from alum_ds.data.corpus import embedded_documents
+from alum_ds.data.masking import mask_batch
+from alum_ds.data.shards import MANIFEST, DataError, open_split, read_manifest, verify_folder
+from alum_ds.data.stream import PackedSequences, TrainStream
+
+VOCAB = 500
+SEQ_LEN = 64
+SEED = 17
+
+
+def _write_corpus(path: Path, docs: list[str]) -> Path:
+    path.write_text("\n\n".join(docs) + "\n", encoding="utf-8")
+    return path
+
+
+def _prepare(inputs: list[Path], out: Path, **kw) -> dict:
+    kw.setdefault("vocab_size", VOCAB)
+    kw.setdefault("progress", False)
+    return P.prepare_inputs([str(i) for i in inputs], str(out), **kw)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _write_corpus(tmp_path_factory.mktemp("corpus") / "corpus.txt", embedded_documents()[:40])
+
+
+@pytest.fixture(scope="module")
+def data_dir(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A prepared folder with train and validation splits; tests that damage it use a copy."""
+    out = tmp_path_factory.mktemp("prepared") / "data"
+    _prepare([corpus], out)
+    return out
+
+
+@pytest.fixture()
+def damaged(data_dir: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "data"
+    shutil.copytree(data_dir, out)
+    return out
+
+
+def _stream(d: Path, seed: int = SEED, masking: MaskingConfig | None = None) -> TrainStream:
+    return TrainStream(d, seq_len=SEQ_LEN, seed=seed, masking=masking or MaskingConfig())
+
+
+def _one_line(e: pytest.ExceptionInfo, *needles: object) -> str:
+    msg = str(e.value)
+    assert "\n" not in msg, msg
+    for n in needles:
+        assert str(n) in msg, (n, msg)
+    return msg
+
+
+def _unmask(inputs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """The original tokens: labels where selected, inputs elsewhere."""
+    return np.where(labels != -100, labels, inputs)
+
+
+# 1. Round trip -------------------------------------------------------------------------------
+
+
+def test_round_trip_across_shards(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # One document per line: more documents than one encoding batch (1024), and a tiny shard
+    # size, so the train split spans several shards and sequences cross shard boundaries.
+    lines = [ln.strip() for d in embedded_documents()[:40] for ln in d.splitlines() if ln.strip()]
+    assert len(lines) > 1024
+    src = _write_corpus(tmp_path / "lines.txt", lines)
+    monkeypatch.setattr(P, "SHARD_TOKENS", 2000)
+    out = tmp_path / "data"
+    m = _prepare([src], out, val_fraction=0.0)
+    assert len(m["splits"]["train"]) >= 2
+    assert m["source"]["documents"] == len(lines)
+
+    docs = list(P.read_documents([src]))
+    assert docs == lines
+    tok = AutoTokenizer.from_pretrained(str(out / "tokenizer"))
+    eos, bos = m["tokenizer"]["eos_id"], m["tokenizer"]["bos_id"]
+    expected = np.concatenate([np.asarray(ids + [eos], dtype=np.int64)
+                               for ids in tok(docs, add_special_tokens=False)["input_ids"]])
+
+    seqs = PackedSequences(out, "train", SEQ_LEN)
+    body = SEQ_LEN - 2
+    assert seqs.stream_tokens == expected.size
+    assert len(seqs) == expected.size // body and expected.size - len(seqs) * body < body
+    got = seqs.get(np.arange(len(seqs)))
+    assert got.shape == (len(seqs), SEQ_LEN)
+    assert (got[:, 0] == bos).all() and (got[:, -1] == eos).all()
+    np.testing.assert_array_equal(got[:, 1:-1].reshape(-1), expected[: len(seqs) * body])
+    # Random access in any order gives the same rows.
+    ids = np.random.default_rng(0).permutation(len(seqs))[:50]
+    np.testing.assert_array_equal(seqs.get(ids), got[ids])
+
+
+def test_splits_hold_every_document(data_dir: Path) -> None:
+    m = read_manifest(data_dir)
+    per_split = {s: sum(e["documents"] for e in m["splits"][s]) for s in ("train", "validation")}
+    assert per_split["validation"] > 0 and per_split["train"] > per_split["validation"]
+    assert sum(per_split.values()) == m["source"]["documents"]
+    for split in ("train", "validation"):
+        got = PackedSequences(data_dir, split, SEQ_LEN).get(np.arange(1))
+        assert got[0, 0] == m["tokenizer"]["bos_id"] and got[0, -1] == m["tokenizer"]["eos_id"]
+
+
+def test_literal_special_token_text_is_plain_text(tmp_path: Path) -> None:
+    # Web text holds "<s>" (HTML strike-through) and the like: it must not become <s>, </s>
+    # or <mask> ids inside a sequence body.
+    docs = embedded_documents()[:40] + ["struck <s>out</s> text, a <mask> and <pad> here"]
+    out = tmp_path / "data"
+    m = _prepare([_write_corpus(tmp_path / "c.txt", docs)], out, val_fraction=0.0)
+    special = m["tokenizer"]["special_ids"]
+    for shard in open_split(out, "train"):
+        assert not np.isin(np.asarray(shard.tokens), special).any()
+
+
+def test_crlf_text_splits_into_paragraphs(tmp_path: Path) -> None:
+    (tmp_path / "crlf.txt").write_bytes(b"first para\r\nline two\r\n\r\nsecond para\r\n\r\nthird\r\n")
+    assert list(P.read_documents([tmp_path / "crlf.txt"])) == [
+        "first para\nline two", "second para", "third"]
+
+
+# 2. Determinism ------------------------------------------------------------------------------
+
+
+def _manifest_without_timing(d: Path) -> dict:
+    m = json.loads((d / MANIFEST).read_text())
+    m.pop("seconds")
+    return m
+
+
+def test_prepare_is_deterministic(corpus: Path, data_dir: Path, tmp_path: Path) -> None:
+    again = tmp_path / "again"
+    _prepare([corpus], again)
+    files = sorted(p.relative_to(data_dir) for p in data_dir.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(again) for p in again.rglob("*") if p.is_file())
+    assert not [f for f in files if f.name.endswith(".tmp")]
+    for f in files:
+        if f.name != MANIFEST:
+            assert (data_dir / f).read_bytes() == (again / f).read_bytes(), f
+    assert _manifest_without_timing(data_dir) == _manifest_without_timing(again)
+    # Preparing over an existing folder gives the same folder again.
+    _prepare([corpus], again)
+    assert _manifest_without_timing(data_dir) == _manifest_without_timing(again)
+
+
+# 3. Partition --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_ranks_partition_each_epoch(data_dir: Path, world: int) -> None:
+    micro = 5
+    ranks = [_stream(data_dir) for _ in range(world)]
+    n = len(ranks[0].seqs)
+    per_step = world * micro
+    steps = -(-n // per_step)  # the last step may run into the next epoch
+    seen: list[list[np.ndarray]] = [[] for _ in range(world)]
+    for step in range(steps):
+        for r, s in enumerate(ranks):
+            inputs, labels = s.next_for_rank(rank=r, world=world, micro_batch=micro)
+            pos = step * per_step + r * micro + np.arange(micro, dtype=np.int64)
+            epochs, ids, _ = s.at(pos)
+            # What the rank got is exactly the sequences at its global positions.
+            np.testing.assert_array_equal(_unmask(inputs, labels), s.seqs.get(ids))
+            bi, bl = s.batch_at(int(pos[0]), micro)
+            np.testing.assert_array_equal(inputs, bi)
+            np.testing.assert_array_equal(labels, bl)
+            seen[r].append(ids[epochs == 0])
+    for s in ranks:
+        assert s.state.consumed == steps * per_step
+    sets = [np.concatenate(x) for x in seen]
+    for r in range(world):
+        assert np.unique(sets[r]).size == sets[r].size
+        for q in range(r + 1, world):
+            assert np.intersect1d(sets[r], sets[q]).size == 0
+    np.testing.assert_array_equal(np.sort(np.concatenate(sets)), np.arange(n))
+
+
+def test_epoch_orders_differ_and_repeat(data_dir: Path) -> None:
+    a, b = _stream(data_dir), _stream(data_dir)
+    n = len(a.seqs)
+    e0, e1 = a.order(0).copy(), a.order(1).copy()
+    assert not np.array_equal(e0, e1)
+    np.testing.assert_array_equal(np.sort(e1), np.arange(n))
+    np.testing.assert_array_equal(b.order(1), e1)
+    np.testing.assert_array_equal(b.order(0), e0)
+    assert not np.array_equal(_stream(data_dir, seed=SEED + 1).order(0), e0)
+
+
+# 4. Resume -----------------------------------------------------------------------------------
+
+
+def test_resume_yields_the_same_batches(data_dir: Path) -> None:
+    micro = 6
+    a = _stream(data_dir)
+    n = len(a.seqs)
+    steps_before = n // micro - 2  # the batches after the resume cross into epoch 1
+    for _ in range(steps_before):
+        a.next_for_rank(rank=0, world=1, micro_batch=micro)
+    state = json.loads(json.dumps(a.state_dict()))  # as a checkpoint would store it
+    b = _stream(data_dir)
+    b.load_state_dict(state)
+    assert b.state.consumed == a.state.consumed and b.epoch == a.epoch == 0
+    for _ in range(5):
+        ia, la = a.next_for_rank(rank=0, world=1, micro_batch=micro)
+        ib, lb = b.next_for_rank(rank=0, world=1, micro_batch=micro)
+        np.testing.assert_array_equal(ia, ib)
+        np.testing.assert_array_equal(la, lb)
+    assert a.epoch == b.epoch == 1
+
+
+def test_resume_two_ranks_on_one(data_dir: Path) -> None:
+    micro, world = 4, 2
+    ranks = [_stream(data_dir) for _ in range(world)]
+    for _ in range(7):
+        for r, s in enumerate(ranks):
+            s.next_for_rank(rank=r, world=world, micro_batch=micro)
+    state = ranks[0].state_dict()
+    assert state == ranks[1].state_dict()
+    resumed = [_stream(data_dir) for _ in range(world)]
+    single = _stream(data_dir)
+    for s in [*resumed, single]:
+        s.load_state_dict(state)
+    for _ in range(3):
+        parts = [s.next_for_rank(rank=r, world=world, micro_batch=micro) for r, s in enumerate(resumed)]
+        inputs, labels = single.next_for_rank(rank=0, world=1, micro_batch=world * micro)
+        np.testing.assert_array_equal(np.concatenate([p[0] for p in parts]), inputs)
+        np.testing.assert_array_equal(np.concatenate([p[1] for p in parts]), labels)
+    assert single.state.consumed == resumed[0].state.consumed == resumed[1].state.consumed
+
+
+def test_resume_refuses_other_data(data_dir: Path) -> None:
+    s = _stream(data_dir)
+    with pytest.raises(DataError) as e:
+        s.load_state_dict({"consumed": 3, "num_sequences": len(s.seqs) + 1})
+    _one_line(e, len(s.seqs) + 1)
+
+
+# 5. Masking ----------------------------------------------------------------------------------
+
+
+def test_masking_statistics(data_dir: Path) -> None:
+    s = _stream(data_dir)
+    n = len(s.seqs)
+    inputs, labels = s.batch_at(0, n)
+    tokens = s.seqs.get(s.order(0))
+    np.testing.assert_array_equal(_unmask(inputs, labels), tokens)
+    special = s.special
+    candidate = ~np.isin(tokens, special)
+    selected = labels != -100
+    assert not (selected & ~candidate).any()
+    assert (labels[:, 0] == -100).all() and (labels[:, -1] == -100).all()
+    np.testing.assert_array_equal(inputs[~selected], tokens[~selected])
+    assert selected.any(axis=1).all()
+
+    frac = selected.sum() / candidate.sum()
+    assert abs(frac - 0.15) < 0.01, frac
+    sel_in = inputs[selected]
+    masked = sel_in == s.mask_id
+    kept = sel_in == labels[selected]
+    rand = ~masked & ~kept
+    k = selected.sum()
+    assert abs(masked.sum() / k - 0.8) < 0.03
+    assert abs(rand.sum() / k - 0.1) < 0.03
+    assert abs(kept.sum() / k - 0.1) < 0.03
+    assert not np.isin(sel_in[rand], special).any()
+    assert sel_in[rand].min() >= 0 and sel_in[rand].max() < s.vocab_size
+
+
+def test_masking_is_a_function_of_seed_epoch_and_sequence(data_dir: Path) -> None:
+    s = _stream(data_dir)
+    ids = np.arange(40, dtype=np.int64)
+    tokens = s.seqs.get(ids)
+    kw = dict(seed=SEED, cfg=MaskingConfig(), special_ids=s.special, mask_id=s.mask_id,
+              vocab_size=s.vocab_size)
+    a = mask_batch(tokens, ids, epoch=0, **kw)
+    b = mask_batch(tokens.copy(), ids.copy(), epoch=0, **kw)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+    # Independent of the batch a sequence is drawn in.
+    perm = np.random.default_rng(1).permutation(ids.size)
+    c = mask_batch(tokens[perm], ids[perm], epoch=0, **kw)
+    np.testing.assert_array_equal(c[0], a[0][perm])
+    np.testing.assert_array_equal(c[1], a[1][perm])
+    sub = mask_batch(tokens[7:9], ids[7:9], epoch=0, **kw)
+    np.testing.assert_array_equal(sub[1], a[1][7:9])
+    # Another epoch or seed masks differently.
+    for other in (mask_batch(tokens, ids, epoch=1, **kw),
+                  mask_batch(tokens, ids, epoch=0, **{**kw, "seed": SEED + 1})):
+        assert not np.array_equal(other[1] != -100, a[1] != -100)
+
+
+def test_masking_never_selects_specials_and_always_labels(data_dir: Path) -> None:
+    s = _stream(data_dir)
+    m = read_manifest(data_dir)["tokenizer"]
+    bos, eos, pad = m["bos_id"], m["eos_id"], m["pad_id"]
+    ids = np.arange(300, dtype=np.int64)
+    tokens = s.seqs.get(ids)
+    tokens[:, SEQ_LEN // 2 : -1] = pad  # padded tails
+    tokens[::3, 5] = eos
+    tokens[1::3, 6] = bos
+    tokens[:, 1] = m["mask_id"]
+    kw = dict(epoch=0, seed=SEED, special_ids=s.special, mask_id=s.mask_id, vocab_size=s.vocab_size)
+    is_special = np.isin(tokens, s.special)
+    for cfg in (MaskingConfig(), MaskingConfig(prob=0.001), MaskingConfig(prob=0.9)):
+        inputs, labels = mask_batch(tokens, ids, cfg=cfg, **kw)
+        assert (labels[is_special] == -100).all()
+        np.testing.assert_array_equal(inputs[is_special], tokens[is_special])
+        per_seq = (labels != -100).sum(axis=1)
+        assert (per_seq >= 1).all()
+        if cfg.prob < 0.01:  # the guaranteed label is nearly all there is
+            assert per_seq.mean() < 1.2
+
+
+# 6. Bad inputs -------------------------------------------------------------------------------
+
+
+def test_missing_shard_file(damaged: Path) -> None:
+    victim = damaged / "train-00000.bin"
+    victim.unlink()
+    with pytest.raises(DataError) as e:
+        PackedSequences(damaged, "train", SEQ_LEN)
+    _one_line(e, victim, "missing")
+
+
+def test_truncated_shard(damaged: Path) -> None:
+    victim = damaged / "train-00000.bin"
+    data = victim.read_bytes()
+    victim.write_bytes(data[:-2])
+    with pytest.raises(DataError) as e:
+        open_split(damaged, "train")
+    _one_line(e, victim, len(data) - 2, len(data))
+
+
+@pytest.mark.parametrize("name", ["train-00000.bin", "train-00000.idx", "validation-00000.bin"])
+def test_corrupted_shard(damaged: Path, name: str) -> None:
+    victim = damaged / name
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    victim.write_bytes(bytes(data))
+    split = name.split("-")[0]
+    if name.endswith(".bin"):
+        open_split(damaged, split)  # same size: only the checksum tells
+    with pytest.raises(DataError) as e:
+        open_split(damaged, split, verify=True)
+    _one_line(e, victim, "sha256")
+    with pytest.raises(DataError) as e:
+        verify_folder(damaged)
+    _one_line(e, victim)
+
+
+def _edit_manifest(d: Path, edit) -> Path:
+    path = d / MANIFEST
+    m = json.loads(path.read_text())
+    edit(m)
+    path.write_text(json.dumps(m))
+    return path
+
+
+def test_other_format_version(damaged: Path) -> None:
+    path = _edit_manifest(damaged, lambda m: m.update(version=99))
+    with pytest.raises(DataError) as e:
+        read_manifest(damaged)
+    _one_line(e, path, "99")
+    with pytest.raises(DataError):
+        _stream(damaged)
+
+
+def test_not_a_manifest(damaged: Path) -> None:
+    (damaged / MANIFEST).write_text("{not json")
+    with pytest.raises(DataError) as e:
+        read_manifest(damaged)
+    _one_line(e, damaged / MANIFEST)
+    (damaged / MANIFEST).unlink()
+    with pytest.raises(DataError) as e:
+        read_manifest(damaged)
+    _one_line(e, damaged / MANIFEST)
+
+
+@pytest.mark.parametrize("name", ["../train-00000", "sub/../../train-00000", "/etc/passwd"])
+def test_shard_name_leaving_the_folder(damaged: Path, name: str) -> None:
+    # A copy where the climbing name would lead, so only the refusal can stop it.
+    shutil.copy(damaged / "train-00000.bin", damaged.parent / "train-00000.bin")
+    shutil.copy(damaged / "train-00000.idx", damaged.parent / "train-00000.idx")
+    path = _edit_manifest(damaged, lambda m: m["splits"]["train"][0].update(name=name))
+    with pytest.raises(DataError) as e:
+        open_split(damaged, "train")
+    _one_line(e, path, "refused")
+    with pytest.raises(DataError):
+        verify_folder(damaged)
+
+
+def test_missing_data_folder(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere"
+    with pytest.raises(DataError) as e:
+        PackedSequences(missing, "train", SEQ_LEN)
+    _one_line(e, missing)
+
+
+@pytest.mark.parametrize("text", ["", "\n\n  \n\n\t\n"])
+def test_empty_corpus(tmp_path: Path, text: str) -> None:
+    src = tmp_path / "empty.txt"
+    src.write_text(text)
+    with pytest.raises(DataError) as e:
+        _prepare([src], tmp_path / "data")
+    _one_line(e, src, "empty")
+    assert not (tmp_path / "data" / MANIFEST).exists()
+
+
+def test_corpus_shorter_than_one_sequence(tmp_path: Path) -> None:
+    src = _write_corpus(tmp_path / "tiny.txt", ["a tiny corpus", "of two documents"])
+    out = tmp_path / "data"
+    _prepare([src], out, val_fraction=0.0)
+    with pytest.raises(DataError) as e:
+        PackedSequences(out, "train", SEQ_LEN)
+    _one_line(e, out, "seq_len")
+
+
+def test_bad_json_lines(tmp_path: Path) -> None:
+    src = tmp_path / "c.jsonl"
+    src.write_text('{"text": "fine"}\n{oops\n')
+    with pytest.raises(DataError) as e:
+        _prepare([src], tmp_path / "data")
+    _one_line(e, f"{src}:2")
+    src.write_text('{"body": "no text field"}\n')
+    with pytest.raises(DataError) as e:
+        _prepare([src], tmp_path / "data")
+    _one_line(e, f"{src}:1", "text")
+
+
+def test_undecodable_bytes_are_replaced_and_counted(tmp_path: Path) -> None:
+    docs = embedded_documents()[:40]
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes("\n\n".join(docs).encode() + b"\n\nbroken \xff\xfe bytes and \xe2\x82 here\n")
+    good = _write_corpus(tmp_path / "good.txt", docs)
+    for _ in range(2):  # the count belongs to one prepare call, not to the process
+        m = _prepare([bad], tmp_path / "bad")
+        assert m["source"]["replaced_bytes"] == 4
+    assert _prepare([good], tmp_path / "good")["source"]["replaced_bytes"] == 0
+    assert _prepare([bad, good], tmp_path / "both")["source"]["replaced_bytes"] == 4
+    assert list(P.read_documents([bad]))[-1] == "broken \ufffd\ufffd bytes and \ufffd here"
+
+
+def _stderr_line(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("alum-ds: error: "), err
+    return err[0]
+
+
+def test_cli_prepare_missing_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "missing.txt"
+    assert main(["prepare", str(missing), "--out", str(tmp_path / "out")]) != 0
+    assert str(missing) in _stderr_line(capsys)
+    assert main(["prepare", str(missing)]) != 0  # no --out
+    _stderr_line(capsys)
+
+
+def test_cli_prepare_and_verify(corpus: Path, tmp_path: Path,
+                                capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "data"
+    assert main(["prepare", str(corpus), "--out", str(out), "--vocab-size", str(VOCAB)]) == 0
+    capsys.readouterr()
+    assert main(["prepare", "--verify", str(out)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["train"]["tokens"] > 0 and summary["validation"]["documents"] > 0
+    victim = out / "train-00000.bin"
+    data = bytearray(victim.read_bytes())
+    data[10] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    assert main(["prepare", "--verify", str(out)]) != 0
+    assert str(victim) in _stderr_line(capsys)
+    assert main(["prepare", "--verify", str(tmp_path / "nowhere")]) != 0
+    _stderr_line(capsys)
+
+
+# 7. Tokenizer --------------------------------------------------------------------------------
+
+
+def test_saved_tokenizer_loads(data_dir: Path) -> None:
+    m = read_manifest(data_dir)["tokenizer"]
+    tok = AutoTokenizer.from_pretrained(str(data_dir / m["dir"]))
+    assert len(tok) == m["vocab_size"] == VOCAB
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, tok.mask_token_id) == (
+        m["bos_id"], m["eos_id"], m["pad_id"], m["mask_id"])
+    assert sorted(set(tok.all_special_ids)) == m["special_ids"]
+    enc = tok("x = 1", add_special_tokens=True)["input_ids"]
+    assert enc[0] == m["bos_id"] and enc[-1] == m["eos_id"]

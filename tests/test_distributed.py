@@ -1,0 +1,82 @@
+"""Real DeepSpeed runs through the real launcher: 2 CPU ranks, tiny model, ALUM on."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, deepspeed_cmd, free_port, run
+
+pytestmark = pytest.mark.distributed
+
+QUICK = ["--schedule.steps=8", "--schedule.warmup_steps=1", "--optim.lr=3e-3",
+         "--logging.every=1", "--schedule.micro_batch_size=4", "--model.dropout=0"]
+
+
+def _train(tmp_path: Path, cache: Path, ds: str, extra: list[str] = ()) -> tuple[Path, str]:
+    run_dir = tmp_path / "run"
+    r = run(deepspeed_cmd(f"--master_port={free_port()}", str(ROOT / "launch" / "pretrain.py"),
+                          "--ds_config", str(ROOT / "ds_configs" / ds), f"--run.dir={run_dir}",
+                          f"--data.cache_dir={cache}", *QUICK, *extra), ROOT)
+    log = r.stdout + r.stderr
+    assert r.returncode == 0, log[-4000:]
+    return run_dir, log
+
+
+def _losses(run_dir: Path) -> list[float]:
+    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in recs if "loss" in r]
+
+
+@pytest.mark.parametrize("ds", ["zero1.json", "zero2.json", "zero3.json"])
+def test_alum_trains_under_zero_stage(ds: str, tmp_path: Path, cache_dir: Path) -> None:
+    run_dir, log = _train(tmp_path, cache_dir, ds)
+    assert "2 rank(s)" in log and "ALUM on" in log
+    losses = _losses(run_dir)
+    assert len(losses) == 8
+    assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2 - 0.05, losses
+    # Both ranks hold the same model and report the same evaluation.
+    s0 = json.loads((run_dir / "summary.rank0.json").read_text())
+    s1 = json.loads((run_dir / "summary.rank1.json").read_text())
+    assert s0["param_checksum"] == pytest.approx(s1["param_checksum"], rel=1e-9)
+    assert s0["eval_loss"] == s1["eval_loss"]
+    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all("adv_loss" in r and r["adv_loss"] > 0 for r in recs if "loss" in r)
+    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+    assert latest == "step00000008" and any((run_dir / "checkpoints" / latest).iterdir())
+    assert (run_dir / "config.resolved.json").is_file()
+    assert any((run_dir / "tensorboard").iterdir())
+
+
+def _readme_main_command() -> str:
+    text = (ROOT / "README.md").read_text()
+    cmds = re.findall(r"^(deepspeed launch/pretrain\.py[^\n]*)$", text, flags=re.M)
+    assert cmds, "README lost its main-job command"
+    return cmds[0]
+
+
+def test_readme_main_job_runs_in_a_fresh_folder(tmp_path: Path) -> None:
+    """The main job exactly as the README writes it, in an empty folder with a new cache."""
+    cmd = _readme_main_command()
+    assert cmd == "deepspeed launch/pretrain.py --ds_config ds_configs/zero2.json"
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.copytree(ROOT / "launch", work / "launch")
+    shutil.copytree(ROOT / "ds_configs", work / "ds_configs")
+    deepspeed_bin = shutil.which("deepspeed")
+    assert deepspeed_bin, "the deepspeed command is not on PATH"
+    r = run(cmd.split(), work, {"ALUM_DS_CACHE": str(tmp_path / "cache"),
+                                "MASTER_PORT": free_port()})
+    log = r.stdout + r.stderr
+    assert r.returncode == 0, log[-4000:]
+    assert "starting 2 ranks" in log and "2 rank(s)" in log
+    run_dir = work / "runs" / "default"
+    assert f"run folder: {run_dir.resolve()}" in log
+    losses = _losses(run_dir)
+    assert losses[-1] < losses[0] - 1.0, losses
+    assert (run_dir / "checkpoints" / "latest").is_file()
+    assert list((tmp_path / "cache").glob("embedded-*/manifest.json"))
