@@ -125,7 +125,10 @@ class RunSection:
     dir: str = "runs/default"
     """Run folder: resolved config, metrics, TensorBoard logs and checkpoints."""
     seed: int = 42
-    """Seeds model initialisation and the perturbation noise."""
+    """Seeds model initialisation, dropout and the perturbation noise."""
+    stop_after: int = 0
+    """Stop, after saving, once this invocation has trained N steps (0: run to the end); for
+    time-sliced allocations. Rerunning the command continues the same run."""
 
 
 @dataclass
@@ -261,6 +264,7 @@ def _validate(cfg: RunConfig) -> None:
         ("checkpoint.every", cfg.checkpoint.every >= 0, "must be >= 0"),
         ("checkpoint.keep", cfg.checkpoint.keep >= 1, "must be >= 1"),
         ("logging.every", cfg.logging.every >= 1, "must be >= 1"),
+        ("run.stop_after", cfg.run.stop_after >= 0, "must be >= 0"),
     ]
     for key, ok, msg in checks:
         if not ok:

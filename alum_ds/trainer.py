@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from alum_ds import checkpoint as C
@@ -142,6 +141,7 @@ def train(cfg: RunConfig, ds_path: str, *, resume: str = "") -> Path:
         _write_resolved(run_dir, cfg, ds, data_dir)
 
     step = _maybe_resume(engine, run_dir, cfg, stream, resume, log)
+    first_step = step
     precision = precision_of(ds)
     log.message(
         f"alum_ds: {world} rank(s) on {acc.device_name()}, ZeRO-{zero_stage_of(ds)}, {precision}, "
@@ -209,6 +209,13 @@ def train(cfg: RunConfig, ds_path: str, *, resume: str = "") -> Path:
             if not all(math.isfinite(v) for v in (values["loss"], values["mlm_loss"])):
                 raise FloatingPointError(f"training loss became non-finite at step {step}")
         every = cfg.checkpoint.every
+        sliced = cfg.run.stop_after and step - first_step >= cfg.run.stop_after
+        if sliced and step < cfg.schedule.steps:
+            _save(engine, run_dir, step, stream, cfg)
+            log.message(f"run.stop_after: stopped after saving step {step}; rerun to continue")
+            log.message(f"run folder: {run_dir.resolve()}")
+            log.close()
+            return run_dir
         if (every and step % every == 0) or signals.requested:
             _save(engine, run_dir, step, stream, cfg)
             saved_at = step
