@@ -30,8 +30,11 @@ class PrecisionError(RuntimeError):
 
 def kl_logits(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
     """KL(p || q) from logits, in fp32: summed over the vocabulary, mean over positions."""
-    logp = F.log_softmax(p_logits.float(), dim=-1)
-    logq = F.log_softmax(q_logits.float(), dim=-1)
+    # At least fp32; fp64 logits stay fp64 (``.float()`` rounded them, and fp32 rounding noise,
+    # ~1e-7, swamps the O(delta^2) KL that fp64 gradient checks measure).
+    dt = torch.promote_types(torch.promote_types(p_logits.dtype, q_logits.dtype), torch.float32)
+    logp = F.log_softmax(p_logits.to(dt), dim=-1)
+    logq = F.log_softmax(q_logits.to(dt), dim=-1)
     return (logp.exp() * (logp - logq)).sum(-1).mean()
 
 
@@ -53,6 +56,10 @@ def normalize(g: torch.Tensor, norm: str) -> torch.Tensor:
     largest token norm, never an absolute 1e-6: ascent gradients are often far below 1e-6, and an
     absolute stabiliser would shrink the step by orders of magnitude instead of setting it to eta.
     Tokens whose gradient is exactly zero stay zero."""
+    # Pre-scale by the largest |g| (the direction is unchanged): without it the l2 norm's squares
+    # underflow to 0 for |g| below ~1e-19 in fp32 (or overflow above ~1e19), and the "unit" step
+    # came out 1e8 times too long (or zero).
+    g = g / g.abs().amax().clamp_min(torch.finfo(g.dtype).tiny)
     n = token_norm(g, norm)
     # Clamp after scaling: ``tiny * 1e-12`` underflows to 0 in fp32, which turned an all-zero
     # gradient (e.g. a perturbation rounded away entirely in bf16) into 0/0 = NaN.
@@ -81,8 +88,8 @@ def surviving_fraction(h: torch.Tensor, delta: torch.Tensor) -> float:
     rounding noise adds norm (a 0.6-ulp element rounds to a full ulp), so bf16 with delta ~ 1e-3
     passed a 0.5 threshold on the norm ratio while only ~25% of delta survived. Projecting onto
     delta counts only the part of ``applied`` that points where delta does."""
-    applied = add_perturbation(h, delta).double() - h.double()
-    d = delta.double()
+    h, d = h.detach(), delta.detach().double()
+    applied = add_perturbation(h, d).double() - h.double()
     dn2 = (d * d).sum()
     return float((applied * d).sum() / dn2) if dn2 > 0 else 1.0
 

@@ -88,7 +88,10 @@ def build_model(
         )
     if activation_checkpointing:
         # Reentrant checkpointing does not support torch.autograd.grad (the ascent step).
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers 5 renamed gradient_checkpointing_enable (deprecated, gone in v6).
+        model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False}
+        )
     return model
 
 
