@@ -54,6 +54,12 @@ def train_main(argv: list[str] | None = None, prog: str = "alum-ds train") -> in
         train(cfg, args.ds_config, resume=args.resume)
     except (ConfigError, DataError) as e:
         return _fail(str(e))
+    except RuntimeError as e:
+        from alum_ds.adversarial import PrecisionError
+
+        if isinstance(e, PrecisionError):  # a clear message, not a traceback from the step
+            return _fail(str(e))
+        raise
     return 0
 
 

@@ -98,3 +98,24 @@ def test_readme_main_job_runs_in_a_fresh_folder(tmp_path: Path) -> None:
     assert losses[-1] < losses[0] - 1.0, losses
     assert (run_dir / "checkpoints" / "latest").is_file()
     assert list((tmp_path / "cache").glob("embedded-*/manifest.json"))
+
+
+def test_bf16_precision_guard_through_the_engine(tmp_path: Path, cache_dir: Path) -> None:
+    """Under DeepSpeed bf16 the default radius rounds away: a one-line error naming a radius
+    that survives; with that radius the same run trains."""
+    ds = tmp_path / "bf16.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}}))
+    base = [f"--data.cache_dir={cache_dir}", "--schedule.steps=2", "--logging.every=1"]
+    script = str(ROOT / "launch" / "pretrain.py")
+    r = run(deepspeed_cmd(f"--master_port={free_port()}", script, "--ds_config", str(ds),
+                          f"--run.dir={tmp_path / 'a'}", *base), ROOT)
+    log = r.stdout + r.stderr
+    assert r.returncode != 0 and "Traceback" not in log, log[-3000:]
+    m = re.search(r"does not survive bfloat16.*--alum\.eta=([0-9.e-]+)", log)
+    assert m, log[-3000:]
+    radius = m.group(1)
+    r = run(deepspeed_cmd(f"--master_port={free_port()}", script, "--ds_config", str(ds),
+                          f"--run.dir={tmp_path / 'b'}", f"--alum.eta={radius}",
+                          f"--alum.epsilon={radius}", *base), ROOT)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert "bf16" in r.stderr + r.stdout
