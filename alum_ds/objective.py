@@ -42,16 +42,28 @@ class AlumObjective(nn.Module):
         self.skipped_total = 0
 
     def forward(
-        self, input_ids: torch.Tensor, labels: torch.Tensor, alum_on: bool = True
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        alum_on: bool = True,
+        token_weight: float | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Without ``token_weight`` each term is a mean over this batch's masked tokens. With it,
+        each term is its sum over the masked tokens times ``token_weight``: the trainer passes
+        (ranks x accumulation steps) / (masked tokens in the whole optimizer step), so the
+        gradient is the mean over every masked token of the step however it is split into
+        micro-batches and ranks (DeepSpeed divides by both)."""
         positions = (labels.reshape(-1) != -100).nonzero().squeeze(1)
         targets = labels.reshape(-1).index_select(0, positions)
         h0 = M.embed(self.mlm, input_ids)
         clean = M.head_at(self.mlm, M.encode(self.mlm, h0), positions)
         mlm_loss = F.cross_entropy(clean.float(), targets)
-        stats = {"mlm_loss": float(mlm_loss.detach()), "masked_tokens": int(positions.numel())}
+        n = positions.numel()
+        scale = 1.0 if token_weight is None else token_weight * n
+        stats = {"mlm_loss": float(mlm_loss.detach()), "masked_tokens": int(n),
+                 "mlm_sum": float(mlm_loss.detach()) * n}
         if not (alum_on and self.alum.enabled):
-            return mlm_loss, stats
+            return mlm_loss * scale, stats
 
         def perturbed(h: torch.Tensor) -> torch.Tensor:
             return M.head_at(self.mlm, M.encode(self.mlm, h), positions)
@@ -62,8 +74,10 @@ class AlumObjective(nn.Module):
             loss = mlm_loss
         else:
             loss = mlm_loss + self.alum.alpha * adv.loss
+        loss = loss * scale
         stats.update(
             adv_loss=float(adv.loss.detach()),
+            adv_sum=float(adv.loss.detach()) * n,
             delta_norm=adv.delta_norm,
             ascent_grad_norm=adv.grad_norm,
             adv_skipped=int(adv.skipped),

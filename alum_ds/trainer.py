@@ -155,34 +155,40 @@ def train(cfg: RunConfig, ds_path: str, *, resume: str = "") -> Path:
     fpt = MT.flops_per_token(non_embedding_params(mlm), mlm.config.num_hidden_layers,
                              mlm.config.hidden_size, cfg.data.seq_len)
     peak = MT.peak_flops(acc.get_device_name() if on_gpu else "cpu") * world
-    window: list[torch.Tensor] = []
+    window = torch.zeros(7, dtype=torch.float64)
     t_last, steps_since = time.time(), 0
     saved_at = step if step else -1
     engine.train()
     while step < cfg.schedule.steps:
         alum_on = cfg.alum.enabled and step >= cfg.alum.start_step
-        acc_stats = torch.zeros(6, dtype=torch.float64)
+        # The whole step's batches first: the gradient is normalised by the masked tokens of
+        # the entire optimizer step (one tiny all-reduce), so 2 x b accumulated equals 2b at once.
+        batches = []
         for _ in range(accum):
-            _seed_step(cfg.run.seed, stream.state.consumed, rank)
-            x, y = stream.next_for_rank(rank=rank, world=world, micro_batch=mb)
+            batches.append((stream.state.consumed,
+                            stream.next_for_rank(rank=rank, world=world, micro_batch=mb)))
+        local = sum(int((y != -100).sum()) for _, (_, y) in batches)
+        masked = D.all_reduce(torch.tensor([float(local)], device=device), "sum").item()
+        weight = world * accum / masked
+        for position, (x, y) in batches:
+            _seed_step(cfg.run.seed, position, rank)
             loss, st = engine(torch.from_numpy(x).to(device), torch.from_numpy(y).to(device),
-                              alum_on)
+                              alum_on, weight)
             engine.backward(loss)
             engine.step()
-            acc_stats += torch.tensor([float(loss.detach()), st["mlm_loss"], st.get("adv_loss", 0),
-                                       st.get("delta_norm", 0), st.get("ascent_grad_norm", 0),
-                                       st.get("adv_skipped", 0)], dtype=torch.float64)
+            window += torch.tensor([st["mlm_sum"], st.get("adv_sum", 0.0), st["masked_tokens"],
+                                    st.get("delta_norm", 0.0), st.get("ascent_grad_norm", 0.0),
+                                    st.get("adv_skipped", 0), 1.0], dtype=torch.float64)
         step += 1
         steps_since += 1
-        window.append(acc_stats / accum)
         if step % cfg.logging.every == 0 or step == cfg.schedule.steps:
-            stats = D.all_reduce(torch.stack(window).mean(0).to(device), "sum").cpu() / world
-            skipped = float(torch.stack(window)[:, 5].sum())
+            s = D.all_reduce(window.clone().to(device), "sum").cpu()
+            skipped = float(s[5]) / world  # the skip is collective: every rank counted it
             now = time.time()
             tps = tokens_per_step * steps_since / (now - t_last)
             passes = MT.forward_equivalents(alum_on, cfg.alum.ascent_steps)
             values = {
-                "loss": float(stats[0]), "mlm_loss": float(stats[1]),
+                "loss": float((s[0] + cfg.alum.alpha * s[1]) / s[2]), "mlm_loss": float(s[0] / s[2]),
                 "lr": float(engine.get_lr()[0]), "tokens_per_s": tps,
                 "sequences_per_s": tps / cfg.data.seq_len,
                 "step_time_s": (now - t_last) / steps_since,
@@ -191,8 +197,8 @@ def train(cfg: RunConfig, ds_path: str, *, resume: str = "") -> Path:
                 "epoch": stream.epoch,
             }
             if alum_on:
-                values.update(adv_loss=float(stats[2]), delta_norm=float(stats[3]),
-                              ascent_grad_norm=float(stats[4]),
+                values.update(adv_loss=float(s[1] / s[2]), delta_norm=float(s[3] / s[6]),
+                              ascent_grad_norm=float(s[4] / s[6]),
                               adv_skipped_total=objective.skipped_total)
             if skipped:
                 log.message(f"warning: adversarial term skipped on {int(skipped)} micro-step(s) "
@@ -204,7 +210,7 @@ def train(cfg: RunConfig, ds_path: str, *, resume: str = "") -> Path:
                 values["grad_norm"] = float(gn)
             log.log(step, values)
             log.progress(step, values)
-            window.clear()
+            window.zero_()
             t_last, steps_since = now, 0
             if not all(math.isfinite(v) for v in (values["loss"], values["mlm_loss"])):
                 raise FloatingPointError(f"training loss became non-finite at step {step}")

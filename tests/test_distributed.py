@@ -119,3 +119,14 @@ def test_bf16_precision_guard_through_the_engine(tmp_path: Path, cache_dir: Path
                           f"--alum.epsilon={radius}", *base), ROOT)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     assert "bf16" in r.stderr + r.stdout
+
+
+def test_grad_accumulation_equals_the_larger_batch(tmp_path: Path, cache_dir: Path) -> None:
+    """2 ranks: 2 micro-batches of 2 accumulated give the losses of one micro-batch of 4 (the
+    loss is normalised by the masked tokens of the whole optimizer step)."""
+    one, _ = _train(tmp_path / "one", cache_dir, "zero2.json", ["--schedule.micro_batch_size=4"])
+    two, _ = _train(tmp_path / "two", cache_dir, "zero2.json",
+                    ["--schedule.micro_batch_size=2", "--schedule.grad_accum=2"])
+    a, b = _losses(one), _losses(two)
+    assert len(a) == len(b) == 8
+    assert b == pytest.approx(a, rel=2e-5, abs=1e-6), (a, b)
