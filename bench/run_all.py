@@ -1,0 +1,162 @@
+"""Run every benchmark of the project and collect the figures.
+
+    python bench/run_all.py [--quick] [--only data,alum,vs_hf,scale]
+
+Each benchmark is its own script writing ``bench/results/<name>.json``; this driver runs them
+one after the other (never concurrently: they share the cores), then writes
+``bench/results/summary.json``, ``bench/results/summary.md`` (a table per benchmark, with the
+machine it ran on) and ``bench/results/summary.png`` (the headline ratios against their goals).
+Nothing is asserted: a benchmark prints and saves numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+
+# name -> (script, quick flag, heavy run's extra args)
+BENCHES: dict[str, tuple[str, list[str]]] = {
+    "data": ("bench_data.py", ["--quick"]),
+    "alum": ("bench_alum.py", ["--quick"]),
+    "vs_hf": ("bench_vs_hf.py", ["--quick"]),
+    "scale": ("bench_scale.py", ["--quick"]),
+}
+
+# Headline ratios and their goals (issue text): (result, key, goal, "higher"/"lower" is better).
+HEADLINES = [
+    ("vs_hf", "speedup", 1.5, "higher", "plain MLM tokens/s vs HF Trainer"),
+    ("data", "speedup", 1.5, "higher", "prepare tokens/s vs datasets.map"),
+    ("alum", "alum_over_plain", 2.2, "lower", "ALUM step / plain step"),
+    ("alum", "time_vs_baseline", 0.6, "lower", "ALUM time / naive ALUM"),
+    ("alum", "memory_vs_baseline", 0.5, "lower", "ALUM memory / naive ALUM"),
+]
+
+
+def machine() -> dict:
+    info = {"python": platform.python_version(), "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(), "date": time.strftime("%Y-%m-%d")}
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
+    except ImportError:  # pragma: no cover
+        pass
+    return info
+
+
+def _find(d: dict, key: str):
+    """A key anywhere in a nested result (scripts may group their figures)."""
+    if key in d:
+        return d[key]
+    for v in d.values():
+        if isinstance(v, dict):
+            found = _find(v, key)
+            if found is not None:
+                return found
+    return None
+
+
+def _table(name: str, res: dict) -> list[str]:
+    rows = [f"### {name}", "", "| figure | value |", "|---|---|"]
+
+    def walk(prefix: str, d: dict) -> None:
+        for k, v in d.items():
+            if isinstance(v, dict):
+                walk(f"{prefix}{k}.", v)
+            elif isinstance(v, float):
+                rows.append(f"| {prefix}{k} | {v:.4g} |")
+            elif isinstance(v, (int, str, bool)):
+                rows.append(f"| {prefix}{k} | {v} |")
+
+    walk("", res)
+    return rows + [""]
+
+
+def chart(summary: dict, out: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no chart (pip install -e '.[bench]')", file=sys.stderr)
+        return False
+    labels, values, goals, colors = [], [], [], []
+    for name, key, goal, better, text in HEADLINES:
+        v = _find(summary["results"].get(name, {}), key)
+        if not isinstance(v, (int, float)):
+            continue
+        ok = v >= goal if better == "higher" else v <= goal
+        labels.append(text)
+        values.append(v)
+        goals.append(goal)
+        colors.append("tab:green" if ok else "tab:red")
+    if not values:
+        return False
+    fig, ax = plt.subplots(figsize=(8, 0.6 * len(values) + 1.2))
+    ax.barh(labels, values, color=colors)
+    ax.scatter(goals, labels, marker="|", s=400, color="black", label="goal")
+    ax.set_xlabel("ratio")
+    ax.set_title(f"alum_ds benchmarks ({summary['machine'].get('gpu', 'CPU')}, "
+                 f"{summary['machine']['date']})")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    return True
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="each script's quick mode")
+    p.add_argument("--only", default="", help="comma-separated subset of " + ",".join(BENCHES))
+    p.add_argument("--out-dir", default=str(RESULTS))
+    args = p.parse_args()
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = [n for n in (args.only.split(",") if args.only else BENCHES) if n]
+    summary = {"machine": machine(), "quick": args.quick, "results": {}, "failed": {}}
+    for name in names:
+        script, quick = BENCHES[name]
+        path = ROOT / "bench" / script
+        if not path.is_file():
+            summary["failed"][name] = f"{script} not found"
+            continue
+        out = out_dir / f"{name}.json"
+        cmd = [sys.executable, str(path), f"--out={out}", *(quick if args.quick else [])]
+        print(f"== {name}: {' '.join(cmd)}", file=sys.stderr, flush=True)
+        t0 = time.time()
+        r = subprocess.run(cmd, cwd=ROOT)
+        if r.returncode != 0 or not out.is_file():
+            summary["failed"][name] = f"exit code {r.returncode}"
+            continue
+        res = json.loads(out.read_text())
+        res["bench_seconds"] = round(time.time() - t0, 1)
+        summary["results"][name] = res
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    lines = ["# alum_ds benchmark summary", "",
+             f"Machine: {json.dumps(summary['machine'])}", "",
+             f"Command: `python bench/run_all.py{' --quick' if args.quick else ''}`", ""]
+    for name, res in summary["results"].items():
+        lines += _table(name, res)
+    for name, why in summary["failed"].items():
+        lines.append(f"- {name}: FAILED ({why})")
+    (out_dir / "summary.md").write_text("\n".join(lines) + "\n")
+    chart(summary, out_dir / "summary.png")
+    print("\n".join(lines))
+    if summary["failed"]:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
