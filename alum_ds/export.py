@@ -2,16 +2,23 @@
 
 ZeRO shards are consolidated to fp32 with DeepSpeed's own reader; the objective wrapper's
 ``mlm.`` prefix is stripped so the folder loads with ``AutoModelForMaskedLM.from_pretrained``.
+The model is built with its parameters on the meta device and the consolidated tensors are
+assigned into it (``load_state_dict(assign=True)``), so the export holds one copy of the weights,
+not two.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
-from alum_ds.checkpoint import read_latest
-from alum_ds.config import config_from_dict
+import torch
+
+from alum_ds.checkpoint import STATE_FILE, read_latest, read_state
+from alum_ds.config import ConfigError, config_from_dict
 
 
 def _locate(checkpoint: str) -> tuple[Path, str, Path]:
@@ -23,45 +30,67 @@ def _locate(checkpoint: str) -> tuple[Path, str, Path]:
         if tag is None:
             raise FileNotFoundError(f"{p} has no complete checkpoint (no valid 'latest')")
         return root, tag, p
-    if p.is_dir() and (p.parent / "latest").exists() or p.name.startswith("step"):
-        if not p.is_dir():
-            raise FileNotFoundError(f"checkpoint folder {p} not found")
+    if p.is_dir() and ((p / STATE_FILE).is_file() or p.name.startswith("step")):
         return p.parent, p.name, p.parent.parent
     raise FileNotFoundError(f"{p} is neither a run folder nor a checkpoint folder")
+
+
+@contextlib.contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Modules built inside get their parameters on the meta device (no memory, no init cost);
+    buffers stay real (RoBERTa's position ids are non-persistent buffers no state dict holds)."""
+    register = torch.nn.Module.register_parameter
+
+    def on_meta(module: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> None:
+        if param is not None and not param.is_meta:  # a shared (tied) meta parameter stays shared
+            param = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    torch.nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
 
 
 def export(checkpoint: str, out_dir: str) -> Path:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from transformers import AutoTokenizer, RobertaConfig, RobertaForMaskedLM
 
-    root, tag, run_dir = _locate(checkpoint)
-    resolved = json.loads((run_dir / "config.resolved.json").read_text())
-    cfg = config_from_dict(resolved["config"])
-    data_dir = Path(resolved["data_dir"])
-    state = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
-    state = {k.removeprefix("mlm."): v for k, v in state.items()}
     from alum_ds.data.shards import read_manifest
     from alum_ds.model import roberta_config
 
+    root, tag, run_dir = _locate(checkpoint)
+    state = read_state(root / tag)
+    if state is None:
+        raise FileNotFoundError(f"checkpoint {root / tag} is incomplete (no {STATE_FILE})")
+    cfg = config_from_dict(state["config"])
+    data_dir = Path(state["data_dir"])
     vocab = int(read_manifest(data_dir)["tokenizer"]["vocab_size"])
     if cfg.model.pretrained:
         mcfg = RobertaConfig.from_pretrained(cfg.model.pretrained)
     else:
         mcfg = roberta_config(cfg.model.preset, vocab_size=vocab, seq_len=cfg.data.seq_len,
                               dropout=cfg.model.dropout)
-    model = RobertaForMaskedLM(mcfg)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    # The decoder weight is tied to the word embeddings and may be stored once.
-    missing = [k for k in missing if k not in ("lm_head.decoder.weight", "lm_head.decoder.bias")]
-    if missing or unexpected:
-        raise ValueError(f"checkpoint {root / tag} does not match the model: missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]}")
-    model.tie_weights()
+    with parameters_on_meta():
+        model = RobertaForMaskedLM(mcfg)
+    weights = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
+    weights = {k.removeprefix("mlm."): v for k, v in weights.items()}
+    missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)
+    del weights
+    model.tie_weights()  # the decoder shares the word embeddings (and its bias lm_head.bias)
+    still_meta = [n for n, p in model.named_parameters() if p.is_meta]
+    if still_meta or unexpected:
+        raise ConfigError(f"checkpoint {root / tag} does not match the model: missing "
+                          f"{(still_meta or missing)[:3]}, unexpected {unexpected[:3]}")
     out = Path(out_dir)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp), safe_serialization=True)
     AutoTokenizer.from_pretrained(str(data_dir / "tokenizer")).save_pretrained(str(tmp))
+    (tmp / "alum_ds_export.json").write_text(json.dumps(
+        {"checkpoint": str((root / tag).resolve()), "step": state["step"],
+         "config_hash": state["config_hash"]}, indent=1))
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

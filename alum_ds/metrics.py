@@ -1,13 +1,18 @@
-"""Rank-0 metrics: console progress, JSONL and TensorBoard; throughput and MFU estimates."""
+"""Rank-0 metrics: console progress (a line per log step, or a tqdm bar on a terminal), JSONL,
+TensorBoard and optionally Weights & Biases; step statistics, throughput, MFU and memory."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import resource
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+import torch
 
 # Peak dense throughput by device name fragment (bf16/fp16 tensor cores), for the MFU estimate.
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "V100": 125e12, "A10": 125e12}
@@ -33,52 +38,140 @@ def peak_flops(device_name: str) -> float:
     return math.nan
 
 
-class MetricsLogger:
-    """Writes on rank 0 only; other ranks get a logger that does nothing."""
+def peak_memory_gb(on_gpu: bool) -> tuple[float, float]:
+    """(peak resident memory of this process, peak GPU memory allocated by torch), in GiB."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    rss_gb = rss / 2**30 if sys.platform == "darwin" else rss / 2**20
+    gpu_gb = torch.cuda.max_memory_allocated() / 2**30 if on_gpu else 0.0
+    return rss_gb, gpu_gb
 
-    def __init__(self, run_dir: Path, *, enabled: bool, tensorboard: bool, total_steps: int):
+
+class StepWindow:
+    """Per-micro-step statistics, summed on the device (no host sync per step) and reduced over
+    ranks only when a log line is due."""
+
+    KEYS = ("mlm_sum", "adv_sum", "masked_tokens", "delta_norm", "ascent_grad_norm", "adv_skipped")
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.sum = torch.zeros(len(self.KEYS) + 1, dtype=torch.float64, device=device)
+
+    def add(self, stats: dict[str, Any]) -> None:
+        vals = [torch.as_tensor(stats.get(k, 0.0), dtype=torch.float64, device=self.device).reshape(())
+                for k in self.KEYS]
+        vals.append(torch.ones((), dtype=torch.float64, device=self.device))
+        self.sum += torch.stack(vals)
+
+    def reduce(self, all_reduce, world: int, alpha: float) -> dict[str, float]:
+        """Token-weighted losses and per-micro-step means over all ranks; resets the window."""
+        s = all_reduce(self.sum.clone(), "sum").cpu().tolist()
+        self.sum.zero_()
+        mlm, adv, tokens, dnorm, gnorm, skipped, micro = s
+        tokens, micro = max(tokens, 1.0), max(micro, 1.0)
+        return {"loss": (mlm + alpha * adv) / tokens, "mlm_loss": mlm / tokens, "adv_loss": adv / tokens,
+                "delta_norm": dnorm / micro, "ascent_grad_norm": gnorm / micro,
+                # the skip is collective: every rank counted it
+                "adv_skipped": skipped / world}
+
+
+class MetricsLogger:
+    """Writes on rank 0 only; other ranks get a logger that does nothing.
+
+    ``resume_step``: records after it in metrics.jsonl (and TensorBoard) belong to an abandoned
+    continuation (a crash after the last checkpoint) and are dropped, so each step appears once.
+    """
+
+    def __init__(self, run_dir: Path, *, enabled: bool, tensorboard: bool, total_steps: int,
+                 resume_step: int = 0, wandb: dict[str, Any] | None = None) -> None:
         self.enabled = enabled
         self.total = total_steps
         self.t0 = time.time()
-        self.tb = None
-        self.jsonl = None
+        self.tb = self.jsonl = self.wandb = self.bar = None
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
-        self.jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        path = run_dir / "metrics.jsonl"
+        _truncate_after(path, resume_step)
+        self.jsonl = open(path, "a", buffering=1)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step + 1)
+        if wandb is not None:
+            import wandb as wandb_lib  # presence checked before the run starts
+
+            self.wandb = wandb_lib.init(resume="allow", **wandb)
+        if sys.stderr.isatty() and not os.environ.get("ALUM_DS_NO_BAR"):
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=resume_step, unit="step", dynamic_ncols=True)
 
     def log(self, step: int, values: dict[str, Any]) -> None:
         if not self.enabled:
             return
         rec = {"step": step, "time": round(time.time(), 3), **values}
         self.jsonl.write(json.dumps(rec) + "\n")
+        numeric = {k: v for k, v in values.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
         if self.tb is not None:
-            for k, v in values.items():
-                if isinstance(v, (int, float)) and math.isfinite(v):
-                    self.tb.add_scalar(k.replace(".", "/"), v, step)
+            for k, v in numeric.items():
+                self.tb.add_scalar(k.replace(".", "/"), v, step)
+        if self.wandb is not None:
+            self.wandb.log(numeric, step=step)
 
     def progress(self, step: int, values: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        elapsed = time.time() - self.t0
-        parts = [f"step {step}/{self.total}"]
+        parts = []
         for key, fmt in (("loss", "{:.4f}"), ("mlm_loss", "mlm {:.4f}"), ("adv_loss", "adv {:.4f}"),
-                         ("lr", "lr {:.2e}"), ("tokens_per_s", "{:,.0f} tok/s")):
-            if key in values and values[key] is not None:
+                         ("lr", "lr {:.2e}"), ("tokens_per_s", "{:,.0f} tok/s"),
+                         ("peak_rss_gb", "rss {:.2f} GiB"), ("max_memory_gb", "gpu {:.2f} GiB")):
+            if values.get(key) is not None:
                 parts.append(fmt.format(values[key]))
-        parts.append(f"{elapsed:.0f}s")
-        print(" | ".join(parts), file=sys.stderr, flush=True)
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix_str(" | ".join(parts[:5]), refresh=True)
+            return
+        elapsed = time.time() - self.t0
+        print(" | ".join([f"step {step}/{self.total}", *parts, f"{elapsed:.0f}s"]),
+              file=sys.stderr, flush=True)
 
     def message(self, text: str) -> None:
-        if self.enabled:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stderr)
+        else:
             print(text, file=sys.stderr, flush=True)
 
     def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
         if self.jsonl:
             self.jsonl.close()
+            self.jsonl = None
         if self.tb is not None:
             self.tb.close()
+            self.tb = None
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    keep = [line for line in lines if _step_of(line) <= step]
+    if len(keep) != len(lines):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        os.replace(tmp, path)
+
+
+def _step_of(line: str) -> float:
+    try:
+        return float(json.loads(line).get("step", math.inf))
+    except (json.JSONDecodeError, AttributeError, TypeError, ValueError):
+        return math.inf  # a torn last line from a kill

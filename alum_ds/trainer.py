@@ -1,12 +1,20 @@
-"""The training loop: build, initialise DeepSpeed, step, log, evaluate, checkpoint."""
+"""The training loop: plan, build, initialise DeepSpeed, step, log, evaluate, checkpoint.
+
+``train`` reads top to bottom: everything that can be refused is decided from the config, the
+DeepSpeed JSON and the checkpoint's JSON state before a process group or model exists (so a bad
+input is a one-line error that changes nothing); then the engine is built, the checkpoint (if
+any) loaded, and ``Loop`` runs the steps with the cadence of logging, evaluation and saving.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
 import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,13 +23,14 @@ import torch
 from alum_ds import checkpoint as C
 from alum_ds import distributed as D
 from alum_ds import metrics as MT
-from alum_ds.config import ConfigError, RunConfig
+from alum_ds.config import ConfigError, RunConfig, for_world
 from alum_ds.data.prepare import ensure_embedded
-from alum_ds.data.shards import read_manifest
+from alum_ds.data.shards import read_manifest, sha256_file
 from alum_ds.data.stream import TrainStream, validation_batches
 from alum_ds.ds_config import precision_of, resolve_ds_config, zero_stage_of
 from alum_ds.model import build_model, non_embedding_params
 from alum_ds.objective import AlumObjective
+from alum_ds.optim import lr_lambda, make_optimizer, planned_steps
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal after saving; rerun to resume
 
@@ -48,58 +57,78 @@ def resolve_data(cfg: RunConfig) -> Path:
     return out
 
 
-def make_optimizer(params: list[tuple[str, torch.nn.Parameter]], cfg: RunConfig, ds: dict,
-                   on_gpu: bool) -> torch.optim.Optimizer:
-    """AdamW without decay on biases and LayerNorm weights (RoBERTa's recipe). On a GPU,
-    DeepSpeed's fused Adam (or its CPU Adam when the optimizer is offloaded)."""
-    decay = [p for n, p in params if p.ndim >= 2 and "LayerNorm" not in n]
-    no_decay = [p for n, p in params if not (p.ndim >= 2 and "LayerNorm" not in n)]
-    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    kw = dict(lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps)
-    offload = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device") == "cpu"
-    if on_gpu and offload:
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
+class Signals:
+    """First SIGTERM/SIGINT: finish the step, save, exit EXIT_PREEMPTED. A second one exits at
+    once (128 + signal number) - unless it comes within ``duplicate_s`` of the first: Ctrl-C or
+    a scheduler's SIGTERM reaches the ranks directly *and* again through DeepSpeed's launcher
+    (which forwards SIGTERM to its children and SIGKILLs them 30 s later), and that is one
+    request, not two."""
 
-        return DeepSpeedCPUAdam(groups, adamw_mode=True, **kw)
-    if on_gpu:
-        from deepspeed.ops.adam import FusedAdam
+    def __init__(self, duplicate_s: float = 2.0) -> None:
+        self.duplicate_s = duplicate_s
+        self.first: float | None = None
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
 
-        return FusedAdam(groups, adam_w_mode=True, **kw)
-    return torch.optim.AdamW(groups, **kw)
-
-
-def lr_lambda(cfg: RunConfig):
-    warm, total = cfg.schedule.warmup_steps, cfg.schedule.steps
-
-    def f(step: int) -> float:
-        if warm and step < warm:
-            return (step + 1) / warm
-        if cfg.schedule.decay == "constant":
-            return 1.0
-        return max(0.0, (total - step) / max(1, total - warm))
-
-    return f
-
-
-class _Signals:
-    """First SIGTERM/SIGINT: finish the step, save, exit EXIT_PREEMPTED. Second: exit now."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
+    @property
+    def requested(self) -> bool:
+        return self.first is not None
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:
+        now = time.monotonic()
+        if self.first is None:
+            self.first = now
+        elif now - self.first > self.duplicate_s:
             os._exit(128 + signum)
-        self.requested = True
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
-def _seed_step(seed: int, position: int, rank_: int) -> None:
-    """Dropout and perturbation noise are seeded from the data position, so a resumed run draws
-    the same random numbers as the uninterrupted one without saving generator states."""
-    torch.manual_seed((seed * 1_000_003 + position * 7919 + rank_) % (2**63))
+def _seed_micro_step(seed: int, position: int) -> None:
+    """Dropout and perturbation noise are seeded from the global position of the micro-batch's
+    first sequence, so a resumed run draws the same random numbers as the uninterrupted one -
+    on any number of ranks, as long as schedule.micro_batch_size is unchanged."""
+    torch.manual_seed((seed * 1_000_003 + position * 7919) % (2**63))
+
+
+@dataclass
+class Plan:
+    """What a run will do, decided before any process group, model or engine exists."""
+
+    cfg: RunConfig  # schedule.grad_accum resolved for this world size
+    ds: dict[str, Any]
+    world: int
+    run_dir: Path
+    point: C.ResumePoint | None
+    universal: bool
+    global_batch: int
+    last_step: int
+
+
+def plan_run(cfg: RunConfig, ds_path: str, *, resume: str, world: int, on_gpu: bool,
+             bf16_supported: bool) -> Plan:
+    """Every refusal that needs no engine: a run folder of another run, a global batch the ranks
+    cannot divide, a checkpoint of another config or model shape, a missing optional package."""
+    run_dir = Path(cfg.run.dir)
+    _check_run_dir(run_dir, cfg)
+    ecfg = for_world(cfg, world)
+    ds = resolve_ds_config(ds_path, ecfg, world_size=world, bf16_supported=bf16_supported, on_gpu=on_gpu)
+    point = C.find_resume(run_dir, resume)
+    universal = point is not None and C.check_resume(point, cfg, world=world, zero_stage=zero_stage_of(ds))
+    if universal:
+        section = ds.setdefault("checkpoint", {})
+        if not isinstance(section, dict):
+            raise ConfigError(f"DeepSpeed config {ds_path}: checkpoint must be an object")
+        section["load_universal"] = True
+    if cfg.logging.wandb and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("logging.wandb=true needs the wandb package (pip install wandb), which "
+                          "is not installed")
+    if cfg.model.pretrained and not (Path(cfg.model.pretrained) / "config.json").is_file():
+        raise ConfigError(f"model.pretrained {cfg.model.pretrained}: no config.json (not a Hugging "
+                          f"Face model folder)")
+    gb = ecfg.schedule.micro_batch_size * ecfg.schedule.grad_accum * world
+    return Plan(ecfg, ds, world, run_dir, point, universal, gb, planned_steps(cfg, gb))
 
 
 def train(cfg: RunConfig, ds_path: str, *, resume: str = "") -> Path:
@@ -107,136 +136,259 @@ def train(cfg: RunConfig, ds_path: str, *, resume: str = "") -> Path:
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
-    D.init()
-    rank, world = D.rank(), D.world()
     acc = get_accelerator()
     on_gpu = acc.device_name() == "cuda"
+    plan = plan_run(cfg, ds_path, resume=resume, world=int(os.environ.get("WORLD_SIZE", "1")),
+                    on_gpu=on_gpu, bf16_supported=bool(acc.is_bf16_supported()))
+    D.init()
+    rank, world = D.rank(), D.world()
+    if world != plan.world:
+        raise RuntimeError(f"WORLD_SIZE said {plan.world} ranks, the process group has {world}")
     if not on_gpu:
         # One rank per core group: without this every rank spawns a thread per core.
         local = int(os.environ.get("LOCAL_SIZE", "1"))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))
     device = torch.device(acc.device_name(D.local_rank())) if on_gpu else torch.device("cpu")
-    ds = resolve_ds_config(ds_path, cfg, world_size=world,
-                           bf16_supported=bool(acc.is_bf16_supported()), on_gpu=on_gpu)
-    run_dir = Path(cfg.run.dir)
-    _check_run_dir(run_dir, cfg)
-    log = MT.MetricsLogger(run_dir, enabled=rank == 0, tensorboard=cfg.logging.tensorboard,
-                           total_steps=cfg.schedule.steps)
     data_dir = resolve_data(cfg)
     manifest = read_manifest(data_dir)
     vocab = int(manifest["tokenizer"]["vocab_size"])
 
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
-    mlm = build_model(preset=cfg.model.preset, vocab_size=vocab, seq_len=cfg.data.seq_len,
-                      dropout=cfg.model.dropout, pretrained=cfg.model.pretrained,
-                      activation_checkpointing=cfg.model.activation_checkpointing)
-    objective = AlumObjective(mlm, cfg.alum, any_rank=D.any_rank_fn(device))
-    opt = make_optimizer(list(objective.named_parameters()), cfg, ds, on_gpu)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
-    engine, _, _, _ = deepspeed.initialize(model=objective, optimizer=opt, lr_scheduler=sched,
-                                           config=ds)
-    stream = TrainStream(data_dir, seq_len=cfg.data.seq_len, seed=cfg.data.seed,
-                         masking=cfg.masking)
-    if rank == 0:
-        _write_resolved(run_dir, cfg, ds, data_dir)
-
-    step = _maybe_resume(engine, run_dir, cfg, stream, resume, log)
-    first_step = step
-    precision = precision_of(ds)
-    log.message(
-        f"alum_ds: {world} rank(s) on {acc.device_name()}, ZeRO-{zero_stage_of(ds)}, {precision}, "
-        f"model {cfg.model.preset} ({sum(p.numel() for p in mlm.parameters()) / 1e6:.2f}M params), "
-        f"ALUM {'on' if cfg.alum.enabled else 'off'}, data {data_dir} "
-        f"({len(stream.seqs)} sequences/epoch), run {run_dir}"
-    )
-    signals = _Signals()
-    mb, accum = cfg.schedule.micro_batch_size, cfg.schedule.grad_accum
-    tokens_per_step = mb * accum * world * cfg.data.seq_len
+    try:
+        mlm = build_model(preset=cfg.model.preset, vocab_size=vocab, seq_len=cfg.data.seq_len,
+                          dropout=cfg.model.dropout, pretrained=cfg.model.pretrained,
+                          activation_checkpointing=cfg.model.activation_checkpointing)
+    except ValueError as e:  # a pretrained model that does not fit the data
+        raise ConfigError(str(e)) from None
+    shape = model_shape(mlm)
+    n_params = sum(p.numel() for p in mlm.parameters())  # before ZeRO-3 partitions them
     fpt = MT.flops_per_token(non_embedding_params(mlm), mlm.config.num_hidden_layers,
                              mlm.config.hidden_size, cfg.data.seq_len)
-    peak = MT.peak_flops(acc.get_device_name() if on_gpu else "cpu") * world
-    window = torch.zeros(7, dtype=torch.float64)
-    t_last, steps_since = time.time(), 0
-    saved_at = step if step else -1
-    engine.train()
-    while step < cfg.schedule.steps:
-        alum_on = cfg.alum.enabled and step >= cfg.alum.start_step
-        # The whole step's batches first: the gradient is normalised by the masked tokens of
-        # the entire optimizer step (one tiny all-reduce), so 2 x b accumulated equals 2b at once.
+    if plan.point and plan.point.state.get("model_shape") not in (None, shape):
+        raise ConfigError(f"checkpoint {plan.point.path} holds a model of shape "
+                          f"{plan.point.state['model_shape']}, this run builds {shape}")
+    objective = AlumObjective(mlm, cfg.alum, any_rank=D.any_rank_fn(device))
+    opt = make_optimizer(list(objective.named_parameters()), cfg, plan.ds, on_gpu)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, plan.last_step))
+    load_root = _universal_root(plan, rank, device) if plan.universal else None
+    engine, _, _, _ = deepspeed.initialize(model=objective, optimizer=opt, lr_scheduler=sched,
+                                           config=plan.ds)
+    stream = TrainStream(data_dir, seq_len=cfg.data.seq_len, seed=cfg.data.seed, masking=cfg.masking)
+    step = 0
+    if plan.point:
+        C.load(engine, load_root or plan.point.root, plan.point.tag)
+        stream.load_state_dict(plan.point.state["stream"])
+        step = plan.point.step
+        if load_root is not None:
+            D.barrier()  # every rank has read the converted copy
+            if rank == 0:
+                C.remove_universal(plan.run_dir)
+
+    log = MT.MetricsLogger(plan.run_dir, enabled=rank == 0, tensorboard=cfg.logging.tensorboard,
+                           total_steps=plan.last_step, resume_step=step, wandb=_wandb_args(cfg, plan))
+    if rank == 0:
+        _write_resolved(plan.run_dir, cfg, plan.ds, data_dir)
+    sc = plan.cfg.schedule
+    log.message(
+        f"alum_ds: {world} rank(s) on {acc.device_name()}, ZeRO-{zero_stage_of(plan.ds)}, "
+        f"{precision_of(plan.ds)}, model {cfg.model.pretrained or cfg.model.preset} "
+        f"({n_params / 1e6:.2f}M params), "
+        f"ALUM {'on' if cfg.alum.enabled else 'off'}, global batch {plan.global_batch} "
+        f"({sc.micro_batch_size} x {sc.grad_accum} accumulation x {world}), data {data_dir} "
+        f"({len(stream.seqs)} sequences/epoch), run {plan.run_dir}"
+    )
+    _report_resume(plan, log)
+    _check_tokenizer(cfg, manifest, log)
+    loop = Loop(plan=plan, user_cfg=cfg, engine=engine, objective=objective, stream=stream, log=log,
+                device=device, data_dir=data_dir, on_gpu=on_gpu, shape=shape, flops_per_token=fpt,
+                peak=MT.peak_flops(acc.get_device_name() if on_gpu else "cpu") * world)
+    return loop.run(step)
+
+
+def _universal_root(plan: Plan, rank: int, device: torch.device) -> Path:
+    """Rank 0 converts the checkpoint to a universal one; the others wait for it."""
+    assert plan.point is not None
+    error = ""
+    if rank == 0:
+        try:
+            C.convert_to_universal(plan.point, plan.run_dir)
+        except (RuntimeError, OSError) as e:
+            error = str(e)
+    failed = D.all_reduce(torch.tensor([1.0 if error else 0.0], device=device), "max").item() > 0
+    if failed:
+        raise RuntimeError(error or "rank 0 could not convert the checkpoint to a universal one")
+    return C.checkpoint_dir(plan.run_dir) / C.UNIVERSAL_DIR
+
+
+def _wandb_args(cfg: RunConfig, plan: Plan) -> dict[str, Any] | None:
+    if not cfg.logging.wandb:
+        return None
+    # One W&B run per run folder and config: a resumed run appends to it.
+    return {"project": cfg.logging.wandb_project, "name": plan.run_dir.name,
+            "id": f"{plan.run_dir.name}-{cfg.fingerprint()}", "dir": str(plan.run_dir),
+            "config": cfg.to_dict()}
+
+
+def _report_resume(plan: Plan, log: MT.MetricsLogger) -> None:
+    p = plan.point
+    if p is None:
+        return
+    how = f" (universal: saved by {p.world_size} rank(s), now {plan.world})" if plan.universal else ""
+    log.message(f"resumed from {p.path} at step {p.step}{how}")
+    if plan.universal and 3 in (p.zero_stage, zero_stage_of(plan.ds)):
+        log.message("warning: DeepSpeed's universal load under ZeRO-3 restores the optimizer only "
+                    "approximately (measured: the loss drifts ~1e-3 relative within 2 steps); "
+                    "ZeRO-1/2 resume exactly")
+    if p.state.get("global_batch", plan.global_batch) != plan.global_batch:
+        log.message(f"warning: the global batch changes from {p.state['global_batch']} to "
+                    f"{plan.global_batch} sequences; set schedule.global_batch_size to keep it")
+
+
+def _check_tokenizer(cfg: RunConfig, manifest: dict[str, Any], log: MT.MetricsLogger) -> None:
+    if not cfg.model.pretrained:
+        return
+    tj = Path(cfg.model.pretrained) / "tokenizer.json"
+    if tj.is_file() and sha256_file(tj)[:16] != manifest["tokenizer"].get("fingerprint"):
+        log.message(f"warning: the data's tokenizer differs from {tj}; prepare the data with "
+                    f"`alum-ds prepare --tokenizer {cfg.model.pretrained}`")
+
+
+def model_shape(mlm: torch.nn.Module) -> dict[str, int]:
+    c = mlm.config
+    return {"vocab_size": c.vocab_size, "hidden_size": c.hidden_size, "layers": c.num_hidden_layers,
+            "heads": c.num_attention_heads, "positions": c.max_position_embeddings}
+
+
+class Loop:
+    """The steps of one invocation and their cadence: log, evaluate, save, stop."""
+
+    def __init__(self, *, plan: Plan, user_cfg: RunConfig, engine: Any, objective: AlumObjective,
+                 stream: TrainStream, log: MT.MetricsLogger, device: torch.device, data_dir: Path,
+                 on_gpu: bool, shape: dict[str, int], flops_per_token: float, peak: float) -> None:
+        self.plan, self.user_cfg, self.cfg = plan, user_cfg, plan.cfg
+        self.engine, self.objective, self.stream, self.log = engine, objective, stream, log
+        self.device, self.data_dir, self.on_gpu, self.shape = device, data_dir, on_gpu, shape
+        self.fpt, self.peak = flops_per_token, peak
+        self.rank, self.world = D.rank(), D.world()
+        self.window = MT.StepWindow(device)
+
+    def run(self, step: int) -> Path:
+        cfg, last = self.cfg, self.plan.last_step
+        first = step
+        signals = Signals()
+        t_last, since = time.time(), 0
+        self.engine.train()
+        try:
+            while step < last:
+                alum_on = cfg.alum.enabled and step >= cfg.alum.start_step
+                if not self.train_step(alum_on, signals.requested):
+                    self.save(step)
+                    self.log.message(f"stopped by signal after saving step {step}; rerun to resume "
+                                     f"(exit code {EXIT_PREEMPTED})")
+                    raise Preempted()
+                step, since = step + 1, since + 1
+                if step % cfg.logging.every == 0 or step == last:
+                    self.log_step(step, alum_on, since, time.time() - t_last)
+                    t_last, since = time.time(), 0
+                if cfg.eval.every and step % cfg.eval.every == 0 and step < last:
+                    self.evaluate_and_log(step)
+                if cfg.run.stop_after and step - first >= cfg.run.stop_after and step < last:
+                    self.save(step)
+                    self.log.message(f"run.stop_after: stopped after saving step {step}; rerun to continue")
+                    self.log.message(f"run folder: {self.plan.run_dir.resolve()}")
+                    return self.plan.run_dir
+                if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
+                    self.save(step)
+            self.save(step)  # a no-op where `latest` already names this step
+            if cfg.schedule.max_tokens and last < cfg.schedule.steps:
+                self.log.message(f"token budget of {cfg.schedule.max_tokens:,} reached at step {last}")
+            ev = self.evaluate_and_log(step)
+            _write_summary(self.plan.run_dir, self.rank, step, ev, self.engine)
+            self.log.message(f"run folder: {self.plan.run_dir.resolve()}")
+            return self.plan.run_dir
+        finally:
+            signals.restore()
+            self.log.close()
+
+    def train_step(self, alum_on: bool, signalled: bool) -> bool:
+        """One optimizer step of ``grad_accum`` micro-steps. Returns False, untrained and with the
+        stream unmoved, when any rank has been signalled: the decision is collective, carried by
+        the step's one small all-reduce."""
+        mb, accum = self.cfg.schedule.micro_batch_size, self.cfg.schedule.grad_accum
+        start = self.stream.state.consumed
         batches = []
         for _ in range(accum):
-            batches.append((stream.state.consumed,
-                            stream.next_for_rank(rank=rank, world=world, micro_batch=mb)))
+            position = self.stream.state.consumed + self.rank * mb
+            batches.append((position, self.stream.next_for_rank(rank=self.rank, world=self.world,
+                                                                 micro_batch=mb)))
         local = sum(int((y != -100).sum()) for _, (_, y) in batches)
-        masked = D.all_reduce(torch.tensor([float(local)], device=device), "sum").item()
-        weight = world * accum / masked
+        # The gradient is normalised by the masked tokens of the entire optimizer step, so
+        # 2 x b accumulated equals 2b at once.
+        masked, stop = D.all_reduce(torch.tensor([float(local), float(signalled)], device=self.device),
+                                    "sum").tolist()
+        if stop:
+            self.stream.state.consumed = start
+            return False
+        weight = self.world * accum / max(masked, 1.0)
         for position, (x, y) in batches:
-            _seed_step(cfg.run.seed, position, rank)
-            loss, st = engine(torch.from_numpy(x).to(device), torch.from_numpy(y).to(device),
-                              alum_on, weight)
-            engine.backward(loss)
-            engine.step()
-            window += torch.tensor([st["mlm_sum"], st.get("adv_sum", 0.0), st["masked_tokens"],
-                                    st.get("delta_norm", 0.0), st.get("ascent_grad_norm", 0.0),
-                                    st.get("adv_skipped", 0), 1.0], dtype=torch.float64)
-        step += 1
-        steps_since += 1
-        if step % cfg.logging.every == 0 or step == cfg.schedule.steps:
-            s = D.all_reduce(window.clone().to(device), "sum").cpu()
-            skipped = float(s[5]) / world  # the skip is collective: every rank counted it
-            now = time.time()
-            tps = tokens_per_step * steps_since / (now - t_last)
-            passes = MT.forward_equivalents(alum_on, cfg.alum.ascent_steps)
-            values = {
-                "loss": float((s[0] + cfg.alum.alpha * s[1]) / s[2]), "mlm_loss": float(s[0] / s[2]),
-                "lr": float(engine.get_lr()[0]), "tokens_per_s": tps,
-                "sequences_per_s": tps / cfg.data.seq_len,
-                "step_time_s": (now - t_last) / steps_since,
-                "mfu": tps * fpt * passes / 3.0 / peak if peak == peak else None,
-                "alum_on": alum_on, "consumed_sequences": stream.state.consumed,
-                "epoch": stream.epoch,
-            }
-            if alum_on:
-                values.update(adv_loss=float(s[1] / s[2]), delta_norm=float(s[3] / s[6]),
-                              ascent_grad_norm=float(s[4] / s[6]),
-                              adv_skipped_total=objective.skipped_total)
-            if skipped:
-                log.message(f"warning: adversarial term skipped on {int(skipped)} micro-step(s) "
-                            f"before step {step} (non-finite ascent gradient or loss)")
-            if on_gpu:
-                values["max_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
-            gn = engine.get_global_grad_norm()
-            if gn is not None:
-                values["grad_norm"] = float(gn)
-            log.log(step, values)
-            log.progress(step, values)
-            window.zero_()
-            t_last, steps_since = now, 0
-            if not all(math.isfinite(v) for v in (values["loss"], values["mlm_loss"])):
-                raise FloatingPointError(f"training loss became non-finite at step {step}")
-        every = cfg.checkpoint.every
-        sliced = cfg.run.stop_after and step - first_step >= cfg.run.stop_after
-        if sliced and step < cfg.schedule.steps:
-            _save(engine, run_dir, step, stream, cfg)
-            log.message(f"run.stop_after: stopped after saving step {step}; rerun to continue")
-            log.message(f"run folder: {run_dir.resolve()}")
-            log.close()
-            return run_dir
-        if (every and step % every == 0) or signals.requested:
-            _save(engine, run_dir, step, stream, cfg)
-            saved_at = step
-            if signals.requested:
-                log.message(f"stopped by signal after saving step {step}; rerun to resume")
-                raise Preempted()
-    if saved_at != step:
-        _save(engine, run_dir, step, stream, cfg)
-    ev = evaluate(engine, cfg, data_dir, device, rank, world)
-    log.log(step, {"eval_loss": ev, "eval_perplexity": math.exp(min(ev, 50))})
-    log.message(f"eval: masked-LM loss {ev:.4f}, perplexity {math.exp(min(ev, 50)):.2f}")
-    _write_summary(run_dir, rank, step, ev, engine)
-    log.close()
-    log.message(f"run folder: {run_dir.resolve()}")
-    return run_dir
+            _seed_micro_step(self.cfg.run.seed, position)
+            loss, st = self.engine(torch.from_numpy(x).to(self.device), torch.from_numpy(y).to(self.device),
+                                   alum_on, weight)
+            self.engine.backward(loss)
+            self.engine.step()
+            self.window.add(st)
+        return True
+
+    def log_step(self, step: int, alum_on: bool, steps: int, seconds: float) -> None:
+        cfg = self.cfg
+        r = self.window.reduce(D.all_reduce, self.world, cfg.alum.alpha)
+        mem = D.all_reduce(torch.tensor(MT.peak_memory_gb(self.on_gpu), device=self.device), "max").tolist()
+        tps = self.plan.global_batch * cfg.data.seq_len * steps / max(seconds, 1e-9)
+        passes = MT.forward_equivalents(alum_on, cfg.alum.ascent_steps)
+        values: dict[str, Any] = {
+            "loss": r["loss"], "mlm_loss": r["mlm_loss"], "lr": float(self.engine.get_lr()[0]),
+            "tokens_per_s": tps, "sequences_per_s": tps / cfg.data.seq_len,
+            "step_time_s": seconds / steps,
+            "mfu": tps * self.fpt * passes / 3.0 / self.peak if self.peak == self.peak else None,
+            "alum_on": alum_on, "consumed_sequences": self.stream.state.consumed,
+            "consumed_tokens": self.stream.state.consumed * cfg.data.seq_len, "epoch": self.stream.epoch,
+            "peak_rss_gb": mem[0],
+        }
+        if self.on_gpu:
+            values["max_memory_gb"] = mem[1]
+        if alum_on:
+            values.update(adv_loss=r["adv_loss"], delta_norm=r["delta_norm"],
+                          ascent_grad_norm=r["ascent_grad_norm"],
+                          adv_skipped_total=self.objective.skipped_total)
+        if r["adv_skipped"]:
+            self.log.message(f"warning: adversarial term skipped on {int(r['adv_skipped'])} micro-step(s) "
+                             f"before step {step} (non-finite ascent gradient or loss)")
+        gn = self.engine.get_global_grad_norm()
+        if gn is not None:
+            values["grad_norm"] = float(gn)
+        self.log.log(step, values)
+        self.log.progress(step, values)
+        if not (math.isfinite(values["loss"]) and math.isfinite(values["mlm_loss"])):
+            raise FloatingPointError(f"training loss became non-finite at step {step}")
+
+    def evaluate_and_log(self, step: int) -> float:
+        ev = evaluate(self.engine, self.cfg, self.data_dir, self.device, self.rank, self.world,
+                      max_sequences=self.cfg.eval.max_sequences)
+        ppl = math.exp(min(ev, 50))
+        self.log.log(step, {"eval_loss": ev, "eval_perplexity": ppl})
+        self.log.message(f"eval at step {step}: masked-LM loss {ev:.4f}, perplexity {ppl:.2f}")
+        return ev
+
+    def save(self, step: int) -> None:
+        cfg, stream = self.user_cfg, self.stream
+        state = {"step": step, "world_size": self.world, "zero_stage": zero_stage_of(self.plan.ds),
+                 "global_batch": self.plan.global_batch,
+                 "micro_batch_size": self.cfg.schedule.micro_batch_size,
+                 "grad_accum": self.cfg.schedule.grad_accum, "stream": stream.state_dict(),
+                 "consumed_tokens": stream.state.consumed * cfg.data.seq_len,
+                 "config_hash": cfg.fingerprint(), "config": cfg.to_dict(), "model_shape": self.shape,
+                 "data_dir": str(self.data_dir.resolve())}
+        C.save(self.engine, self.plan.run_dir, step, state, cfg.checkpoint.keep)
 
 
 def evaluate(engine: Any, cfg: RunConfig, data_dir: Path, device: torch.device, rank: int,
@@ -253,43 +405,13 @@ def evaluate(engine: Any, cfg: RunConfig, data_dir: Path, device: torch.device, 
     with torch.no_grad():
         for i in range(n_max):
             x, y = batches[i] if i < len(batches) else batches[0]
-            loss, st = engine(torch.from_numpy(x).to(device), torch.from_numpy(y).to(device),
-                              False)
+            loss, st = engine(torch.from_numpy(x).to(device), torch.from_numpy(y).to(device), False)
             if i < len(batches):
                 total += torch.tensor([float(loss) * st["masked_tokens"], st["masked_tokens"]],
                                       dtype=torch.float64)
     engine.train()
     total = D.all_reduce(total.to(device), "sum").cpu()
     return float(total[0] / total[1]) if total[1] > 0 else float("nan")
-
-
-def _save(engine: Any, run_dir: Path, step: int, stream: TrainStream, cfg: RunConfig) -> None:
-    C.save(engine, run_dir, step,
-           {"stream": stream.state_dict(), "step": step, "config_hash": cfg.fingerprint(),
-            "config": cfg.to_dict()}, cfg.checkpoint.keep)
-
-
-def _maybe_resume(engine: Any, run_dir: Path, cfg: RunConfig, stream: TrainStream, resume: str,
-                  log: MT.MetricsLogger) -> int:
-    if resume:
-        p = Path(resume)
-        root, tag = p.parent, p.name
-        if not p.is_dir():
-            raise ConfigError(f"--resume {resume}: no such checkpoint folder")
-    else:
-        root = C.checkpoint_dir(run_dir)
-        tag = C.read_latest(root) if root.is_dir() else None
-        if tag is None:
-            return 0
-    client = C.load(engine, root, tag)
-    if client.get("config_hash") not in (None, cfg.fingerprint()):
-        raise ConfigError(
-            f"checkpoint {root / tag} was written with another config (hash "
-            f"{client.get('config_hash')}, this run {cfg.fingerprint()}): use a new --run.dir"
-        )
-    stream.load_state_dict(client["stream"])
-    log.message(f"resumed from {root / tag} at step {client['step']}")
-    return int(client["step"])
 
 
 def _check_run_dir(run_dir: Path, cfg: RunConfig) -> None:
@@ -326,4 +448,4 @@ def _write_summary(run_dir: Path, rank: int, step: int, eval_loss: float, engine
     (run_dir / f"summary.rank{rank}.json").write_text(json.dumps(out))
 
 
-__all__ = ["train", "EXIT_PREEMPTED"]
+__all__ = ["train", "plan_run", "evaluate", "EXIT_PREEMPTED", "Signals", "lr_lambda", "make_optimizer"]
