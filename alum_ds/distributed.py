@@ -3,14 +3,66 @@
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 
 import torch
+
+
+def timeout() -> timedelta:
+    """How long a collective (and the rendezvous) may wait for a missing rank before failing:
+    ``ALUM_DS_DIST_TIMEOUT_MIN`` minutes (else DeepSpeed's ``DEEPSPEED_TIMEOUT``, else 30). Long
+    enough for a large checkpoint written to a slow shared file system between two barriers;
+    short enough that a dead node ends a multi-node job instead of holding its GPUs for hours."""
+    name = next((n for n in ("ALUM_DS_DIST_TIMEOUT_MIN", "DEEPSPEED_TIMEOUT") if os.environ.get(n)), "")
+    value = os.environ[name] if name else "30"
+    try:
+        minutes = float(value)
+    except ValueError:
+        minutes = -1.0
+    if not minutes > 0:
+        raise ValueError(f"{name}={value!r}: expected a positive number of minutes")
+    return timedelta(minutes=minutes)
+
+
+def _single_process_env() -> None:
+    """Without a launcher (``alum-ds train``) there is no rendezvous environment, and DeepSpeed
+    would fall back to MPI discovery (mpi4py). Describe a one-rank world on a free local port."""
+    if "RANK" in os.environ or "OMPI_COMM_WORLD_SIZE" in os.environ:
+        return
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
 def init() -> None:
     import deepspeed
 
-    deepspeed.init_distributed(dist_init_required=True)
+    _single_process_env()
+    deepspeed.init_distributed(dist_init_required=True, timeout=timeout())
+    _unlink_cpu_shm_buffer()
+
+
+def _unlink_cpu_shm_buffer() -> None:
+    """On the CPU, DeepSpeed's shared-memory all-reduce (ranks all on one machine, a single rank
+    too) creates /dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank> for every rank and
+    never removes it: 66 MB of memory per rank per run, kept until reboot. Once every rank has
+    mapped every buffer (init_distributed returned everywhere: the barrier), each rank removes its
+    buffer's name; the mappings stay valid and nothing is left behind, even after a crash."""
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() != "cpu":
+        return
+    barrier()
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{rank()}")
+    try:
+        os.unlink(os.path.join("/dev/shm", name))
+    except OSError:  # not created (ranks on several machines) or not Linux
+        pass
 
 
 def rank() -> int:

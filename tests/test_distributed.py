@@ -130,3 +130,12 @@ def test_grad_accumulation_equals_the_larger_batch(tmp_path: Path, cache_dir: Pa
     a, b = _losses(one), _losses(two)
     assert len(a) == len(b) == 8
     assert b == pytest.approx(a, rel=2e-5, abs=1e-6), (a, b)
+
+
+def test_alum_ds_train_runs_without_a_launcher(tmp_path: Path, cache_dir: Path) -> None:
+    """`alum-ds train` in one plain process: a one-rank world, no MPI discovery."""
+    run_dir = tmp_path / "run"
+    r = run(["alum-ds", "train", f"--run.dir={run_dir}", f"--data.cache_dir={cache_dir}",
+             "--schedule.steps=2", "--logging.every=1"], tmp_path, timeout=300)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert "1 rank(s)" in r.stderr and (run_dir / "checkpoints" / "latest").is_file()
