@@ -64,15 +64,27 @@ def train_main(argv: list[str] | None = None, prog: str = "alum-ds train") -> in
 
 
 def prepare_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="alum-ds prepare",
-                                description="Tokenize a corpus into shards (or --verify a folder).")
-    p.add_argument("inputs", nargs="*", help="text/jsonl files, folders or globs")
+    p = argparse.ArgumentParser(
+        prog="alum-ds prepare",
+        description="Tokenize a corpus into shards (or --verify a folder). Rerunning an interrupted "
+        "prepare with the same inputs and options continues it.")
+    p.add_argument("inputs", nargs="*", help=".txt/.jsonl/.parquet files, folders or globs; "
+                   "folders written by datasets' save_to_disk; hf:NAME for a Hub dataset")
     p.add_argument("--out", help="output folder")
     p.add_argument("--vocab-size", type=int, default=8192)
     p.add_argument("--tokenizer", default="", help="existing local tokenizer folder")
-    p.add_argument("--text-field", default="text", help="JSON lines field holding the text")
+    p.add_argument("--tokenizer-sample-bytes", type=int, default=1 << 30,
+                   help="learn the BPE from the first N bytes of the training documents (0: all)")
+    p.add_argument("--text-field", default="text",
+                   help="the text: JSON lines field, Parquet or dataset column")
+    p.add_argument("--split", default="train", help="split of a saved DatasetDict or Hub dataset")
+    p.add_argument("--hf-config", default="", help="configuration name of an hf:NAME dataset")
+    p.add_argument("--streaming", action="store_true",
+                   help="read an hf:NAME dataset as a stream instead of downloading it first")
     p.add_argument("--val-fraction", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--fresh", action="store_true", help="ignore an interrupted prepare and start over")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.add_argument("--verify", metavar="DIR", help="check a prepared folder fully and exit")
     a = p.parse_args(argv)
     from alum_ds.data.prepare import prepare_inputs
@@ -85,9 +97,16 @@ def prepare_main(argv: list[str]) -> int:
         if not a.inputs or not a.out:
             return _fail("prepare needs INPUT... and --out DIR (or --verify DIR)")
         m = prepare_inputs(a.inputs, a.out, vocab_size=a.vocab_size, tokenizer=a.tokenizer,
-                           val_fraction=a.val_fraction, seed=a.seed, text_field=a.text_field)
+                           val_fraction=a.val_fraction, seed=a.seed, text_field=a.text_field,
+                           split=a.split, hf_config=a.hf_config, streaming=a.streaming,
+                           tokenizer_sample_bytes=a.tokenizer_sample_bytes, fresh=a.fresh,
+                           progress=not a.quiet)
     except DataError as e:
         return _fail(str(e))
+    except KeyboardInterrupt:
+        print(f"\nalum-ds: prepare interrupted; rerun the same command to continue {a.out}",
+              file=sys.stderr)
+        return 130
     tr = sum(s["tokens"] for s in m["splits"]["train"])
     print(f"prepared {a.out}: {tr:,} training tokens, vocabulary {m['tokenizer']['vocab_size']}")
     return 0
@@ -103,16 +122,42 @@ def export_main(argv: list[str]) -> int:
 
     try:
         out = export(a.checkpoint, a.out_dir)
-    except (ConfigError, DataError, FileNotFoundError) as e:
+    except (ConfigError, DataError, FileNotFoundError, ValueError) as e:
         return _fail(str(e))
     print(f"exported {out}")
     return 0
+
+
+def plot_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="alum-ds plot",
+                                description="Draw loss, learning-rate and throughput curves from "
+                                "RUN_DIR/metrics.jsonl into RUN_DIR/curves.png (needs matplotlib: "
+                                "pip install 'alum_ds[plot]').")
+    p.add_argument("run_dir")
+    p.add_argument("--out", default="", help="image path (default: RUN_DIR/curves.png)")
+    a = p.parse_args(argv)
+    from alum_ds.plot import plot_run
+
+    try:
+        out = plot_run(a.run_dir, a.out or None)
+    except (ConfigError, FileNotFoundError) as e:
+        return _fail(str(e))
+    print(f"wrote {out}")
+    return 0
+
+
+def finetune_main(argv: list[str]) -> int:
+    from alum_ds.finetune.cli import finetune_main as run
+
+    return run(argv)
 
 
 COMMANDS = {
     "train": ("run ALUM pretraining in this process (or under a launcher)", None),
     "prepare": ("tokenize a corpus into shards, or verify a prepared folder", prepare_main),
     "export": ("write a Hugging Face model folder from a checkpoint", export_main),
+    "plot": ("draw loss / lr / throughput curves of a run into RUN_DIR/curves.png", plot_main),
+    "finetune": ("fine-tune a sequence classifier, plainly or with ALUM", finetune_main),
 }
 
 

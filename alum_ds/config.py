@@ -7,6 +7,7 @@ JSON; ``ds_config`` joins the two and refuses contradictions. Nothing here impor
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -61,6 +62,8 @@ class MaskingConfig:
     """Of the selected tokens: replaced by <mask>."""
     random_frac: float = 0.1
     """Of the selected tokens: replaced by a random token (the rest stay unchanged)."""
+    whole_word: bool = False
+    """Select whole words (all their BPE pieces together) instead of single tokens."""
 
 
 @dataclass
@@ -86,6 +89,11 @@ class AlumConfig:
     min_surviving_fraction: float = 0.5
     """Precision guard: the fraction of the intended perturbation norm that must survive the cast
     to the model's dtype; below it the step stops with a message naming a radius that survives."""
+    fused_first_pass: bool = False
+    """Run the clean pass and the first perturbed pass as one forward over a doubled batch (they
+    are independent: delta_0 is random). Same loss and gradients; the ascent's backward and the
+    clean part of the final backward then run over both halves. Off by default: slower on the
+    CPU (README, "Performance"); benchmark it on your device with bench/bench_alum.py."""
 
 
 @dataclass
@@ -107,9 +115,28 @@ class ScheduleConfig:
     micro_batch_size: int = 8
     """Sequences per rank per micro-step."""
     grad_accum: int = 1
-    """Micro-steps per optimizer step."""
+    """Micro-steps per optimizer step (leave at 1 when global_batch_size is set)."""
+    global_batch_size: int = 0
+    """Sequences per optimizer step over all ranks. 0: micro_batch_size x grad_accum x ranks. Set,
+    the accumulation is derived (global / (micro_batch_size x ranks)), so a run resumed on another
+    number of ranks keeps its global batch."""
     decay: str = "linear"
-    """Decay after warmup: linear or constant."""
+    """Decay after warmup to 0 at the last step: linear, polynomial (RoBERTa's; see power) or
+    constant."""
+    power: float = 1.0
+    """Exponent of the polynomial decay: lr x (1 - progress) ** power (1.0 equals linear)."""
+    max_tokens: int = 0
+    """Token budget: stop once the run has consumed this many training tokens (sequences x
+    data.seq_len); the schedule then ends there. 0: no budget, schedule.steps decides."""
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0
+    """Evaluate (masked-LM loss and perplexity on the held-out split) every N optimizer steps; the
+    run always evaluates at its end. 0: only at the end."""
+    max_sequences: int = 512
+    """Held-out sequences per evaluation (0: all of them)."""
 
 
 @dataclass
@@ -136,6 +163,10 @@ class LoggingConfig:
     every: int = 10
     """Log metrics every N optimizer steps."""
     tensorboard: bool = True
+    wandb: bool = False
+    """Also log to Weights & Biases (needs ``pip install wandb``; not a dependency)."""
+    wandb_project: str = "alum_ds"
+    """Weights & Biases project name."""
 
 
 @dataclass
@@ -147,6 +178,7 @@ class RunConfig:
     alum: AlumConfig = field(default_factory=AlumConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
@@ -159,7 +191,15 @@ class RunConfig:
         d.pop("run", None)
         d.pop("logging", None)
         d.pop("checkpoint", None)
-        d["schedule"].pop("steps", None)  # extending a run is allowed
+        d.pop("eval", None)
+        d["data"].pop("cache_dir", None)  # where the embedded default is prepared, not what
+        for key in ("steps", "max_tokens"):  # extending a run is allowed
+            d["schedule"].pop(key, None)
+        if self.schedule.global_batch_size:
+            # The global batch is fixed; how it is split into micro-batches may change with the
+            # number of ranks (the gradient is normalised over the whole step either way).
+            d["schedule"].pop("micro_batch_size", None)
+            d["schedule"].pop("grad_accum", None)
         blob = json.dumps(d, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -168,7 +208,7 @@ _CHOICES = {
     ("model", "preset"): ("tiny", "small", "base", "large"),
     ("alum", "norm"): ("linf", "l2"),
     ("alum", "update"): ("project", "normalize"),
-    ("schedule", "decay"): ("linear", "constant"),
+    ("schedule", "decay"): ("linear", "polynomial", "constant"),
 }
 
 
@@ -261,6 +301,16 @@ def _validate(cfg: RunConfig) -> None:
         ("schedule.warmup_steps", cfg.schedule.warmup_steps >= 0, "must be >= 0"),
         ("schedule.micro_batch_size", cfg.schedule.micro_batch_size >= 1, "must be >= 1"),
         ("schedule.grad_accum", cfg.schedule.grad_accum >= 1, "must be >= 1"),
+        ("schedule.global_batch_size", cfg.schedule.global_batch_size >= 0, "must be >= 0"),
+        (
+            "schedule.grad_accum",
+            not (cfg.schedule.global_batch_size and cfg.schedule.grad_accum != 1),
+            "is derived from schedule.global_batch_size: set one of the two",
+        ),
+        ("schedule.power", cfg.schedule.power > 0, "must be > 0"),
+        ("schedule.max_tokens", cfg.schedule.max_tokens >= 0, "must be >= 0"),
+        ("eval.every", cfg.eval.every >= 0, "must be >= 0"),
+        ("eval.max_sequences", cfg.eval.max_sequences >= 0, "must be >= 0"),
         ("checkpoint.every", cfg.checkpoint.every >= 0, "must be >= 0"),
         ("checkpoint.keep", cfg.checkpoint.keep >= 1, "must be >= 1"),
         ("logging.every", cfg.logging.every >= 1, "must be >= 1"),
@@ -269,6 +319,29 @@ def _validate(cfg: RunConfig) -> None:
     for key, ok, msg in checks:
         if not ok:
             raise ConfigError(f"{key}: {msg}")
+
+
+def grad_accum_for(cfg: RunConfig, world: int) -> int:
+    """Micro-steps per optimizer step on ``world`` ranks: schedule.grad_accum, or derived from
+    schedule.global_batch_size (a one-line ConfigError when the ranks cannot divide it)."""
+    sched = cfg.schedule
+    if not sched.global_batch_size:
+        return sched.grad_accum
+    per_micro_step = sched.micro_batch_size * world
+    if sched.global_batch_size % per_micro_step:
+        raise ConfigError(
+            f"schedule.global_batch_size={sched.global_batch_size} is not a multiple of "
+            f"schedule.micro_batch_size={sched.micro_batch_size} x {world} rank(s) = "
+            f"{per_micro_step}: change one of them"
+        )
+    return sched.global_batch_size // per_micro_step
+
+
+def for_world(cfg: RunConfig, world: int) -> RunConfig:
+    """A copy of ``cfg`` with schedule.grad_accum resolved for ``world`` ranks."""
+    out = copy.deepcopy(cfg)
+    out.schedule.grad_accum = grad_accum_for(cfg, world)
+    return out
 
 
 def load_config(path: str | None = None, overrides: typing.Sequence[str] = ()) -> RunConfig:
@@ -324,4 +397,6 @@ __all__ = [
     "RunConfig",
     "load_config",
     "config_from_dict",
+    "grad_accum_for",
+    "for_world",
 ]

@@ -25,7 +25,7 @@ from alum_ds import distributed as D
 from alum_ds import metrics as MT
 from alum_ds.config import ConfigError, RunConfig, for_world
 from alum_ds.data.prepare import ensure_embedded
-from alum_ds.data.shards import read_manifest, sha256_file
+from alum_ds.data.shards import check_vocab, read_manifest, sha256_file
 from alum_ds.data.stream import TrainStream, validation_batches
 from alum_ds.ds_config import precision_of, resolve_ds_config, zero_stage_of
 from alum_ds.model import build_model, non_embedding_params
@@ -160,6 +160,7 @@ def train(cfg: RunConfig, ds_path: str, *, resume: str = "") -> Path:
                           activation_checkpointing=cfg.model.activation_checkpointing)
     except ValueError as e:  # a pretrained model that does not fit the data
         raise ConfigError(str(e)) from None
+    check_vocab(data_dir, mlm.config.vocab_size)
     shape = model_shape(mlm)
     n_params = sum(p.numel() for p in mlm.parameters())  # before ZeRO-3 partitions them
     fpt = MT.flops_per_token(non_embedding_params(mlm), mlm.config.num_hidden_layers,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -15,7 +17,7 @@ from alum_ds.config import MaskingConfig
 from alum_ds.data import prepare as P
 from alum_ds.data.corpus import embedded_documents
 from alum_ds.data.masking import mask_batch
-from alum_ds.data.shards import MANIFEST, DataError, open_split, read_manifest, verify_folder
+from alum_ds.data.shards import MANIFEST, DataError, open_split, read_manifest, verify_folder, write_shard
 from alum_ds.data.stream import PackedSequences, TrainStream
 
 VOCAB = 500
@@ -499,3 +501,450 @@ def test_saved_tokenizer_loads(data_dir: Path) -> None:
     assert sorted(set(tok.all_special_ids)) == m["special_ids"]
     enc = tok("x = 1", add_special_tokens=True)["input_ids"]
     assert enc[0] == m["bos_id"] and enc[-1] == m["eos_id"]
+
+
+# 8. Inputs: Parquet, saved datasets, Hub names, chunked reading ------------------------------
+
+
+def _shard_bytes(d: Path) -> dict[str, bytes]:
+    """Everything prepare wrote that must not depend on how the input was read."""
+    names = [p for p in d.iterdir() if p.suffix in (".bin", ".idx")] + [d / "tokenizer" / "tokenizer.json"]
+    return {p.name: p.read_bytes() for p in names}
+
+
+@pytest.fixture(scope="module")
+def docs40() -> list[str]:
+    """Documents without blank lines inside, so that a text file holds one paragraph each."""
+    return [re.sub(r"\n\s*\n", "\n", d) for d in embedded_documents()[:40]]
+
+
+@pytest.fixture(scope="module")
+def reference(docs40: list[str], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The in-memory path: ``prepare(documents=...)`` on a list, with a small shard size."""
+    out = tmp_path_factory.mktemp("ref") / "data"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(P, "SHARD_TOKENS", 5000)
+        P.prepare(documents=docs40, out_dir=out, vocab_size=VOCAB, seed=SEED, progress=False)
+    return out
+
+
+def test_parquet_and_saved_datasets_round_trip(docs40: list[str], reference: Path, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from alum_ds.data import sources
+
+    monkeypatch.setattr(P, "SHARD_TOKENS", 5000)
+    monkeypatch.setattr(sources, "ROWS_PER_CHUNK", 3)  # chunks cut inside row groups
+    # Null and blank rows are not documents; another column is ignored.
+    rows = docs40[:10] + [None, "  "] + docs40[10:]
+    pq.write_table(pa.table({"body": rows, "n": list(range(len(rows)))}), tmp_path / "c.parquet",
+                   row_group_size=7)
+    ds = datasets.Dataset.from_dict({"text": rows})
+    ds.save_to_disk(str(tmp_path / "saved"))
+    datasets.DatasetDict({"train": ds, "test": ds.select(range(2))}).save_to_disk(str(tmp_path / "dd"))
+    want = _shard_bytes(reference)
+    for inputs, kw in (([tmp_path / "c.parquet"], {"text_field": "body"}), ([tmp_path / "saved"], {}),
+                       ([tmp_path / "dd"], {"split": "train"})):
+        out = tmp_path / f"out-{inputs[0].name}"
+        m = _prepare(inputs, out, seed=SEED, **kw)
+        assert m["source"]["documents"] == len(docs40)
+        assert _shard_bytes(out) == want, inputs
+    with pytest.raises(DataError) as e:
+        _prepare([tmp_path / "c.parquet"], tmp_path / "x")  # no "text" column
+    _one_line(e, tmp_path / "c.parquet", "body", "--text-field")
+    with pytest.raises(DataError) as e:
+        _prepare([tmp_path / "dd"], tmp_path / "x", split="validation")
+    _one_line(e, "validation", "train", "--split")
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(DataError) as e:
+        _prepare([tmp_path / "broken.parquet"], tmp_path / "x")
+    _one_line(e, tmp_path / "broken.parquet")
+
+
+def test_hub_name_offline_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    import socket
+
+    def no_dns(*a: object, **k: object) -> None:
+        raise socket.gaierror(-2, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    with pytest.raises(DataError) as e:
+        _prepare(["hf:someone/corpus"], tmp_path / "x", streaming=True)
+    _one_line(e, "someone/corpus", "unreachable", "save_to_disk")
+    assert main(["prepare", "hf:someone/corpus", "--streaming", "--out", str(tmp_path / "y")]) == 2
+    assert "someone/corpus" in _stderr_line(capsys)
+
+
+def _paragraphs(text: str) -> list[str]:
+    """The document rule of text files, applied to a whole file at once."""
+    return [p.strip() for p in text.replace("\r\n", "\n").split("\n\n") if p.strip()]
+
+
+@pytest.mark.parametrize("block", [1, 2, 3, 5, 64])
+def test_chunked_text_reading_gives_the_same_documents(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       block: int) -> None:
+    from alum_ds.data import sources
+
+    monkeypatch.setattr(sources, "BLOCK_BYTES", block)
+    rng = np.random.default_rng(block)
+    pieces = ["word", " ", "\n", "\r\n", "\r", "\n\n", "\n \n", "\t", "é", "\u2028"]
+    text = "".join(rng.choice(pieces, size=600))
+    raw = text.encode() + b"tail \xff\xe2\x82\n\n\xc3"  # undecodable bytes too
+    f = tmp_path / "t.txt"
+    f.write_bytes(raw)
+    stats = {"replaced_bytes": 0}
+    got = list(P.read_documents([f], stats=stats))
+    expected_text, replaced = P.decode_utf8(raw)
+    assert got == _paragraphs(expected_text) and len(got) > 20
+    assert stats["replaced_bytes"] == replaced == 4
+
+
+def test_json_lines_split_only_at_newlines(tmp_path: Path) -> None:
+    # U+2028 and U+0085 are legal unescaped in JSON strings; str.splitlines would cut there.
+    src = tmp_path / "c.jsonl"
+    src.write_text('{"text": "one\u2028line"}\r\n\n{"text": "two\u0085x", "id": 2}\n{"text": 3}\n',
+                   encoding="utf-8")
+    assert list(P.read_documents([src])) == ["one\u2028line", "two\u0085x", "3"]
+
+
+def test_streaming_prepare_matches_in_memory(docs40: list[str], reference: Path, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from alum_ds.data import sources
+
+    monkeypatch.setattr(P, "SHARD_TOKENS", 5000)
+    monkeypatch.setattr(P, "ENCODE_CHARS", 300)
+    monkeypatch.setattr(sources, "BLOCK_BYTES", 256)
+    # The same documents split over a text file with Windows line ends and a JSON lines file.
+    (tmp_path / "a.txt").write_bytes("\r\n\r\n".join(d.replace("\n", "\r\n") for d in docs40[:25]).encode())
+    (tmp_path / "b.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs40[25:]))
+    out = tmp_path / "streamed"
+    m = _prepare([tmp_path / "a.txt", tmp_path / "b.jsonl"], out, seed=SEED)
+    assert m["source"]["documents"] == len(docs40)
+    assert len(m["splits"]["train"]) >= 3
+    assert _shard_bytes(out) == _shard_bytes(reference)
+    # A bounded tokenizer sample: deterministic, and not the whole corpus's tokenizer.
+    a, b = tmp_path / "sample-a", tmp_path / "sample-b"
+    for d in (a, b):
+        _prepare([tmp_path / "a.txt", tmp_path / "b.jsonl"], d, seed=SEED, tokenizer_sample_bytes=20_000)
+    assert _shard_bytes(a) == _shard_bytes(b)
+    tok_json = Path("tokenizer") / "tokenizer.json"
+    assert (a / tok_json).read_bytes() != (out / tok_json).read_bytes()
+
+
+def test_training_documents_follow_the_split_rule(docs40: list[str]) -> None:
+    from alum_ds.data.sources import Corpus, DocumentList
+
+    corpus = Corpus([DocumentList(docs40)])
+    val = [P._is_validation(i, SEED, 0.05) for i in range(len(docs40))]
+    assert any(val)
+    assert list(P.training_documents(corpus, seed=SEED, val_fraction=0.05)) == [
+        d for d, v in zip(docs40, val) if not v]
+    # No document hashes to validation: the last one is held out.
+    three = Corpus([DocumentList(docs40[:3])])
+    assert list(P.training_documents(three, seed=1, val_fraction=1e-9)) == docs40[:2]
+    limited = list(P.training_documents(corpus, seed=SEED, val_fraction=0.05, limit_bytes=5000))
+    assert 0 < len(limited) < len(docs40) and sum(len(d.encode()) for d in limited[:-1]) < 5000
+
+
+def test_output_folder_inside_an_input_folder(docs40: list[str], tmp_path: Path) -> None:
+    _write_corpus(tmp_path / "c.txt", docs40)
+    first = _prepare([tmp_path], tmp_path / "data")
+    again = _prepare([tmp_path], tmp_path / "data", fresh=True)  # its own JSON files are no input
+    assert first["source"]["inputs"] == again["source"]["inputs"] == [str(tmp_path / "c.txt")]
+
+
+# 9. Resume an interrupted prepare, progress lines ------------------------------------------
+
+
+class _Interrupt(Exception):
+    pass
+
+
+_REAL_WRITE_SHARD = write_shard
+
+
+def _interrupting(monkeypatch: pytest.MonkeyPatch, after: int) -> list[str]:
+    """Make shard writes fail after ``after`` of them; return the names written."""
+    from alum_ds.data import shards
+
+    real, written = _REAL_WRITE_SHARD, []
+
+    def write(out: Path, name: str, tokens: np.ndarray, offsets: np.ndarray) -> dict:
+        if after and len(written) >= after:
+            raise _Interrupt(name)
+        written.append(name)
+        return real(out, name, tokens, offsets)
+
+    monkeypatch.setattr(shards, "write_shard", write)
+    return written
+
+
+def _lines_corpus(tmp_path: Path) -> Path:
+    lines = [ln.strip() for d in embedded_documents()[:30] for ln in d.splitlines() if ln.strip()]
+    return _write_corpus(tmp_path / "lines.txt", lines)
+
+
+def test_interrupted_prepare_continues(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from alum_ds.data import sources
+
+    monkeypatch.setattr(P, "SHARD_TOKENS", 3000)
+    monkeypatch.setattr(sources, "BLOCK_BYTES", 4096)  # cuts fall inside chunks
+    src = _lines_corpus(tmp_path)
+    whole = tmp_path / "whole"
+    _prepare([src], whole)
+
+    out = tmp_path / "data"
+    written = _interrupting(monkeypatch, after=3)
+    with pytest.raises(_Interrupt):
+        _prepare([src], out)
+    assert not (out / MANIFEST).exists()
+    progress = json.loads((out / P.PROGRESS).read_text())
+    assert len(progress["cuts"]) == 1 and progress["cuts"][0]["skip"] > 0
+    kept = [n for n in written if n.endswith("-00000")]
+    assert "train-00000" in kept
+    stamps = {n: (out / f"{n}.bin").stat().st_mtime_ns for n in kept}
+
+    written = _interrupting(monkeypatch, after=0)
+    m = _prepare([src], out)
+    assert not set(kept) & set(written)  # reused, not rewritten
+    assert {n: (out / f"{n}.bin").stat().st_mtime_ns for n in kept} == stamps
+    assert len(m["splits"]["train"]) >= 4
+    assert _shard_bytes(out) == _shard_bytes(whole)
+    assert _manifest_without_timing(out) == _manifest_without_timing(whole)
+    verify_folder(out)
+
+    # Finished: a rerun verifies and writes nothing.
+    written.clear()
+    _prepare([src], out)
+    assert written == []
+    # A damaged kept shard is found, and the run continues from before it.
+    victim = out / "train-00001.bin"
+    data = bytearray(victim.read_bytes())
+    data[0] ^= 1
+    victim.write_bytes(bytes(data))
+    _prepare([src], out)
+    assert "train-00001" in written and "train-00000" not in written
+    assert _shard_bytes(out) == _shard_bytes(whole)
+    # Other options: start afresh.
+    written.clear()
+    _prepare([src], out, seed=SEED + 1)
+    assert "train-00000" in written
+
+
+def test_interrupted_in_memory_and_parquet_prepares_continue(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from alum_ds.data import sources
+
+    monkeypatch.setattr(P, "SHARD_TOKENS", 3000)
+    monkeypatch.setattr(sources, "ROWS_PER_CHUNK", 64)
+    lines = [ln.strip() for d in embedded_documents()[:30] for ln in d.splitlines() if ln.strip()]
+    pq.write_table(pa.table({"text": lines}), tmp_path / "c.parquet", row_group_size=100)
+    runs = {"list": lambda out: P.prepare(documents=lines, out_dir=out, vocab_size=VOCAB, progress=False),
+            "parquet": lambda out: _prepare([tmp_path / "c.parquet"], out)}
+    for name, run in runs.items():
+        whole, out = tmp_path / f"{name}-whole", tmp_path / name
+        _interrupting(monkeypatch, after=0)
+        run(whole)
+        _interrupting(monkeypatch, after=5)
+        with pytest.raises(_Interrupt):
+            run(out)
+        written = _interrupting(monkeypatch, after=0)
+        run(out)
+        assert "train-00000" not in written and written, name
+        assert _shard_bytes(out) == _shard_bytes(whole), name
+
+
+def test_progress_lines(corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                        capsys: pytest.CaptureFixture[str]) -> None:
+    from alum_ds.data import progress, sources
+
+    monkeypatch.setattr(progress, "INTERVAL_S", 0.0)
+    monkeypatch.setattr(sources, "BLOCK_BYTES", 20_000)
+    _prepare([corpus], tmp_path / "quiet")
+    assert capsys.readouterr().err == ""
+    _prepare([corpus], tmp_path / "data", progress=True)
+    err = capsys.readouterr().err.splitlines()
+    tokenizing = [ln for ln in err if ln.startswith("prepare: tokenizing:")]
+    assert len(tokenizing) >= 3, err
+    assert all("documents" in ln and "tok/s" in ln and "MiB/s" in ln for ln in tokenizing)
+    assert "\r" not in "".join(err)  # not a terminal: whole lines
+    assert any("learning" in ln for ln in err) and any(ln.startswith("prepare: wrote") for ln in err)
+
+
+# 10. Whole-word masking ----------------------------------------------------------------------
+
+
+def test_word_start_table() -> None:
+    from alum_ds.data.masking import word_start_table
+
+    vocab = {"<s>": 0, "Ġthe": 1, "the": 2, "ing": 3, "Ċ": 4, "▁word": 5, "'t": 6}
+    np.testing.assert_array_equal(word_start_table(vocab, np.array([0])),
+                                  [True, True, False, False, True, True, False])
+
+
+def test_whole_word_masking_keeps_words_whole(data_dir: Path) -> None:
+    from dataclasses import dataclass
+
+    @dataclass
+    class WholeWordMasking(MaskingConfig):
+        whole_word: bool = True  # the field the run config is to gain
+
+    s = _stream(data_dir, masking=WholeWordMasking())
+    assert s._mask_kw["whole_word"] is True
+    table = s._mask_kw["word_start"]
+    n = len(s.seqs)
+    inputs, labels = s.batch_at(0, n)
+    tokens = s.seqs.get(s.order(0))
+    np.testing.assert_array_equal(_unmask(inputs, labels), tokens)
+    special = np.isin(tokens, s.special)
+    starts = table[tokens] | special
+    starts[:, 1:] |= special[:, :-1]
+    starts[:, 0] = True
+    word = np.cumsum(starts, axis=1)  # word number within the row
+    selected = labels != -100
+    assert not (selected & special).any() and selected.any(axis=1).all()
+    multi = 0
+    for r in range(n):
+        for w in np.unique(word[r][selected[r]]):
+            at = word[r] == w
+            assert selected[r][at].all(), (r, w)  # never a part of a word
+            got, orig = inputs[r][at], tokens[r][at]
+            # Masked, kept or replaced as a unit.
+            assert (got == s.mask_id).all() or (got == orig).all() or not (got == s.mask_id).any()
+            multi += at.sum() > 1
+    assert multi > 100  # the corpus has multi-token words, so the test can fail
+    frac = selected.sum() / (~special).sum()
+    assert abs(frac - 0.15) < 0.02, frac
+    # Without the option: token-level masking, which does split words.
+    plain_labels = _stream(data_dir).batch_at(0, n)[1]
+    assert not np.array_equal(plain_labels, labels)
+
+
+# 11. Loaders that make batches ahead ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("world,rank", [(1, 0), (3, 2)])
+def test_prefetcher_yields_the_serial_batches_and_resumes(data_dir: Path, world: int, rank: int) -> None:
+    from alum_ds.data.loader import Prefetcher
+
+    micro, k = 5, 7
+    serial = _stream(data_dir)
+    steps = len(serial.seqs) // (world * micro) + 3  # into the second epoch
+    want = [serial.next_for_rank(rank=rank, world=world, micro_batch=micro) for _ in range(steps)]
+    with Prefetcher(_stream(data_dir), depth=3) as pf:
+        for i in range(k):
+            got = pf.next_for_rank(rank=rank, world=world, micro_batch=micro)
+            np.testing.assert_array_equal(got[0], want[i][0])
+            np.testing.assert_array_equal(got[1], want[i][1])
+        state = json.loads(json.dumps(pf.state_dict()))
+        assert state["consumed"] == pf.state.consumed == k * world * micro  # taken, not made
+        rest = [pf.next_for_rank(rank=rank, world=world, micro_batch=micro) for _ in range(steps - k)]
+    assert pf.epoch == serial.epoch == 1
+    for got, exp in zip(rest, want[k:]):
+        np.testing.assert_array_equal(got[0], exp[0])
+    with Prefetcher(_stream(data_dir)) as resumed:
+        resumed.load_state_dict(state)
+        for exp in want[k : k + 3]:
+            np.testing.assert_array_equal(resumed.next_for_rank(rank=rank, world=world, micro_batch=micro)[1],
+                                          exp[1])
+        resumed.load_state_dict({"consumed": 0})  # moving back restarts the producer
+        np.testing.assert_array_equal(resumed.next_for_rank(rank=rank, world=world, micro_batch=micro)[0],
+                                      want[0][0])
+
+
+def test_prefetcher_passes_errors_on(data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from alum_ds.data.loader import Prefetcher
+
+    s = _stream(data_dir)
+    monkeypatch.setattr(s, "batch_at", lambda *a: (_ for _ in ()).throw(DataError("boom")))
+    with Prefetcher(s) as pf, pytest.raises(DataError, match="boom"):
+        pf.next_for_rank(rank=0, world=1, micro_batch=2)
+    assert s.state.consumed == 0
+
+
+def test_workers_partition_the_serial_order(data_dir: Path) -> None:
+    from alum_ds.data.loader import StreamDataset, WorkerLoader
+
+    micro, world, rank, start = 4, 2, 1, 24
+    ds = StreamDataset(str(data_dir), seq_len=SEQ_LEN, seed=SEED, masking=MaskingConfig(), rank=rank,
+                       world=world, micro_batch=micro, start=start)
+    serial = [start + k * world * micro + rank * micro for k in range(30)]
+    for workers in (1, 2, 3):
+        parts = [list(itertools.islice(ds.worker_positions(w, workers), 30 // workers))
+                 for w in range(workers)]
+        flat = [p for part in parts for p in part]
+        assert len(set(flat)) == len(flat)  # disjoint
+        merged = [parts[k % workers][k // workers] for k in range(30)]  # the DataLoader's order
+        assert merged == serial
+    s = _stream(data_dir)
+    s.load_state_dict({"consumed": start})
+    with WorkerLoader(_stream(data_dir), num_workers=2) as wl:
+        wl.load_state_dict({"consumed": start})
+        for _ in range(5):
+            a = wl.next_for_rank(rank=rank, world=world, micro_batch=micro)
+            b = s.next_for_rank(rank=rank, world=world, micro_batch=micro)
+            np.testing.assert_array_equal(a[0], b[0])
+            np.testing.assert_array_equal(a[1], b[1])
+        assert wl.state.consumed == s.state.consumed
+
+
+# 12. Vocabulary check, CLI inputs, benchmark smoke --------------------------------------------
+
+
+def test_check_vocab(damaged: Path) -> None:
+    from alum_ds.data.shards import check_vocab
+
+    check_vocab(damaged, VOCAB)
+    with pytest.raises(DataError) as e:
+        check_vocab(damaged, 50265)
+    _one_line(e, damaged, VOCAB, 50265, "--tokenizer")
+    tok_json = damaged / "tokenizer" / "tokenizer.json"
+    t = json.loads(tok_json.read_text())
+    t["model"]["vocab"] = dict(list(t["model"]["vocab"].items())[:-3])
+    tok_json.write_text(json.dumps(t))
+    with pytest.raises(DataError) as e:
+        check_vocab(damaged, VOCAB)
+    _one_line(e, tok_json, "replaced")
+
+
+def test_cli_prepare_parquet_options(docs40: list[str], tmp_path: Path,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"body": docs40}), tmp_path / "c.parquet")
+    out = tmp_path / "data"
+    argv = ["prepare", str(tmp_path / "c.parquet"), "--out", str(out), "--vocab-size", str(VOCAB),
+            "--text-field", "body", "--tokenizer-sample-bytes", "0", "--quiet"]
+    assert main(argv) == 0
+    assert capsys.readouterr().err == ""
+    assert read_manifest(out)["source"]["documents"] == len(docs40)
+    assert main(argv[:-1]) == 0  # done already: verified, not redone
+    assert "already prepared" in capsys.readouterr().err
+
+
+def test_bench_quick_writes_its_figures(tmp_path: Path) -> None:
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "bench_data.py"
+    spec = importlib.util.spec_from_file_location("bench_data", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "data.json"
+    bench.main(["--quick", "--out", str(out)])
+    res = json.loads(out.read_text())
+    for key in ("machine", "corpus_mb", "prepare", "baseline", "prepare_vs_baseline", "stream"):
+        assert key in res, key
+    assert res["prepare"]["tokens"] == res["baseline"]["tokens"] > 0
+    assert res["prepare"]["tokens_per_s_median"] > 0 and res["stream"]["tokens_per_s_median"] > 0

@@ -1,5 +1,5 @@
 """Data path: corpus -> learned BPE -> pre-tokenized shards -> packed, masked, resumable stream."""
 
-from alum_ds.data.shards import DataError
+from alum_ds.data.shards import DataError, check_vocab
 
-__all__ = ["DataError"]
+__all__ = ["DataError", "check_vocab"]

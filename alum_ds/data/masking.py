@@ -7,6 +7,8 @@ batch is masked in a few vectorised numpy operations.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from alum_ds.config import MaskingConfig
@@ -34,6 +36,17 @@ def uniform(seed: int, epoch: int, seq: np.ndarray, length: int, purpose: int) -
     return (x >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
 
+@functools.lru_cache(maxsize=8)
+def _allowed_and_special(vocab_size: int, special: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Non-special ids (random replacements come from them) and a per-id "is special" table.
+    Cached: computing them took most of a small batch's masking time."""
+    special_arr = np.asarray(special, dtype=np.int64)
+    allowed = np.setdiff1d(np.arange(vocab_size), special_arr)
+    table = np.zeros(max(vocab_size, int(special_arr.max(initial=0)) + 1), dtype=bool)
+    table[special_arr] = True
+    return allowed, table
+
+
 def mask_batch(
     tokens: np.ndarray,
     seq_ids: np.ndarray,
@@ -44,22 +57,47 @@ def mask_batch(
     special_ids: np.ndarray,
     mask_id: int,
     vocab_size: int,
+    whole_word: bool = False,
+    word_start: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Return ``(inputs, labels)``: labels hold the original token where selected, -100 elsewhere.
 
     ``prob`` of the non-special tokens are selected (at least one per sequence); of those
     ``mask_frac`` become <mask>, ``random_frac`` a random non-special token, the rest stay.
+
+    ``whole_word``: words (a token marked in ``word_start``, see ``word_start_table``, or the
+    first token after a special one, and the tokens up to the next such start) are selected
+    whole with probability ``prob`` each, so about ``prob`` of the tokens are still selected, and
+    each selected word is masked, randomised or kept as a unit.
     """
     n, length = tokens.shape
-    candidate = ~np.isin(tokens, special_ids)
+    allowed, special_table = _allowed_and_special(vocab_size, tuple(int(x) for x in special_ids))
+    is_special = special_table[tokens]
+    candidate = ~is_special
     u_sel = uniform(seed, epoch, seq_ids, length, 0)
+    u_kind = uniform(seed, epoch, seq_ids, length, 1)
+    if whole_word:
+        if word_start is None:
+            raise ValueError("whole_word masking needs word_start (see word_start_table)")
+        starts = word_start[tokens] | is_special
+        starts[:, 1:] |= is_special[:, :-1]
+        starts[:, 0] = True
+        # Each position draws with its word's first position: the word is selected, and
+        # masked/randomised/kept, as one.
+        first = np.maximum.accumulate(np.where(starts, np.arange(length), 0), axis=1)
+        u_sel = np.take_along_axis(u_sel, first, axis=1)
+        u_kind = np.take_along_axis(u_kind, first, axis=1)
     selected = (u_sel < cfg.prob) & candidate
-    # A sequence with nothing selected would contribute no loss; select its likeliest candidate.
+    # A sequence with nothing selected would contribute no loss; select its likeliest candidate
+    # (its whole word, as the draws are shared within a word).
     empty = ~selected.any(axis=1) & candidate.any(axis=1)
     if empty.any():
-        pick = np.where(candidate, u_sel, np.inf)[empty].argmin(axis=1)
-        selected[np.flatnonzero(empty), pick] = True
-    u_kind = uniform(seed, epoch, seq_ids, length, 1)
+        rows = np.flatnonzero(empty)
+        scores = np.where(candidate, u_sel, np.inf)[rows]
+        if whole_word:
+            selected[rows] |= scores == scores.min(axis=1, keepdims=True)
+        else:
+            selected[rows, scores.argmin(axis=1)] = True
     u_tok = uniform(seed, epoch, seq_ids, length, 2)
     inputs = tokens.astype(np.int64, copy=True)
     labels = np.full_like(inputs, -100)
@@ -69,7 +107,24 @@ def mask_batch(
     inputs[to_mask] = mask_id
     # Random replacements come from the non-special ids (specials are the lowest ids in RoBERTa
     # vocabularies; any listed special is skipped by mapping over the allowed range).
-    allowed = np.setdiff1d(np.arange(vocab_size), special_ids)
     rand = allowed[(u_tok[to_rand] * allowed.size).astype(np.int64)]
     inputs[to_rand] = rand
     return inputs, labels
+
+
+_WORD_SPACE = ("\u0120", "\u010a", "\u0109", "\u010d", "\u2581", " ")
+"""Token prefixes that begin a word: byte-level BPE's space, newline, tab and carriage return
+(Ġ Ċ ĉ č), SentencePiece's ▁, a plain space."""
+
+
+def word_start_table(vocab: dict[str, int], special_ids: np.ndarray | None = None) -> np.ndarray:
+    """``[len]`` bool, True for ids whose token begins a word (fairseq's rule for byte-level BPE:
+    the token's text starts with white space; special tokens count as starts)."""
+    size = max(vocab.values()) + 1 if vocab else 0
+    table = np.zeros(size, dtype=bool)
+    for text, i in vocab.items():
+        if text.startswith(_WORD_SPACE):
+            table[i] = True
+    if special_ids is not None and len(special_ids):
+        table[np.asarray(special_ids, dtype=np.int64)] = True
+    return table

@@ -1,90 +1,54 @@
-"""``alum-ds prepare``: read a corpus, learn or load a tokenizer, write shards and a manifest."""
+"""``alum-ds prepare``: read a corpus, learn or load a tokenizer, write shards and a manifest.
+
+Memory stays bounded whatever the corpus size: the BPE is learned from the training documents
+(or their first ``tokenizer_sample_bytes``) streamed through the trainer, then the corpus is read
+again in chunks by one thread, encoded on every core by the Rust tokenizer in another, and
+written shard by shard by the caller's. Shard cuts depend only on document token counts, never on chunking,
+so the same input and options give byte-identical shards on any path.
+
+Both splits are cut together (when either buffer reaches ``SHARD_TOKENS``), so after each cut
+nothing is buffered and the input position of the next document is a complete resume point.
+``progress.json`` records every cut (shards with checksums, input position) atomically; a rerun
+with the same inputs and options (the fingerprint) verifies the recorded shards and continues
+after the last good cut; other inputs or options start afresh.
+"""
 
 from __future__ import annotations
 
-import codecs
-import glob
+import contextlib
+import gc
 import hashlib
 import json
+import os
+import re
 import shutil
-import sys
+import socket
 import time
 from collections.abc import Iterator
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tokenizers import Tokenizer
 
 from alum_ds.data import shards as S
 from alum_ds.data.corpus import documents_fingerprint, embedded_documents
+from alum_ds.data.progress import Progress, background
+from alum_ds.data.sources import Chunk, Corpus, DocumentList, Position, decode_utf8, expand_inputs
+from alum_ds.data.sources import read_documents as read_documents
 from alum_ds.data.tokenizer import learn_bpe, load_tokenizer
 
-TEXT_SUFFIXES = (".txt", ".jsonl", ".json")
+__all__ = ["decode_utf8", "expand_inputs", "prepare", "prepare_inputs", "read_documents"]
+
 SHARD_TOKENS = 1 << 26  # 64M tokens (128 MiB of uint16) per shard
-
-
-def decode_utf8(data: bytes) -> tuple[str, int]:
-    """UTF-8 text with each undecodable span replaced by U+FFFD (as ``errors="replace"``), and
-    the number of bytes replaced."""
-    # Counted here rather than in a registered codecs error handler: such a handler is
-    # process-global, so its count leaked from one prepare call into the next.
-    view = memoryview(data)
-    parts: list[str] = []
-    replaced = pos = 0
-    while True:
-        try:
-            parts.append(codecs.utf_8_decode(view[pos:], "strict", True)[0])
-            return "".join(parts), replaced
-        except UnicodeDecodeError as e:
-            parts.append(codecs.utf_8_decode(view[pos : pos + e.start], "strict", True)[0])
-            parts.append("\ufffd")
-            replaced += e.end - e.start
-            pos += e.end
-
-
-def expand_inputs(inputs: list[str]) -> list[Path]:
-    """Files named directly, found under folders, or matched by globs; sorted for determinism."""
-    files: list[Path] = []
-    for item in inputs:
-        p = Path(item)
-        if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in TEXT_SUFFIXES)
-        elif p.is_file():
-            found = [p]
-        else:
-            found = sorted(Path(g) for g in glob.glob(item, recursive=True) if Path(g).is_file())
-        if not found:
-            raise S.DataError(f"input {item} matches no .txt/.jsonl file")
-        files.extend(found)
-    return files
-
-
-def read_documents(
-    files: list[Path], text_field: str = "text", stats: dict[str, int] | None = None
-) -> Iterator[str]:
-    """Documents from text files (blank-line separated) and JSON lines (one per line).
-    Undecodable bytes are replaced and added up in ``stats["replaced_bytes"]``."""
-    for f in files:
-        text, replaced = decode_utf8(f.read_bytes())
-        if stats is not None:
-            stats["replaced_bytes"] = stats.get("replaced_bytes", 0) + replaced
-        if f.suffix in (".jsonl", ".json"):
-            for n, line in enumerate(text.splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError:
-                    raise S.DataError(f"{f}:{n} is not valid JSON") from None
-                if not isinstance(obj, dict) or text_field not in obj:
-                    raise S.DataError(f"{f}:{n} has no {text_field!r} field (use --text-field)")
-                if str(obj[text_field]).strip():
-                    yield str(obj[text_field])
-        else:
-            # Windows line ends would otherwise hide every blank line: one file, one document.
-            for para in text.replace("\r\n", "\n").split("\n\n"):
-                if para.strip():
-                    yield para.strip()
+ENCODE_CHARS = 1 << 20  # text per encode_batch call: enough for every core, bounded memory
+TOKENIZER_SAMPLE_BYTES = 1 << 30
+PROGRESS = "progress.json"
+PROGRESS_FORMAT = "alum_ds.prepare-progress"
+PREPARE_VERSION = 2  # bump when the same inputs would give other shards
+_SHARD_FILE = re.compile(r"^(train|validation)-\d{5}\.(bin|idx)(\.tmp)?$")
+SPLITS = ("train", "validation")
 
 
 def _is_validation(i: int, seed: int, fraction: float) -> bool:
@@ -92,9 +56,211 @@ def _is_validation(i: int, seed: int, fraction: float) -> bool:
     return int.from_bytes(h, "little") / 2**64 < fraction
 
 
+def training_documents(
+    corpus: Corpus, *, seed: int, val_fraction: float, limit_bytes: int = 0,
+    prog: Progress | None = None,
+) -> Iterator[str]:
+    """The training documents in order (the split rule of ``_Writer``), stopping once
+    ``limit_bytes`` of UTF-8 text were given (0: all)."""
+    held: str | None = None
+    any_val, n, used = False, 0, 0
+    with background(corpus.chunks(), depth=2) as chunks:
+        for chunk in chunks:
+            for d in chunk.docs:
+                out = None
+                if _is_validation(n, seed, val_fraction):
+                    any_val, out, held = True, held, None
+                elif not any_val and val_fraction > 0:
+                    out, held = held, d
+                else:
+                    out = d
+                n += 1
+                if out is not None:
+                    yield out
+                    used += len(out.encode("utf-8", "surrogatepass"))
+                    if limit_bytes and used >= limit_bytes:
+                        return
+            if prog is not None:
+                prog.line("learning BPE", docs=n, nbytes=used)
+    if held is not None and n == 1:
+        yield held
+
+
+class _Writer:
+    """Assigns documents to splits and cuts shards. A document is training or validation by a
+    seeded hash of its index; if none is validation, the last one is (held back until the next
+    arrives, so the rule needs no second pass)."""
+
+    def __init__(self, out: Path, dtype: np.dtype, *, seed: int, val_fraction: float,
+                 entries: dict[str, list[dict[str, Any]]], any_val: bool) -> None:
+        self.out, self.dtype, self.seed, self.val_fraction = out, dtype, seed, val_fraction
+        self.entries = entries
+        self.any_val = any_val
+        self.bufs: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
+        self.buf_tokens = dict.fromkeys(SPLITS, 0)
+        self.held: tuple[int, np.ndarray] | None = None
+
+    def _append(self, split: str, ids: np.ndarray) -> None:
+        self.bufs[split].append(ids)
+        self.buf_tokens[split] += ids.size
+
+    def add(self, i: int, ids: np.ndarray) -> int | None:
+        """Take document ``i``; after a cut, return the index of the first document not in a
+        shard (where a rerun continues)."""
+        if _is_validation(i, self.seed, self.val_fraction):
+            self.any_val = True
+            if self.held is not None:
+                self._append("train", self.held[1])
+                self.held = None
+            self._append("validation", ids)
+        elif not self.any_val and self.val_fraction > 0:
+            if self.held is not None:
+                self._append("train", self.held[1])
+            self.held = (i, ids)
+        else:
+            self._append("train", ids)
+        if self.buf_tokens["train"] < SHARD_TOKENS and self.buf_tokens["validation"] < SHARD_TOKENS:
+            return None
+        for split in SPLITS:
+            if self.bufs[split]:
+                self._flush(split)
+        return self.held[0] if self.held is not None else i + 1
+
+    def add_batch(self, first: int, id_lists: list[list[int]]) -> Iterator[int]:
+        """``add`` documents ``first, first + 1, ...``; yield each cut's resume index (before
+        the next document is taken)."""
+        lengths = [len(x) for x in id_lists]
+        # One conversion per batch: per-document arrays cost more than the rest of the loop.
+        flat = np.fromiter(chain.from_iterable(id_lists), dtype=self.dtype, count=sum(lengths))
+        pos = 0
+        for j, n in enumerate(lengths):
+            resume = self.add(first + j, flat[pos : pos + n])
+            pos += n
+            if resume is not None:
+                yield resume
+
+    def finish(self, n_docs: int) -> None:
+        if self.held is not None:
+            self._append("validation" if n_docs > 1 else "train", self.held[1])
+            self.held = None
+        for split in SPLITS:
+            if self.bufs[split] or not self.entries[split]:
+                self._flush(split)
+
+    def _flush(self, split: str) -> None:
+        buf = self.bufs[split]
+        lengths = np.fromiter((b.size for b in buf), dtype=np.int64, count=len(buf))
+        offsets = np.zeros(len(buf) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        tokens = np.concatenate(buf) if buf else np.zeros(0, dtype=self.dtype)
+        name = f"{split}-{len(self.entries[split]):05d}"
+        self.entries[split].append(S.write_shard(self.out, name, tokens, offsets))
+        self.bufs[split], self.buf_tokens[split] = [], 0
+
+
+def _dir_digest(path: str) -> str:
+    p = Path(path)
+    if not p.is_dir():
+        return path  # load_tokenizer names the problem
+    h = hashlib.sha256()
+    for f in sorted(x for x in p.rglob("*") if x.is_file()):
+        h.update(str(f.relative_to(p)).encode() + b"\0" + hashlib.sha256(f.read_bytes()).digest())
+    return h.hexdigest()
+
+
+def _fingerprint(corpus: Corpus, opts: dict[str, Any]) -> str:
+    key = {"corpus": corpus.stamp(), "options": opts, "format": S.VERSION,
+           "prepare": PREPARE_VERSION, "shard_tokens": SHARD_TOKENS}
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def _write_progress(out: Path, progress: dict[str, Any]) -> None:
+    S.atomic_write_bytes(out / PROGRESS, json.dumps(progress, indent=1).encode())
+
+
+def _entry_ok(out: Path, e: dict[str, Any]) -> bool:
+    for suffix, key in ((".bin", "sha256"), (".idx", "index_sha256")):
+        p = out / f"{e['name']}{suffix}"
+        if not p.is_file() or S.sha256_file(p) != e[key]:
+            return False
+    return True
+
+
+def _resume_state(out: Path, fingerprint: str, prog: Progress) -> dict[str, Any] | None:
+    """The recorded progress of an earlier prepare of the same inputs and options, cut back to
+    its last cut whose shards all verify; ``None`` to start afresh."""
+    try:
+        p = json.loads((out / PROGRESS).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(p, dict) or p.get("format") != PROGRESS_FORMAT or p.get("fingerprint") != fingerprint:
+        return None
+    tok_json = out / "tokenizer" / "tokenizer.json"
+    if not tok_json.is_file() or S.sha256_file(tok_json) != p.get("tokenizer_sha256"):
+        return None
+    try:
+        # The file is input: each entry must name the shard it stands for, nothing else.
+        if any(e["name"] != f"{s}-{i:05d}" for s in SPLITS for i, e in enumerate(p["splits"][s])):
+            return None
+        good = {s: 0 for s in SPLITS}
+        for s in SPLITS:
+            while good[s] < len(p["splits"][s]) and _entry_ok(out, p["splits"][s][good[s]]):
+                good[s] += 1
+        cuts = [c for c in p["cuts"] if all(c[s] <= good[s] for s in SPLITS)]
+    except (KeyError, TypeError, AttributeError):
+        return None
+    if p.get("complete") and all(good[s] == len(p["splits"][s]) for s in SPLITS):
+        return p
+    p["complete"] = False
+    p["cuts"] = cuts
+    last = cuts[-1] if cuts else {s: 0 for s in SPLITS}
+    for s in SPLITS:
+        p["splits"][s] = p["splits"][s][: last[s]]
+    kept = sum(len(v) for v in p["splits"].values())
+    if cuts:
+        prog.message(f"continuing an interrupted prepare after {kept} verified shard file(s), "
+                     f"{last['documents']:,} documents")
+    return p
+
+
+def _clean(out: Path, keep: set[str]) -> None:
+    """Remove shard files of earlier prepares that the current one does not list."""
+    for f in out.iterdir():
+        if _SHARD_FILE.match(f.name) and f.name.split(".")[0] not in keep:
+            f.unlink()
+
+
+def _save_tokenizer(out: Path, tokenizer: str, corpus: Corpus, *, vocab_size: int, seed: int,
+                    val_fraction: float, sample_bytes: int, prog: Progress) -> Any:
+    if tokenizer:
+        tok = load_tokenizer(tokenizer)
+    else:
+        prog.message(f"learning a {vocab_size}-token byte-level BPE from the training documents"
+                     + (f" (first {sample_bytes / 2**20:,.0f} MiB)" if sample_bytes else ""))
+        tok = learn_bpe(training_documents(corpus, seed=seed, val_fraction=val_fraction,
+                                           limit_bytes=sample_bytes, prog=prog), vocab_size)
+        prog.close_line()
+    tmp_tok = out / "tokenizer.tmp"
+    shutil.rmtree(tmp_tok, ignore_errors=True)
+    tok.save_pretrained(str(tmp_tok))
+    shutil.rmtree(out / "tokenizer", ignore_errors=True)
+    tmp_tok.rename(out / "tokenizer")
+    return tok
+
+
+def _require_documents(corpus: Corpus) -> None:
+    for chunk in corpus.chunks():
+        if any(chunk.docs):
+            return
+    names = corpus.labels()
+    listed = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+    raise S.DataError(f"the corpus is empty: no document with text in {listed or 'the inputs'}")
+
+
 def prepare(
     *,
-    documents: list[str],
+    documents: list[str] | None = None,
+    corpus: Corpus | None = None,
     out_dir: str | Path,
     vocab_size: int = 8192,
     tokenizer: str = "",
@@ -102,71 +268,65 @@ def prepare(
     seed: int = 1234,
     source: dict[str, Any] | None = None,
     progress: bool = True,
+    tokenizer_sample_bytes: int = TOKENIZER_SAMPLE_BYTES,
+    fresh: bool = False,
 ) -> dict[str, Any]:
-    """Tokenize ``documents`` into shards under ``out_dir``; return the manifest."""
+    """Tokenize ``documents`` (or a streamed ``corpus``) into shards under ``out_dir``; return
+    the manifest. An interrupted earlier call with the same inputs and options is continued."""
+    if corpus is None:
+        corpus = Corpus([DocumentList(documents or [])])
     out = Path(out_dir)
-    if not documents:
-        raise S.DataError("the corpus is empty: no document with text was found in the inputs")
+    prog = Progress(progress)
+    t0 = time.time()
+    opts = {"vocab_size": vocab_size, "tokenizer": _dir_digest(tokenizer) if tokenizer else "",
+            "val_fraction": val_fraction, "seed": seed,
+            "sample_bytes": 0 if tokenizer else tokenizer_sample_bytes}
+    fp = _fingerprint(corpus, opts)
+    state = None if fresh or not out.is_dir() else _resume_state(out, fp, prog)
+    if state is not None and state.get("complete"):
+        if not (out / S.MANIFEST).is_file():
+            S.write_manifest(out, {**state["manifest"], "seconds": round(time.time() - t0, 3)})
+        prog.message(f"{out} is already prepared from these inputs (shards verified)")
+        return S.read_manifest(out)
+    if state is None:
+        _require_documents(corpus)
     out.mkdir(parents=True, exist_ok=True)
     (out / S.MANIFEST).unlink(missing_ok=True)  # the folder is incomplete until the end
-    t0 = time.time()
-    val_idx = {i for i in range(len(documents)) if _is_validation(i, seed, val_fraction)}
-    if not val_idx and len(documents) > 1 and val_fraction > 0:
-        val_idx = {len(documents) - 1}
-    train_docs = [d for i, d in enumerate(documents) if i not in val_idx]
-    val_docs = [documents[i] for i in sorted(val_idx)]
-
-    if tokenizer:
-        tok = load_tokenizer(tokenizer)
+    if state is None:
+        (out / PROGRESS).unlink(missing_ok=True)
+        _clean(out, set())
+        tok = _save_tokenizer(out, tokenizer, corpus, vocab_size=vocab_size, seed=seed,
+                              val_fraction=val_fraction, sample_bytes=opts["sample_bytes"], prog=prog)
+        state = {"format": PROGRESS_FORMAT, "fingerprint": fp, "complete": False,
+                 "tokenizer_sha256": S.sha256_file(out / "tokenizer" / "tokenizer.json"),
+                 "splits": {s: [] for s in SPLITS}, "cuts": []}
+        _write_progress(out, state)
     else:
-        tok = learn_bpe(train_docs, vocab_size)
-    tok_dir = out / "tokenizer"
-    tmp_tok = out / "tokenizer.tmp"
-    shutil.rmtree(tmp_tok, ignore_errors=True)
-    tok.save_pretrained(str(tmp_tok))
-    shutil.rmtree(tok_dir, ignore_errors=True)
-    tmp_tok.rename(tok_dir)
+        tok = load_tokenizer(out / "tokenizer")
     vocab = len(tok)
     dtype = S.token_dtype(vocab)
-    backend = tok.backend_tokenizer
+    # Encode with the saved tokenizer's own file, on a fresh run too: a resumed run, which has
+    # only the file, must encode exactly alike.
+    backend = Tokenizer.from_file(str(out / "tokenizer" / "tokenizer.json"))
     # Corpus text such as "<s>" (HTML) or "</s>" is text: as special ids it would fake document
     # boundaries and masks inside a sequence. Set after save_pretrained, so the saved tokenizer
     # keeps the usual behaviour.
     backend.encode_special_tokens = True
 
-    splits: dict[str, list[dict[str, Any]]] = {}
-    total_tokens = 0
-    for split, docs in (("train", train_docs), ("validation", val_docs)):
-        entries = []
-        buf: list[np.ndarray] = []
-        buf_tokens = 0
-        batch = 1024
-        for start in range(0, len(docs), batch):
-            # The Rust tokenizer encodes a batch on every core.
-            enc = backend.encode_batch(docs[start : start + batch], add_special_tokens=False)
-            for e in enc:
-                buf.append(np.asarray(e.ids, dtype=dtype))
-                buf_tokens += len(e.ids)
-            if buf_tokens >= SHARD_TOKENS:
-                entries.append(_flush(out, split, len(entries), buf))
-                buf, buf_tokens = [], 0
-            total_tokens += sum(len(e.ids) for e in enc)
-            if progress and sys.stderr.isatty():
-                rate = total_tokens / max(time.time() - t0, 1e-9)
-                print(f"\rprepare: {split} {start + len(enc)}/{len(docs)} docs, "
-                      f"{total_tokens:,} tokens, {rate:,.0f} tok/s", end="", file=sys.stderr)
-        if buf or not entries:
-            entries.append(_flush(out, split, len(entries), buf))
-        splits[split] = entries
-    if progress and sys.stderr.isatty():
-        print(file=sys.stderr)
-    if sum(e["tokens"] for e in splits["train"]) == 0:
-        raise S.DataError("the corpus yields no training tokens")
+    cut = state["cuts"][-1] if state["cuts"] else None
+    writer = _Writer(out, dtype, seed=seed, val_fraction=val_fraction, entries=state["splits"],
+                     any_val=bool(cut and cut["any_val"]))
+    n_docs, replaced = _encode(corpus, backend, writer, state, out, cut, prog)
+    writer.finish(n_docs)
+    _clean(out, {e["name"] for s in SPLITS for e in state["splits"][s]})
+    if sum(e["tokens"] for e in state["splits"]["train"]) == 0:
+        names = ", ".join(corpus.labels()[:3])
+        raise S.DataError(f"{names}: the training split holds no tokens; add text or lower --val-fraction")
 
     manifest = {
         "tokenizer": {
             "dir": "tokenizer",
-            "fingerprint": S.sha256_file(tok_dir / "tokenizer.json")[:16],
+            "fingerprint": S.sha256_file(out / "tokenizer" / "tokenizer.json")[:16],
             "vocab_size": vocab,
             "bos_id": tok.bos_token_id,
             "eos_id": tok.eos_token_id,
@@ -175,34 +335,109 @@ def prepare(
             "special_ids": sorted(set(tok.all_special_ids)),
         },
         "dtype": dtype.name,
-        "splits": splits,
-        "source": {"replaced_bytes": 0, **(source or {}), "documents": len(documents)},
-        "seconds": round(time.time() - t0, 3),
+        "splits": state["splits"],
+        "source": {"replaced_bytes": replaced, **(source or {}), "documents": n_docs},
     }
-    S.write_manifest(out, manifest)
+    state.update(complete=True, manifest=manifest)  # no timing: the file is deterministic
+    _write_progress(out, state)
+    S.write_manifest(out, {**manifest, "seconds": round(time.time() - t0, 3)})
+    tokens = sum(e["tokens"] for s in SPLITS for e in state["splits"][s])
+    prog.message(f"wrote {sum(len(v) for v in state['splits'].values())} shard(s), {n_docs:,} "
+                 f"documents, {tokens:,} tokens to {out} in {time.time() - t0:,.1f} s")
     return S.read_manifest(out)
 
 
-def _flush(out: Path, split: str, n: int, buf: list[np.ndarray]) -> dict[str, Any]:
-    lengths = np.fromiter((b.size for b in buf), dtype=np.int64, count=len(buf))
-    offsets = np.zeros(len(buf) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    tokens = np.concatenate(buf) if buf else np.zeros(0, dtype=np.uint16)
-    return S.write_shard(out, f"{split}-{n:05d}", tokens, offsets)
+def _encoded(chunks: Iterator[Chunk], skip: int, backend: Any) -> Iterator[tuple[Chunk | None, list[Any]]]:
+    """``(chunk, encodings)`` per batch of at most ``ENCODE_CHARS``; ``chunk`` is given with its
+    first batch (or alone, if it holds no document to encode) and is ``None`` after."""
+    for chunk in chunks:
+        docs = chunk.docs
+        if skip:
+            # Reread from a recorded position, a source may chunk differently (Parquet batches
+            # restart at a row group), so the documents to skip may span several chunks.
+            docs, skip = docs[skip:], max(skip - len(docs), 0)
+        first: Chunk | None = chunk
+        lo = 0
+        while lo < len(docs) or first is not None:
+            hi, size = lo, 0
+            while hi < len(docs) and (size < ENCODE_CHARS or hi == lo):
+                size += len(docs[hi])
+                hi += 1
+            # The Rust tokenizer encodes a batch on every core, without the GIL; offsets are
+            # not needed.
+            yield first, backend.encode_batch_fast(docs[lo:hi], add_special_tokens=False) if hi > lo else []
+            first, lo = None, hi
+
+
+@contextlib.contextmanager
+def _no_cyclic_gc() -> Iterator[None]:
+    """The encoding loop allocates millions of short-lived id lists and no reference cycles;
+    the cyclic collector's passes it triggers, over every object the interpreter holds
+    (transformers alone brings hundreds of thousands), cost about a tenth of prepare's time."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+def _encode(corpus: Corpus, backend: Any, writer: _Writer, state: dict[str, Any], out: Path,
+            cut: dict[str, Any] | None, prog: Progress) -> tuple[int, int]:
+    """Encode every document from the last cut on; return (documents, replaced bytes) in all.
+
+    Three stages overlap: a thread reads and decodes chunks, a thread encodes them (in Rust, on
+    every core), and this thread turns ids into arrays and writes shards."""
+    start: Position | None = cut["position"] if cut else None
+    skip = cut["skip"] if cut else 0
+    doc_index = cut["documents"] if cut else 0
+    chunk_first = doc_index - skip  # global index of the next chunk's first document
+    replaced = cut["replaced_bytes"] if cut else 0
+    tokens = sum(e["tokens"] for s in SPLITS for e in state["splits"][s])
+    # (global index of the chunk's first document, its position, bytes replaced before it) for
+    # the chunks since the last cut: the next cut's resume point lies in one of them.
+    recent: list[tuple[int, Position, int]] = []
+    t_start, nbytes, new_tokens = time.monotonic(), 0, 0
+    with _no_cyclic_gc(), background(corpus.chunks(start), depth=3) as chunks, \
+            background(_encoded(chunks, skip, backend), depth=2) as batches:
+        for chunk, encodings in batches:
+            if chunk is not None:
+                recent.append((chunk_first, chunk.start, replaced))
+                chunk_first += len(chunk.docs)
+                replaced += chunk.replaced
+                nbytes += chunk.nbytes
+            id_lists = [e.ids for e in encodings]
+            for resume in writer.add_batch(doc_index, id_lists):
+                recent = _record_cut(out, state, writer, recent, resume)
+            doc_index += len(id_lists)
+            new_tokens += sum(map(len, id_lists))
+            prog.line("tokenizing", docs=doc_index, tokens=tokens + new_tokens, nbytes=nbytes,
+                      since=t_start)
+    prog.line("tokenizing", docs=doc_index, tokens=tokens + new_tokens, nbytes=nbytes,
+              since=t_start, force=True)
+    prog.close_line()
+    return doc_index, replaced
+
+
+def _record_cut(out: Path, state: dict[str, Any], writer: _Writer,
+                recent: list[tuple[int, Position, int]], resume: int) -> list[tuple[int, Position, int]]:
+    k = max(j for j, r in enumerate(recent) if r[0] <= resume)
+    first, position, replaced_before = recent[k]
+    state["cuts"].append({
+        **{s: len(writer.entries[s]) for s in SPLITS},
+        "documents": resume, "position": position, "skip": resume - first,
+        "replaced_bytes": replaced_before, "any_val": writer.any_val,
+    })
+    _write_progress(out, state)
+    return recent[k:]
 
 
 def prepare_inputs(inputs: list[str], out_dir: str, **kwargs: Any) -> dict[str, Any]:
-    """``alum-ds prepare INPUT... --out DIR``."""
-    text_field = kwargs.pop("text_field", "text")
-    files = expand_inputs(inputs)
-    stats = {"replaced_bytes": 0}
-    docs = list(read_documents(files, text_field, stats))
-    if not docs:
-        # prepare() sees only documents; name the files here so the message says what to fix.
-        names = ", ".join(str(f) for f in files[:3]) + (", ..." if len(files) > 3 else "")
-        raise S.DataError(f"the corpus is empty: no document with text in {names}")
-    return prepare(documents=docs, out_dir=out_dir,
-                   source={"inputs": [str(f) for f in files], **stats}, **kwargs)
+    """``alum-ds prepare INPUT... --out DIR``: files, folders, globs, saved datasets, ``hf:NAME``."""
+    select = {k: kwargs.pop(k) for k in ("text_field", "split", "hf_config", "streaming") if k in kwargs}
+    corpus = expand_inputs(inputs, exclude=Path(out_dir), **select)
+    return prepare(corpus=corpus, out_dir=out_dir, source={"inputs": corpus.labels()}, **kwargs)
 
 
 def ensure_embedded(cache_dir: str | Path, *, vocab_size: int, seed: int) -> Path:
@@ -212,7 +447,8 @@ def ensure_embedded(cache_dir: str | Path, *, vocab_size: int, seed: int) -> Pat
     out = Path(cache_dir) / f"embedded-{key}"
     if (out / S.MANIFEST).is_file():
         return out
-    tmp = out.with_name(out.name + ".partial")
+    # A private scratch name: nodes sharing a cache folder must not delete each other's work.
+    tmp = out.with_name(f"{out.name}.partial-{socket.gethostname()}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     prepare(documents=docs, out_dir=tmp, vocab_size=vocab_size, seed=seed,
             source={"inputs": ["embedded:pydoc_data.topics"]}, progress=False)

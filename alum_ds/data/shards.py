@@ -174,3 +174,35 @@ def verify_folder(data_dir: str | Path) -> dict[str, Any]:
     if sha256_file(tok_json)[:16] != m["tokenizer"]["fingerprint"]:
         raise DataError(f"{tok_json} does not match the manifest's tokenizer fingerprint")
     return summary
+
+
+def _tokenizer_size(tok_json: Path) -> int:
+    """Distinct ids of a ``tokenizer.json`` (model vocabulary plus added tokens)."""
+    try:
+        t = json.loads(tok_json.read_text(encoding="utf-8"))
+        ids = set(t["model"]["vocab"].values()) | {a["id"] for a in t.get("added_tokens", [])}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise DataError(f"{tok_json} does not read as a tokenizer ({type(e).__name__}); rerun "
+                        "`alum-ds prepare`") from None
+    return len(ids)
+
+
+def check_vocab(data_dir: str | Path, model_vocab_size: int) -> None:
+    """Refuse data whose tokenizer does not match a model's vocabulary (token ids would index
+    the wrong embeddings, or past the end)."""
+    d = Path(data_dir)
+    m = read_manifest(d)
+    vocab = int(m["tokenizer"]["vocab_size"])
+    tok_json = _safe_path(d, m["tokenizer"].get("dir", "tokenizer"), d / MANIFEST) / "tokenizer.json"
+    if not tok_json.is_file():
+        raise DataError(f"{tok_json} is missing; rerun `alum-ds prepare` for {d}")
+    size = _tokenizer_size(tok_json)
+    if size != vocab:
+        raise DataError(f"{tok_json} holds {size} tokens, the manifest says {vocab}: the tokenizer "
+                        f"was replaced after prepare; rerun `alum-ds prepare` for {d}")
+    if vocab != model_vocab_size:
+        raise DataError(
+            f"{d}: the data's tokenizer has {vocab} tokens, the model's vocabulary {model_vocab_size}: "
+            f"prepare the data with the model's tokenizer (`alum-ds prepare INPUT --tokenizer "
+            f"MODEL_DIR --out DIR`) or build the model for this data"
+        )

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from alum_ds.config import MaskingConfig
-from alum_ds.data.masking import mask_batch
+from alum_ds.data.masking import mask_batch, word_start_table
 from alum_ds.data.shards import DataError, open_split, read_manifest
 
 
@@ -55,7 +55,7 @@ class PackedSequences:
         flat = pos.reshape(-1)
         out = np.empty(flat.size, dtype=np.int64)
         shard_of = np.searchsorted(self._shard_starts, flat, side="right") - 1
-        for k in np.unique(shard_of):
+        for k in _distinct(shard_of):
             sel = shard_of == k
             local = flat[sel] - self._shard_starts[k]
             starts, shard = self._doc_starts[k], self.shards[k]
@@ -80,36 +80,75 @@ class StreamState:
     """Global count of training sequences consumed (across all ranks and epochs)."""
 
 
+def _distinct(values: np.ndarray) -> np.ndarray:
+    """``np.unique``, without its sort in the common one-value case."""
+    if values.size == 0 or values.min() == values.max():
+        return values[:1]
+    return np.unique(values)
+
+
+def _masking_kwargs(data_dir: str | Path, masking: MaskingConfig) -> dict[str, object]:
+    m = read_manifest(data_dir)["tokenizer"]
+    special = np.asarray(m["special_ids"], dtype=np.int64)
+    kw: dict[str, object] = {"special_ids": special, "mask_id": int(m["mask_id"]),
+                             "vocab_size": int(m["vocab_size"])}
+    # ``masking.whole_word`` is read if the config has it (the field is optional).
+    if getattr(masking, "whole_word", False):
+        kw.update(whole_word=True, word_start=_word_start(Path(data_dir) / m["dir"], special,
+                                                          int(m["vocab_size"])))
+    return kw
+
+
+def _word_start(tok_dir: Path, special: np.ndarray, vocab_size: int) -> np.ndarray:
+    from tokenizers import Tokenizer
+
+    path = tok_dir / "tokenizer.json"
+    if not path.is_file():
+        raise DataError(f"{path} is missing (whole-word masking reads the vocabulary); rerun "
+                        "`alum-ds prepare`")
+    table = word_start_table(Tokenizer.from_file(str(path)).get_vocab(with_added_tokens=True), special)
+    out = np.zeros(max(vocab_size, table.size), dtype=bool)
+    out[: table.size] = table
+    return out
+
+
 class TrainStream:
-    """Deterministic global order per epoch; batches addressed by global position."""
+    """Deterministic global order per epoch; batches addressed by global position.
+
+    ``batch_at`` and ``at`` only read, so a prefetching thread may call them while another
+    thread uses the stream."""
 
     def __init__(
         self, data_dir: str | Path, *, seq_len: int, seed: int, masking: MaskingConfig
     ) -> None:
+        self.data_dir = Path(data_dir)
+        self.seq_len = seq_len
         self.seqs = PackedSequences(data_dir, "train", seq_len)
-        m = read_manifest(data_dir)["tokenizer"]
-        self.special = np.asarray(m["special_ids"], dtype=np.int64)
-        self.mask_id = int(m["mask_id"])
-        self.vocab_size = int(m["vocab_size"])
+        self._mask_kw = _masking_kwargs(data_dir, masking)
+        self.special = self._mask_kw["special_ids"]
+        self.mask_id = int(self._mask_kw["mask_id"])
+        self.vocab_size = int(self._mask_kw["vocab_size"])
         self.seed = seed
         self.masking = masking
         self.state = StreamState()
-        self._perm_epoch = -1
-        self._perm = np.zeros(0, dtype=np.int64)
+        # One tuple, replaced whole: a reader in another thread never sees an epoch paired with
+        # another epoch's permutation.
+        self._perm: tuple[int, np.ndarray] = (-1, np.zeros(0, dtype=np.int64))
 
     def order(self, epoch: int) -> np.ndarray:
-        if epoch != self._perm_epoch:
-            rng = np.random.default_rng([self.seed, epoch])
-            self._perm = rng.permutation(len(self.seqs))
-            self._perm_epoch = epoch
-        return self._perm
+        cached = self._perm
+        if cached[0] == epoch:
+            return cached[1]
+        perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.seqs))
+        self._perm = (epoch, perm)
+        return perm
 
     def at(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(epoch, sequence index) for global positions."""
         n = len(self.seqs)
         epochs = positions // n
         ids = np.empty_like(positions)
-        for e in np.unique(epochs):
+        for e in _distinct(epochs):
             sel = epochs == e
             ids[sel] = self.order(int(e))[positions[sel] % n]
         return epochs, ids, positions
@@ -120,11 +159,11 @@ class TrainStream:
         tokens = self.seqs.get(ids)
         inputs = np.empty_like(tokens)
         labels = np.empty_like(tokens)
-        for e in np.unique(epochs):
+        for e in _distinct(epochs):
             sel = epochs == e
             inputs[sel], labels[sel] = mask_batch(
                 tokens[sel], ids[sel], epoch=int(e), seed=self.seed, cfg=self.masking,
-                special_ids=self.special, mask_id=self.mask_id, vocab_size=self.vocab_size,
+                **self._mask_kw,
             )
         return inputs, labels
 
@@ -160,16 +199,12 @@ def validation_batches(
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """This rank's share of the held-out sequences, masked identically on every evaluation."""
     vs = PackedSequences(data_dir, "validation", seq_len)
-    m = read_manifest(data_dir)["tokenizer"]
+    kw = _masking_kwargs(data_dir, masking)
     n = len(vs) if not max_sequences else min(len(vs), max_sequences)
     mine = np.arange(rank, n, world, dtype=np.int64)
     out = []
     for i in range(0, mine.size, batch):
         ids = mine[i : i + batch]
-        inputs, labels = mask_batch(
-            vs.get(ids), ids, epoch=0, seed=seed + 7919, cfg=masking,
-            special_ids=np.asarray(m["special_ids"]), mask_id=int(m["mask_id"]),
-            vocab_size=int(m["vocab_size"]),
-        )
+        inputs, labels = mask_batch(vs.get(ids), ids, epoch=0, seed=seed + 7919, cfg=masking, **kw)
         out.append((inputs, labels))
     return out
