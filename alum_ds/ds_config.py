@@ -4,7 +4,11 @@ The JSON owns ZeRO stage, precision, offload and buckets; the run config owns ba
 accumulation, clipping, optimizer and schedule. A value that both set differently is an error,
 never a silent override. ``"enabled": "auto"`` under ``bf16`` means bf16 where the device computes
 in it natively (CUDA with bf16 support) and fp32 otherwise: on the CPU bf16 matmuls are emulated
-on most machines and slower than fp32.
+on most machines and slower than fp32. It also means fp32 when ALUM is on with a perturbation
+radius that bf16 activations cannot carry (ALUM.md, trap 4): bf16's spacing near 1 is 2^-7, so a
+per-element step below ``BF16_MIN_RADIUS`` rounds away and the adversarial pass would measure
+only dropout noise. An explicit ``"enabled": true`` keeps bf16 and the ALUM step's precision
+guard then stops with a message naming a radius that survives.
 """
 
 from __future__ import annotations
@@ -15,6 +19,15 @@ from pathlib import Path
 from typing import Any
 
 from alum_ds.config import ConfigError, RunConfig
+
+BF16_MIN_RADIUS = 8e-3
+"""Smallest ALUM step (eta, and epsilon for ``project``) that 'auto' runs in bf16."""
+
+
+def alum_fits_bf16(cfg: RunConfig) -> bool:
+    a = cfg.alum
+    radius = a.eta if a.update == "normalize" else min(a.eta, a.epsilon)
+    return not a.enabled or radius >= BF16_MIN_RADIUS
 
 
 def read_ds_json(path: str) -> dict[str, Any]:
@@ -83,7 +96,8 @@ def resolve_ds_config(
         if not isinstance(sec, dict) or "enabled" not in sec:
             raise ConfigError(f"DeepSpeed config {path}: {name} must be an object with 'enabled'")
         if sec["enabled"] == "auto":
-            sec["enabled"] = bool(bf16_supported and on_gpu) if name == "bf16" else False
+            auto_bf16 = bf16_supported and on_gpu and alum_fits_bf16(cfg)
+            sec["enabled"] = bool(auto_bf16) if name == "bf16" else False
         if not isinstance(sec["enabled"], bool):
             raise ConfigError(
                 f"DeepSpeed config {path}: {name}.enabled must be true, false or \"auto\""
