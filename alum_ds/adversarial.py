@@ -28,20 +28,98 @@ class PrecisionError(RuntimeError):
     """The perturbation does not survive the model's dtype; the message names a radius that does."""
 
 
+def _kl_dtype(*logits: torch.Tensor) -> torch.dtype:
+    """At least fp32; fp64 logits stay fp64 (``.float()`` rounded them, and fp32 rounding noise,
+    ~1e-7, swamps the O(delta^2) KL that fp64 gradient checks measure)."""
+    dt = torch.float32
+    for x in logits:
+        dt = torch.promote_types(dt, x.dtype)
+    return dt
+
+
 def kl_logits(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
-    """KL(p || q) from logits, in fp32: summed over the vocabulary, mean over positions."""
-    # At least fp32; fp64 logits stay fp64 (``.float()`` rounded them, and fp32 rounding noise,
-    # ~1e-7, swamps the O(delta^2) KL that fp64 gradient checks measure).
-    dt = torch.promote_types(torch.promote_types(p_logits.dtype, q_logits.dtype), torch.float32)
+    """KL(p || q) from logits, in fp32: summed over the vocabulary, mean over positions. The plain
+    autograd form: the reference the fused forms below are tested against."""
+    dt = _kl_dtype(p_logits, q_logits)
     logp = F.log_softmax(p_logits.to(dt), dim=-1)
     logq = F.log_softmax(q_logits.to(dt), dim=-1)
     return (logp.exp() * (logp - logq)).sum(-1).mean()
 
 
-def symmetric_kl(clean: torch.Tensor, adv: torch.Tensor) -> torch.Tensor:
+@dataclass(frozen=True)
+class Target:
+    """A detached distribution over the vocabulary, computed once and reused: log-probabilities
+    and probabilities (at least fp32), one row per position."""
+
+    logp: torch.Tensor
+    p: torch.Tensor
+
+    @staticmethod
+    def of(logits: torch.Tensor) -> Target:
+        with torch.no_grad():
+            logp = F.log_softmax(logits.detach().to(_kl_dtype(logits)), dim=-1)
+            return Target(logp, logp.exp())
+
+
+# The KLs of a step are elementwise work on [masked tokens, vocabulary] tensors: on the small
+# preset (vocabulary 8192) autograd's form cost ~9% of a CPU ALUM step, mostly log_softmax
+# recomputed for every use and log_softmax's backward. Both KLs have closed-form gradients
+# w.r.t. the logits, so they are written as autograd Functions that reuse the clean side's
+# ``Target`` and save one tensor for the backward.
+
+
+class _KLToTarget(torch.autograd.Function):
+    """KL(sg(p) || softmax(q)), mean over rows; d/dq = (softmax(q) - p) / rows."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, logp: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        logq = F.log_softmax(q.to(logp.dtype), dim=-1)
+        ctx.save_for_backward(logq, p)
+        ctx.q_dtype = q.dtype
+        return (p * (logp - logq)).sum(-1).mean()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        logq, p = ctx.saved_tensors
+        g = (logq.exp() - p) * (grad / logq.shape[0])
+        return g.to(ctx.q_dtype), None, None
+
+
+class _SymmetricKL(torch.autograd.Function):
+    """KL(sg(p_c) || p_a) + KL(sg(p_a) || p_c) = sum (p_c - p_a)(log p_c - log p_a), mean over
+    rows; d/dc = (p_c - p_a) / rows, d/da = -(p_c - p_a) / rows."""
+
+    @staticmethod
+    def forward(ctx, c: torch.Tensor, a: torch.Tensor, logp_c: torch.Tensor,
+                p_c: torch.Tensor) -> torch.Tensor:
+        logp_a = F.log_softmax(a.to(logp_c.dtype), dim=-1)
+        d = p_c - logp_a.exp()
+        ctx.save_for_backward(d)
+        ctx.dtypes = (c.dtype, a.dtype)
+        return (d * (logp_c - logp_a)).sum(-1).mean()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (d,) = ctx.saved_tensors
+        g = d * (grad / d.shape[0])
+        return g.to(ctx.dtypes[0]), (-g).to(ctx.dtypes[1]), None, None
+
+
+def kl_to_target(target: Target, q_logits: torch.Tensor) -> torch.Tensor:
+    """KL(target || softmax(q_logits)), summed over the vocabulary, mean over positions; the
+    gradient reaches ``q_logits`` only. Equals ``kl_logits(target_logits, q_logits)``."""
+    dt = _kl_dtype(target.logp, q_logits)
+    return _KLToTarget.apply(q_logits, target.logp.to(dt), target.p.to(dt))
+
+
+def symmetric_kl(clean: torch.Tensor, adv: torch.Tensor, clean_target: Target | None = None) -> torch.Tensor:
     """KL(sg(p_clean) || p_adv) + KL(sg(p_adv) || p_clean): each side's target is detached, so the
-    gradient moves each distribution towards the other (as in the authors' code)."""
-    return kl_logits(clean.detach(), adv) + kl_logits(adv.detach(), clean)
+    gradient moves each distribution towards the other (as in the authors' code). Equals
+    ``kl_logits(clean.detach(), adv) + kl_logits(adv.detach(), clean)`` with its gradients;
+    ``clean_target`` (``Target.of(clean)``) saves recomputing the clean side."""
+    t = clean_target if clean_target is not None else Target.of(clean)
+    dt = _kl_dtype(t.logp, adv)
+    return _SymmetricKL.apply(clean, adv, t.logp.to(dt), t.p.to(dt))
 
 
 def token_norm(x: torch.Tensor, norm: str) -> torch.Tensor:
@@ -82,16 +160,29 @@ def add_perturbation(h: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     return (h.to(wide) + delta.to(wide)).to(h.dtype)
 
 
+def _surviving_fraction(h: torch.Tensor, delta: torch.Tensor,
+                        perturbed: torch.Tensor | None = None) -> torch.Tensor:
+    """``surviving_fraction`` as a 0-dim tensor on ``h``'s device (no host sync). ``perturbed`` is
+    ``add_perturbation(h, delta)`` if the caller has it. In at least fp32 (fp64 for an fp64 ``h``):
+    cast(h + delta) - h is exact there (two nearby floats), and the two sums only feed a threshold;
+    fp64 arithmetic had cost ~1.5% of a CPU ALUM step."""
+    wide = torch.promote_types(h.dtype, torch.float32)
+    if perturbed is None:
+        perturbed = add_perturbation(h.detach(), delta.detach())
+    d = delta.detach().to(wide)
+    applied = perturbed.detach().to(wide) - h.detach().to(wide)
+    dn2 = (d * d).sum()
+    return torch.where(dn2 > 0, (applied * d).sum() / dn2.clamp_min(torch.finfo(wide).tiny),
+                       torch.ones_like(dn2))
+
+
 def surviving_fraction(h: torch.Tensor, delta: torch.Tensor) -> float:
     """<applied, delta> / ||delta||^2 with applied = cast(h + delta) - h: the fraction of the intended
     perturbation the encoder sees. A norm ratio ||applied|| / ||delta|| is not a measure of this:
     rounding noise adds norm (a 0.6-ulp element rounds to a full ulp), so bf16 with delta ~ 1e-3
     passed a 0.5 threshold on the norm ratio while only ~25% of delta survived. Projecting onto
     delta counts only the part of ``applied`` that points where delta does."""
-    h, d = h.detach(), delta.detach().double()
-    applied = add_perturbation(h, d).double() - h.double()
-    dn2 = (d * d).sum()
-    return float((applied * d).sum() / dn2) if dn2 > 0 else 1.0
+    return float(_surviving_fraction(h, delta))
 
 
 def surviving_radius(h: torch.Tensor, norm: str = "linf") -> float:
@@ -115,16 +206,25 @@ def surviving_radius(h: torch.Tensor, norm: str = "linf") -> float:
     return math.ceil(r / 10**exp) * 10**exp
 
 
+def init_delta(h: torch.Tensor, sigma: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The initial perturbation delta_0 ~ N(0, sigma^2), fp32, shaped like ``h``."""
+    return torch.randn(h.shape, dtype=torch.float32, device=h.device, generator=generator) * sigma
+
+
 @dataclass
 class AdvResult:
+    """Every number is a detached 0-dim tensor on the model's device, so reading the result costs
+    no host sync; only ``skipped`` (which decides the backward graph) is a Python bool."""
+
     loss: torch.Tensor
     """alpha-free symmetric KL after the ascent (zero, detached, when skipped)."""
     skipped: bool
-    delta_norm: float
-    """Mean per-token norm of the final perturbation."""
-    grad_norm: float
-    """Mean per-token norm of the last ascent gradient (before normalisation)."""
-    kl_before: float
+    delta_norm: torch.Tensor
+    """Mean per-token norm of the final perturbation (zero when skipped)."""
+    grad_norm: torch.Tensor
+    """Mean per-token norm of the last ascent gradient (before normalisation; non-finite
+    entries count as zero)."""
+    kl_before: torch.Tensor
     """Forward KL at the initial random perturbation (ascent diagnostics)."""
 
 
@@ -136,22 +236,45 @@ def adversarial_loss(
     *,
     any_rank: Callable[[bool], bool] = lambda flag: flag,
     generator: torch.Generator | None = None,
+    delta0: torch.Tensor | None = None,
+    first_logits: torch.Tensor | None = None,
+    clean_target: Target | None = None,
 ) -> AdvResult:
     """ALUM's regulariser (without alpha). ``f`` must be deterministic in its parameters apart from
     dropout; ``any_rank`` turns a local skip flag into a global one so every rank runs the same
-    backward graph (ZeRO-3 gathers parameters collectively in backward)."""
+    backward graph (ZeRO-3 gathers parameters collectively in backward).
+
+    Fused first pass: ``first_logits`` are the logits of ``f(add_perturbation(h0.detach(),
+    delta0))`` already computed (with ``delta0`` a leaf that requires grad) in the same graph as
+    the clean logits, e.g. one forward over a doubled batch. The first ascent gradient is then
+    taken through that graph with ``retain_graph=True``, so the clean half stays intact for the
+    final backward; since the ascent KL's target is detached, only the perturbed half feeds the
+    gradient w.r.t. delta.
+
+    Host syncs: the finite checks of every ascent gradient, of the adversarial loss and the
+    precision guard are combined on the device and read in one transfer; ``any_rank`` adds the
+    collective one. Nothing else leaves the device.
+
+    ``clean_target`` is ``Target.of(clean_logits)`` if the caller has it already.
+    """
     h = h0.detach()
-    target = clean_logits.detach()
-    delta = torch.randn(h.shape, dtype=torch.float32, device=h.device, generator=generator)
-    delta = delta * cfg.sigma
-    skipped = False
-    grad_norm = 0.0
-    kl_before = float("nan")
+    target = clean_target if clean_target is not None else Target.of(clean_logits)
+    if first_logits is not None and delta0 is None:
+        raise ValueError("first_logits needs the delta0 it was computed from")
+    if delta0 is None:
+        delta0 = init_delta(h, cfg.sigma, generator)
+    delta = delta0
+    ok = torch.ones((), dtype=torch.bool, device=h.device)
+    grad_norm = torch.zeros((), device=h.device)
+    kl_before = torch.full((), float("nan"), device=h.device)
     for step in range(cfg.ascent_steps):
-        delta.requires_grad_(True)
-        kl = kl_logits(target, f(add_perturbation(h, delta)))
+        fused = step == 0 and first_logits is not None
+        if not fused:
+            delta.requires_grad_(True)
+        adv = first_logits if fused else f(add_perturbation(h, delta))
+        kl = kl_to_target(target, adv)
         if step == 0:
-            kl_before = float(kl.detach())
+            kl_before = kl.detach()
         # Scaling the KL to O(1) before the gradient keeps the ascent gradient away from fp16
         # underflow; the normalisation below makes the step independent of this scale. The scale
         # is capped at 1e8: the KL at delta ~ sigma is below fp32 rounding noise, so it is often
@@ -159,44 +282,42 @@ def adversarial_loss(
         # fp16 backward to inf (every step skipped, the precision guard never reached). By
         # Pinsker, |dKL/dlogits| <= sqrt(2 kl), so the scaled gradient stays below ~1.5e4.
         scale = 1.0 / kl.detach().abs().clamp_min(1e-8)
-        (g,) = torch.autograd.grad(kl * scale, delta)
-        g = g / scale
-        if not bool(torch.isfinite(g).all()):
-            # Keep looping (with a harmless zero delta): every rank must run the same passes.
-            skipped = True
-            delta = torch.zeros_like(h, dtype=torch.float32)
-            continue
-        grad_norm = float(token_norm(g, cfg.norm).mean())
-        step_dir = normalize(g, cfg.norm)
+        (g,) = torch.autograd.grad(kl * scale, delta, retain_graph=fused)
         with torch.no_grad():
+            g = g / scale
+            # A non-finite gradient zeroes delta from here on (the remaining passes still run, on
+            # every rank, with a harmless zero perturbation) and marks the step skipped. Decided
+            # on the device: ``where`` never lets the NaN through.
+            finite = torch.isfinite(g).all()
+            ok = ok & finite
+            g = torch.where(finite, g, torch.zeros_like(g))
+            grad_norm = token_norm(g, cfg.norm).mean()
+            moved = delta.detach() + cfg.eta * normalize(g, cfg.norm)
             if cfg.update == "project":
-                delta = project(delta.detach() + cfg.eta * step_dir, cfg.epsilon, cfg.norm)
+                moved = project(moved, cfg.epsilon, cfg.norm)
             else:
-                moved = delta.detach() + cfg.eta * step_dir
-                delta = normalize(moved, cfg.norm)
+                moved = normalize(moved, cfg.norm)
+            delta = torch.where(ok, moved, torch.zeros_like(moved))
 
-    if not skipped:
-        frac = surviving_fraction(h, delta)
-        if frac < cfg.min_surviving_fraction:
-            r = surviving_radius(h, cfg.norm)
-            raise PrecisionError(
-                f"ALUM perturbation does not survive {str(h.dtype).removeprefix('torch.')}: only "
-                f"{frac:.0%} of it reaches the encoder (alum.eta={cfg.eta:g}, "
-                f"alum.epsilon={cfg.epsilon:g}). Use a radius of at least {r:g} "
-                f"(--alum.eta={r:g} --alum.epsilon={r:g}) or train in fp32"
-            )
-    adv_logits = f(add_perturbation(h, delta.detach()))
+    h_adv = add_perturbation(h, delta)
+    frac = _surviving_fraction(h, delta, h_adv)
+    adv_logits = f(h_adv)
     # The live clean logits: KL(sg(p_adv) || p_clean) trains the clean pass too (ALUM.md).
-    loss = symmetric_kl(clean_logits, adv_logits)
-    if not bool(torch.isfinite(loss.detach())):
-        skipped = True
+    loss = symmetric_kl(clean_logits, adv_logits, target)
+    # The one local host read of the step: [ascent finite, loss finite, fraction surviving].
+    ascent_ok, loss_ok, frac_v = torch.stack(
+        [ok.to(frac.dtype), torch.isfinite(loss.detach()).to(frac.dtype), frac]).tolist()
+    if ascent_ok and frac_v < cfg.min_surviving_fraction:
+        r = surviving_radius(h, cfg.norm)
+        raise PrecisionError(
+            f"ALUM perturbation does not survive {str(h.dtype).removeprefix('torch.')}: only "
+            f"{frac_v:.0%} of it reaches the encoder (alum.eta={cfg.eta:g}, "
+            f"alum.epsilon={cfg.epsilon:g}). Use a radius of at least {r:g} "
+            f"(--alum.eta={r:g} --alum.epsilon={r:g}) or train in fp32"
+        )
+    skipped = not (ascent_ok and loss_ok)
+    zero = torch.zeros((), device=h.device)
     if any_rank(skipped):
-        return AdvResult(torch.zeros((), device=h.device), True, 0.0, grad_norm, kl_before)
-    return AdvResult(
-        loss=loss,
-        skipped=False,
-        delta_norm=float(token_norm(delta, cfg.norm).mean()),
-        grad_norm=grad_norm,
-        kl_before=kl_before,
-    )
-
+        return AdvResult(zero, True, zero, grad_norm, kl_before)
+    return AdvResult(loss=loss, skipped=False, delta_norm=token_norm(delta, cfg.norm).mean(),
+                     grad_norm=grad_norm, kl_before=kl_before)

@@ -91,9 +91,11 @@ class AlumConfig:
     to the model's dtype; below it the step stops with a message naming a radius that survives."""
     fused_first_pass: bool = False
     """Run the clean pass and the first perturbed pass as one forward over a doubled batch (they
-    are independent: delta_0 is random). Same loss and gradients; the ascent's backward and the
-    clean part of the final backward then run over both halves. Off by default: slower on the
-    CPU (README, "Performance"); benchmark it on your device with bench/bench_alum.py."""
+    are independent: delta_0 is random). Same loss and gradients, but the ascent's backward and
+    the clean part of the final backward then run over both halves (11 forward-equivalents, not
+    8). Off by default: on the CPU 3.04x a plain step against 2.41x unfused, and more memory
+    (README, "Performance"); it may pay on a GPU at small micro-batches (bench/bench_alum.py).
+    Not supported under ZeRO-3."""
 
 
 @dataclass

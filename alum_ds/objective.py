@@ -11,13 +11,36 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import RobertaForMaskedLM
 
 from alum_ds import model as M
-from alum_ds.adversarial import adversarial_loss
-from alum_ds.config import AlumConfig
+from alum_ds.adversarial import Target, add_perturbation, adversarial_loss, init_delta
+from alum_ds.config import AlumConfig, ConfigError
+
+
+class _CrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of ``targets`` from the clean side's ``Target`` (the log-softmax the KLs
+    use as well, computed once); d/dz = (p - onehot(targets)) / rows."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, targets: torch.Tensor, logp: torch.Tensor,
+                p: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(p, targets)
+        ctx.z_dtype = z.dtype
+        return -logp.gather(1, targets[:, None]).mean()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        p, targets = ctx.saved_tensors
+        g = p.scatter_add(1, targets[:, None], torch.full_like(p[:, :1], -1.0))
+        return (g * (grad / p.shape[0])).to(ctx.z_dtype), None, None, None
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, target: Target | None = None) -> torch.Tensor:
+    """``F.cross_entropy(logits, targets)`` in at least fp32, reusing ``Target.of(logits)``."""
+    t = target if target is not None else Target.of(logits)
+    return _CrossEntropy.apply(logits, targets, t.logp, t.p)
 
 
 class AlumObjective(nn.Module):
@@ -26,6 +49,10 @@ class AlumObjective(nn.Module):
     ``labels`` holds the original token at masked positions and -100 elsewhere. The LM head and
     every KL run at the masked positions only. ``any_rank`` (from the trainer) makes a skip of the
     adversarial term a collective decision; the model itself knows nothing of ranks.
+
+    ``stats`` values are detached 0-dim tensors on the model's device (``masked_tokens`` and
+    ``adv_skipped`` are ints, known on the host anyway), so building them costs no host sync; read
+    them in one transfer (``torch.stack``) when logging.
     """
 
     def __init__(
@@ -40,6 +67,22 @@ class AlumObjective(nn.Module):
         self.alum = alum
         self.any_rank = any_rank
         self.skipped_total = 0
+        self.generator: torch.Generator | None = None
+        """Source of delta_0's noise (None: torch's global generator, seeded by the trainer)."""
+        self._zero3: bool | None = None
+
+    def _check_fused_supported(self) -> None:
+        """The fused graph is backpropagated twice (the ascent, then the final backward). ZeRO-3
+        gathers a module's parameters for backward once per forward (a reference count) and
+        releases them after the first traversal, so the second one finds them partitioned."""
+        if self._zero3 is None:  # known after deepspeed.initialize, i.e. at the first forward
+            self._zero3 = any(hasattr(p, "ds_id") for p in self.mlm.parameters())
+        if self._zero3:
+            raise ConfigError(
+                "alum.fused_first_pass=true does not work under ZeRO-3 (its graph is "
+                "backpropagated twice and ZeRO-3 re-gathers parameters only once per forward): "
+                "use ZeRO-0/1/2 or --alum.fused_first_pass=false (the same loss, unfused)"
+            )
 
     def forward(
         self,
@@ -47,39 +90,64 @@ class AlumObjective(nn.Module):
         labels: torch.Tensor,
         alum_on: bool = True,
         token_weight: float | None = None,
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor | int]]:
         """Without ``token_weight`` each term is a mean over this batch's masked tokens. With it,
         each term is its sum over the masked tokens times ``token_weight``: the trainer passes
         (ranks x accumulation steps) / (masked tokens in the whole optimizer step), so the
         gradient is the mean over every masked token of the step however it is split into
         micro-batches and ranks (DeepSpeed divides by both)."""
-        positions = (labels.reshape(-1) != -100).nonzero().squeeze(1)
-        targets = labels.reshape(-1).index_select(0, positions)
-        h0 = M.embed(self.mlm, input_ids)
-        clean = M.head_at(self.mlm, M.encode(self.mlm, h0), positions)
-        mlm_loss = F.cross_entropy(clean.float(), targets)
+        flat = labels.reshape(-1)
+        positions = (flat != -100).nonzero().squeeze(1)
+        targets = flat.index_select(0, positions)
         n = positions.numel()
+        adv_on = alum_on and self.alum.enabled
+        h0 = M.embed(self.mlm, input_ids)
+        delta0 = first = None
+        if adv_on and self.alum.fused_first_pass:
+            # The clean pass and the first perturbed pass in one forward over a doubled batch.
+            self._check_fused_supported()
+            delta0 = init_delta(h0, self.alum.sigma, self.generator).requires_grad_()
+            both = torch.cat([h0, add_perturbation(h0.detach(), delta0)])
+            logits = M.head_at(self.mlm, M.encode(self.mlm, both),
+                               torch.cat([positions, positions + flat.numel()]))
+            clean, first = logits[:n], logits[n:]
+        else:
+            clean = M.head_at(self.mlm, M.encode(self.mlm, h0), positions)
+        clean_target = Target.of(clean)  # log-softmax once: the MLM loss and both KLs use it
+        mlm_loss = cross_entropy(clean, targets, clean_target)
         scale = 1.0 if token_weight is None else token_weight * n
-        stats = {"mlm_loss": float(mlm_loss.detach()), "masked_tokens": int(n),
-                 "mlm_sum": float(mlm_loss.detach()) * n}
-        if not (alum_on and self.alum.enabled):
+        mlm_d = mlm_loss.detach()
+        stats: dict[str, torch.Tensor | int] = {"mlm_loss": mlm_d, "masked_tokens": int(n),
+                                                "mlm_sum": mlm_d * n}
+        if not adv_on:
             return mlm_loss * scale, stats
 
         def perturbed(h: torch.Tensor) -> torch.Tensor:
             return M.head_at(self.mlm, M.encode(self.mlm, h), positions)
 
-        adv = adversarial_loss(perturbed, h0, clean, self.alum, any_rank=self.any_rank)
+        adv = adversarial_loss(perturbed, h0, clean, self.alum, any_rank=self.any_rank,
+                               generator=self.generator, delta0=delta0, first_logits=first,
+                               clean_target=clean_target)
         if adv.skipped:
             self.skipped_total += 1
+            if first is not None:
+                # The fused graph holds the perturbed half, which may be what went non-finite:
+                # backpropagating the MLM loss through it would still carry 0 * NaN into the
+                # weight gradients. Rebuild the clean pass alone (on every rank: the skip is
+                # collective); this costs a forward only on skipped steps.
+                clean = M.head_at(self.mlm, M.encode(self.mlm, h0), positions)
+                mlm_loss = cross_entropy(clean, targets)
+                mlm_d = mlm_loss.detach()
+                stats.update(mlm_loss=mlm_d, mlm_sum=mlm_d * n)
             loss = mlm_loss
         else:
             loss = mlm_loss + self.alum.alpha * adv.loss
-        loss = loss * scale
+        adv_d = adv.loss.detach()
         stats.update(
-            adv_loss=float(adv.loss.detach()),
-            adv_sum=float(adv.loss.detach()) * n,
+            adv_loss=adv_d,
+            adv_sum=adv_d * n,
             delta_norm=adv.delta_norm,
             ascent_grad_norm=adv.grad_norm,
             adv_skipped=int(adv.skipped),
         )
-        return loss, stats
+        return loss * scale, stats

@@ -623,6 +623,162 @@ def test_reentrant_checkpointing_would_break_the_ascent():
         AlumObjective(m, AlumConfig())(ids, labels)
 
 
+# ---------------------------------------------------------------- 11. fused first pass (ALUM.md, "Cost")
+
+
+def run_objective(alum: AlumConfig, *, ckpt: bool = False, dtype=torch.float64, seed: int = 3):
+    """Loss, parameter gradients and stats of one objective step; delta_0 from ``gen(seed)``."""
+    ids, labels = batch()
+    m = tiny(seed=1, dtype=dtype, ckpt=ckpt)
+    obj = AlumObjective(m, alum)
+    obj.generator = gen(seed)
+    loss, stats = obj(ids, labels)
+    loss.backward()
+    return loss.detach(), params_grads(m), stats
+
+
+@pytest.mark.parametrize("update", ["project", "normalize"])
+@pytest.mark.parametrize("steps", [1, 2])
+def test_fused_first_pass_equals_unfused(monkeypatch, update, steps):
+    """One forward over [h0; h0 + delta_0] gives the same ascent gradient, loss and parameter
+    gradients as separate passes (float64, dropout off, the same delta_0)."""
+    grads = []
+    real = A.normalize
+
+    def spy(g, norm):
+        grads.append(g.detach().clone())
+        return real(g, norm)
+
+    monkeypatch.setattr(A, "normalize", spy)
+    cfg = dict(eta=0.1, epsilon=0.1, update=update, ascent_steps=steps)
+    loss_u, g_u, st_u = run_objective(AlumConfig(**cfg))
+    n_calls = len(grads)
+    loss_f, g_f, st_f = run_objective(AlumConfig(fused_first_pass=True, **cfg))
+    # The ascent gradient w.r.t. delta (the first normalize call of each run) is the same.
+    assert float(grads[0].abs().max()) > 0
+    torch.testing.assert_close(grads[n_calls], grads[0], rtol=1e-9, atol=1e-20)
+    torch.testing.assert_close(loss_f, loss_u, rtol=1e-12, atol=0)
+    assert g_f.keys() == g_u.keys()
+    for name, g in g_u.items():
+        assert g is not None, name
+        torch.testing.assert_close(g_f[name], g, rtol=1e-9, atol=1e-14, msg=name)
+    for key in ("mlm_loss", "adv_loss", "delta_norm", "ascent_grad_norm"):
+        torch.testing.assert_close(st_f[key], st_u[key], rtol=1e-9, atol=1e-20, msg=key)
+    assert st_f["adv_skipped"] == st_u["adv_skipped"] == 0
+
+
+def test_fused_first_pass_with_activation_checkpointing():
+    """The ascent backpropagates the doubled graph with retain_graph=True; non-reentrant
+    checkpointing recomputes it for the final backward as well."""
+    cfg = dict(eta=0.1, epsilon=0.1)
+    loss_u, g_u, _ = run_objective(AlumConfig(**cfg))
+    loss_f, g_f, _ = run_objective(AlumConfig(fused_first_pass=True, **cfg), ckpt=True)
+    torch.testing.assert_close(loss_f, loss_u, rtol=1e-12, atol=0)
+    for name, g in g_u.items():
+        torch.testing.assert_close(g_f[name], g, rtol=1e-9, atol=1e-14, msg=name)
+
+
+def test_fused_first_pass_trains_with_dropout():
+    m = tiny(dropout=0.1)
+    ids, labels = batch()
+    loss, stats = AlumObjective(m, AlumConfig(fused_first_pass=True))(ids, labels)
+    assert stats["adv_skipped"] == 0 and float(stats["adv_loss"]) > 0
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
+    assert m.roberta.embeddings.word_embeddings.weight.grad is not None
+
+
+def test_fused_first_pass_skip_keeps_weights_finite(monkeypatch):
+    """A non-finite first perturbed pass under fusion: the adversarial term is skipped and the
+    MLM gradient does not pass through the poisoned doubled graph (0 * NaN = NaN)."""
+    real = M.encode
+
+    def nan_in_second_half(model, h):
+        out = real(model, h)
+        if h.shape[0] == 2 * B:  # the doubled batch: poison the perturbed half
+            out = torch.cat([out[:B], out[B:] * float("nan")])
+        return out
+
+    monkeypatch.setattr(M, "encode", nan_in_second_half)
+    m = tiny()
+    ids, labels = batch()
+    obj = AlumObjective(m, AlumConfig(fused_first_pass=True))
+    loss, stats = obj(ids, labels)
+    assert stats["adv_skipped"] == 1 and obj.skipped_total == 1
+    loss.backward()
+    grads = [p.grad for p in m.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    # The loss is the plain MLM loss of the clean pass (dropout off).
+    torch.manual_seed(0)
+    plain, _ = AlumObjective(m, AlumConfig(enabled=False))(ids, labels)
+    torch.testing.assert_close(loss.detach(), plain.detach())
+
+
+def test_fused_first_pass_refuses_zero3():
+    """ZeRO-3 re-gathers a module's parameters once per forward; the fused graph is traversed
+    twice. The objective says so instead of failing inside LayerNorm's backward."""
+    from alum_ds.config import ConfigError
+
+    m = tiny()
+    next(m.parameters()).ds_id = 0  # what ZeRO-3 marks its partitioned parameters with
+    ids, labels = batch()
+    with pytest.raises(ConfigError, match="fused_first_pass.*ZeRO-3"):
+        AlumObjective(m, AlumConfig(fused_first_pass=True))(ids, labels)
+    AlumObjective(m, AlumConfig())(ids, labels)  # unfused is fine
+
+
+# ---------------------------------------------------------------- 12. fused KL / CE forms, host syncs
+
+
+def test_fast_kl_forms_equal_the_autograd_reference():
+    a = torch.randn(6, 40, dtype=torch.float64, generator=gen(4)) * 2
+    b = torch.randn(6, 40, dtype=torch.float64, generator=gen(5)) * 2
+    y = torch.randint(0, 40, (6,), generator=gen(6))
+    a1, b1 = a.clone().requires_grad_(), b.clone().requires_grad_()
+    a2, b2 = a.clone().requires_grad_(), b.clone().requires_grad_()
+    fast = A.kl_to_target(A.Target.of(a1), b1) + 3 * A.symmetric_kl(a1, b1) + 0.5 * O.cross_entropy(a1, y)
+    ref = (kl_logits(a2.detach(), b2) + 3 * (kl_logits(a2.detach(), b2) + kl_logits(b2.detach(), a2))
+           + 0.5 * torch.nn.functional.cross_entropy(a2, y))
+    torch.testing.assert_close(fast, ref, rtol=1e-12, atol=0)
+    fast.backward()
+    ref.backward()
+    torch.testing.assert_close(a1.grad, a2.grad, rtol=1e-10, atol=1e-15)
+    torch.testing.assert_close(b1.grad, b2.grad, rtol=1e-10, atol=1e-15)
+    # Low-precision logits: the arithmetic is fp32, the gradient comes back in the logits' dtype.
+    h = a.bfloat16().requires_grad_()
+    out = A.symmetric_kl(h, b.bfloat16()) + O.cross_entropy(h, y)
+    assert out.dtype == torch.float32
+    out.backward()
+    assert h.grad.dtype == torch.bfloat16 and torch.isfinite(h.grad).all()
+    # (No gradcheck: with its stop-gradients the symmetric KL's gradient is, by design, not the
+    # derivative of its value; the autograd reference above is the specification.)
+
+
+def test_alum_forward_reads_the_device_once(monkeypatch):
+    """Every finite check, the precision guard and the stats stay on the device: one host read per
+    ALUM forward (plus the skip's any_rank, whose all-reduce the trainer supplies). float()/
+    bool()/item() on a CUDA tensor is a device sync each."""
+    reads = []
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        real = getattr(torch.Tensor, name)
+
+        def counting(self, *a, _real=real, _name=name, **kw):
+            reads.append(_name)
+            return _real(self, *a, **kw)
+
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    m = tiny(dropout=0.1)
+    ids, labels = batch()
+    for fused in (False, True):
+        reads.clear()
+        _, stats = AlumObjective(m, AlumConfig(fused_first_pass=fused))(ids, labels)
+        assert reads == ["tolist"], reads
+        assert all(isinstance(v, int) or (v.ndim == 0 and not v.requires_grad) for v in stats.values())
+    reads.clear()
+    AlumObjective(m, AlumConfig(enabled=False))(ids, labels)
+    assert reads == []
+
+
 # ---------------------------------------------------------------- GPU precision (run when a GPU is lent)
 
 
@@ -642,3 +798,45 @@ def test_precision_guard_cuda(dtype):
     r = radius_from(str(err.value))
     res = adversarial_loss(f, h0, clean, AlumConfig(eta=r, epsilon=r), generator=g)
     assert not res.skipped and math.isfinite(float(res.loss.detach()))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_fp16_ascent_gradient_does_not_underflow_cuda(monkeypatch, dropout):
+    """fp16 on the GPU (trap 5): at delta_0 ~ sigma the KL and its gradient are far below fp16's
+    range; the KL is scaled before the gradient, so the ascent gradient is finite and non-zero on
+    every token and each token's step is eta."""
+    m = tiny(dropout=dropout, dtype=torch.float16).cuda()
+    ids, labels = (t.cuda() for t in batch())
+    _, h0, clean, f = parts(m, ids, labels)
+    r = A.surviving_radius(h0)  # a radius fp16 keeps (the precision guard's suggestion)
+    calls = spy_project(monkeypatch)
+    cfg = AlumConfig(eta=r, epsilon=10.0)
+    res = adversarial_loss(f, h0, clean, cfg, generator=torch.Generator(device="cuda").manual_seed(0))
+    assert not res.skipped and torch.isfinite(res.loss) and float(res.grad_norm) > 0
+    d0 = torch.randn(h0.shape, dtype=torch.float32, device="cuda",
+                     generator=torch.Generator(device="cuda").manual_seed(0)) * cfg.sigma
+    (pre, _), = calls
+    step = token_norm(pre - d0, "linf")
+    torch.testing.assert_close(step, torch.full_like(step, r), rtol=1e-4, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fused_first_pass_equals_unfused_cuda():
+    cfg = dict(eta=0.1, epsilon=0.1)
+
+    def run(fused: bool):
+        ids, labels = (t.cuda() for t in batch())
+        m = tiny(seed=1, dtype=torch.float64).cuda()
+        obj = AlumObjective(m, AlumConfig(fused_first_pass=fused, **cfg))
+        obj.generator = torch.Generator(device="cuda").manual_seed(3)
+        loss, _ = obj(ids, labels)
+        loss.backward()
+        return loss.detach(), params_grads(m)
+
+    (loss_u, g_u), (loss_f, g_f) = run(False), run(True)
+    torch.testing.assert_close(loss_f, loss_u, rtol=1e-10, atol=0)
+    for name, g in g_u.items():
+        torch.testing.assert_close(g_f[name], g, rtol=1e-7, atol=1e-12, msg=name)

@@ -1,0 +1,436 @@
+"""ALUM step cost in one script: plain MLM, this project's ALUM (unfused and fused first pass) and a
+straightforward ALUM baseline, on the same model, batch and DeepSpeed engine.
+
+    python bench/bench_alum.py [--quick] [--preset small] [--seq-len 128] [--micro-batch 8]
+                               [--ranks 2] [--ds ds_configs/zero2.json] [--steps 20]
+
+The script launches itself through DeepSpeed's runner (``--ranks`` ranks: CPU processes on a
+CPU-only machine, one per GPU otherwise) with a random ``--master_port`` unless one is given.
+Every rank builds the same model and wraps one module in one engine; each measured step is a
+full training step (forward, ``engine.backward``, ``engine.step``) of one variant, the variants
+interleaved step by step so that load drift on a shared machine hits them alike:
+
+- ``plain``: masked-LM loss only (``AlumObjective`` with ALUM off).
+- ``alum``: this project's ALUM step, K = 1 (masked-only head and KL, delta-only ascent).
+- ``alum_fused``: the same with ``alum.fused_first_pass`` (clean + first perturbed pass batched).
+- ``baseline``: ALUM written the straightforward way, as the published code does: full-vocabulary
+  logits at every position, an ascent gradient taken w.r.t. delta *and* every parameter (then
+  discarded; through the wrapped module, so ZeRO's hooks do not fire), the symmetric KL over
+  all positions. Needs ZeRO <= 2 (the parameters must be whole); skipped under ZeRO-3.
+
+Reported per variant (rank 0): median step time with its forward / backward / optimizer-step
+parts, and memory:
+
+- ``peak_mb``: the process's peak during a full engine step (model, optimizer state, the
+  engine's buffers: the same for every variant);
+- ``peak_growth_mb``: that peak minus the level before the step (activations, logits, KLs and
+  transients); the memory goal (ALUM <= 0.5 x baseline) is judged on this;
+- ``objective_peak_growth_mb``: the same for the variant's forward and backward alone, outside
+  the engine (gradients by ``torch.autograd.grad``, so ZeRO's hooks stay out of it): a check
+  that the engine adds nothing variant-specific.
+
+On a GPU memory is ``torch.cuda.max_memory_allocated``. On the CPU it is the process's RSS
+high-water mark (reset through ``/proc/self/clear_refs`` before each step), measured in a second
+launch with ``MALLOC_MMAP_THRESHOLD_=65536``: glibc then returns every freed block of 64 KiB or
+more to the kernel, so the RSS follows what torch holds (checked against torch's profiler memory
+timeline: equal to the MB). With glibc's defaults freed blocks stay in the process and a step's
+RSS growth reads ~0; the timed launch keeps the defaults (mmap per allocation costs time).
+``--quick`` does both in one launch (its timings are only a smoke test).
+
+Saved to bench/results/alum.json (or ``--out``) and printed as a table; nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import random
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+VARIANTS = ("plain", "alum", "alum_fused", "baseline")
+GOALS = {"alum_vs_plain_max": 2.2, "alum_vs_baseline_time_max": 0.6, "alum_vs_baseline_memory_max": 0.5}
+MMAP_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true",
+                   help="smoke test: tiny model, short sequences, 2 timed steps, one launch")
+    p.add_argument("--preset", default="small")
+    p.add_argument("--vocab", type=int, default=8192, help="vocabulary size (the data default)")
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--micro-batch", type=int, default=8)
+    p.add_argument("--ranks", type=int, default=2)
+    p.add_argument("--ds", default="ds_configs/zero2.json")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per variant")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first")
+    p.add_argument("--mem-steps", type=int, default=2, help="memory steps per variant")
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--master_port", type=int, default=0, help="0: a random port")
+    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "alum.json"))
+    p.add_argument("--phase", choices=("all", "time", "memory"), default="all", help=argparse.SUPPRESS)
+    p.add_argument("--raw", default="", help=argparse.SUPPRESS)
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.quick:
+        a.preset, a.seq_len, a.micro_batch, a.vocab = "tiny", 32, 4, 1024
+        a.steps, a.warmup, a.mem_steps = 2, 1, 1
+    return a
+
+
+# ------------------------------------------------------------------ the launcher side
+
+
+def launch(args: argparse.Namespace) -> int:
+    out = Path(args.out).resolve()
+    load0 = os.getloadavg()
+    busy = busy_processes()
+    phases = ["all"] if args.quick else ["time", "memory"]
+    raw: dict = {}
+    for phase in phases:
+        raw_path = out.with_name(out.name + f".{phase}.raw")
+        opts = [f"--preset={args.preset}", f"--vocab={args.vocab}", f"--seq-len={args.seq_len}",
+                f"--micro-batch={args.micro_batch}", f"--ranks={args.ranks}", f"--ds={args.ds}",
+                f"--steps={args.steps}", f"--warmup={args.warmup}", f"--mem-steps={args.mem_steps}",
+                f"--variants={args.variants}", f"--phase={phase}", f"--raw={raw_path}"]
+        port = args.master_port or random.randint(20000, 45000)
+        cmd = [sys.executable, "-u", "-c", "from deepspeed.launcher.runner import main; main()",
+               f"--num_gpus={args.ranks}", f"--master_port={port}", str(Path(__file__).resolve()),
+               *opts]
+        env = {**os.environ, "ALUM_BENCH_RANK": "1", "PYTHONUNBUFFERED": "1",
+               **(MMAP_ENV if phase != "time" else {})}
+        r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+        if r.returncode != 0:
+            sys.stderr.write((r.stdout + r.stderr)[-6000:])
+            return r.returncode
+        part = json.loads(raw_path.read_text())
+        raw_path.unlink()
+        for key, value in part.items():
+            if key == "variants":
+                for v, fields in value.items():
+                    raw.setdefault("variants", {}).setdefault(v, {}).update(fields)
+            else:
+                raw.setdefault(key, value)
+    res = summarise(raw, quick=args.quick)
+    res["load_avg_1m"] = [round(load0[0], 2), round(os.getloadavg()[0], 2)]
+    res["busy_processes_at_start"] = busy
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2) + "\n")
+    print(table(res))
+    return 0
+
+
+def summarise(raw: dict, *, quick: bool) -> dict:
+    from alum_ds.metrics import forward_equivalents
+
+    vs = raw["variants"]
+    plain = vs["plain"]
+    flop = forward_equivalents(True, raw["setting"]["alum"]["ascent_steps"]) / forward_equivalents(False, 1)
+    ratios: dict[str, float] = {}
+    for v in ("alum", "alum_fused", "baseline"):
+        if v in vs:
+            ratios[f"{v}_vs_plain"] = vs[v]["step_s"] / plain["step_s"]
+            ratios[f"{v}_compute_vs_plain"] = ((vs[v]["forward_s"] + vs[v]["backward_s"])
+                                               / (plain["forward_s"] + plain["backward_s"]))
+    if "baseline" in vs:
+        base = vs["baseline"]
+        for v in ("alum", "alum_fused"):
+            if v in vs:
+                ratios[f"{v}_vs_baseline_time"] = vs[v]["step_s"] / base["step_s"]
+                ratios[f"{v}_vs_baseline_memory"] = vs[v]["peak_growth_mb"] / base["peak_growth_mb"]
+                ratios[f"{v}_vs_baseline_objective_memory"] = (vs[v]["objective_peak_growth_mb"]
+                                                               / base["objective_peak_growth_mb"])
+                ratios[f"{v}_vs_baseline_peak_memory"] = vs[v]["peak_mb"] / base["peak_mb"]
+    if "alum" in vs:
+        ratios["alum_vs_flop_model"] = ratios["alum_vs_plain"] / flop
+        ratios["alum_compute_vs_flop_model"] = ratios["alum_compute_vs_plain"] / flop
+    return {
+        "setting": {**raw["setting"], "quick": quick},
+        "variants": vs,
+        "flop_model": {
+            "plain_forward_equivalents": forward_equivalents(False, 1),
+            "alum_forward_equivalents": forward_equivalents(True, raw["setting"]["alum"]["ascent_steps"]),
+            "alum_vs_plain": flop,
+            # Fused: the ascent's backward (1) and the clean backward (2) run over the doubled
+            # batch, whose perturbed half contributes zeros: 3 more forward-equivalents.
+            "alum_fused_vs_plain": (flop * 3 + 3) / 3,
+        },
+        "ratios": ratios,
+        "goals": GOALS,
+    }
+
+
+def busy_processes(interval: float = 0.5) -> list[str]:
+    """Other processes using >= 10% of a core when the benchmark starts (what else was running)."""
+    try:
+        import psutil
+    except ImportError:
+        return []
+    procs = [p for p in psutil.process_iter(["pid", "cmdline"]) if p.pid != os.getpid()]
+    for p in procs:
+        try:
+            p.cpu_percent(None)
+        except psutil.Error:
+            pass
+    time.sleep(interval)
+    out = []
+    for p in procs:
+        try:
+            cpu = p.cpu_percent(None)
+            if cpu >= 10:
+                out.append(f"{cpu:.0f}% {' '.join(p.info['cmdline'] or [])[:100]}")
+        except psutil.Error:
+            pass
+    return out
+
+
+def table(res: dict) -> str:
+    s = res["setting"]
+    lines = [f"{s['device']}, {s['ranks']} ranks, ZeRO-{s['zero_stage']}, {s['precision']}, preset "
+             f"{s['preset']}, seq {s['seq_len']}, micro-batch {s['micro_batch']}, median of "
+             f"{s['steps']} steps (load avg {res['load_avg_1m'][0]} -> {res['load_avg_1m'][1]})",
+             f"{'variant':<11} {'step s':>7} {'fwd s':>7} {'bwd s':>7} {'opt s':>7} {'x plain':>7} "
+             f"{'peak MB':>8} {'+step MB':>8} {'+obj MB':>8}"]
+    plain = res["variants"]["plain"]["step_s"]
+    for name, v in res["variants"].items():
+        lines.append(f"{name:<11} {v['step_s']:7.3f} {v['forward_s']:7.3f} {v['backward_s']:7.3f} "
+                     f"{v['optimizer_s']:7.3f} {v['step_s'] / plain:7.2f} {v['peak_mb']:8.0f} "
+                     f"{v['peak_growth_mb']:8.0f} {v['objective_peak_growth_mb']:8.0f}")
+    lines.append("ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in res["ratios"].items()))
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ the baseline
+
+
+def baseline_loss(mlm, input_ids, labels, cfg):
+    """Straightforward ALUM (the published code's shape): full-vocabulary logits everywhere, an
+    ascent that also computes (and throws away) every parameter's gradient, the symmetric KL over
+    all positions. The published max|g| + 1e-6 normalisation, projection onto the eps ball."""
+    import torch
+    import torch.nn.functional as F
+
+    from alum_ds import model as M
+    from alum_ds.adversarial import kl_logits
+
+    V = mlm.config.vocab_size
+    h0 = M.embed(mlm, input_ids)
+    logits = mlm.lm_head(M.encode(mlm, h0)).reshape(-1, V)
+    mlm_loss = F.cross_entropy(logits.float(), labels.reshape(-1), ignore_index=-100)
+    delta = (torch.randn(h0.shape, device=h0.device) * cfg.sigma).requires_grad_()
+    adv = mlm.lm_head(M.encode(mlm, h0.detach() + delta.to(h0.dtype))).reshape(-1, V)
+    params = [p for p in mlm.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(kl_logits(logits.detach(), adv), [delta, *params], allow_unused=True)
+    g = grads[0]
+    del grads
+    g = g / (g.abs().amax(-1, keepdim=True) + 1e-6)
+    delta = (delta.detach() + cfg.eta * g).clamp(-cfg.epsilon, cfg.epsilon)
+    adv = mlm.lm_head(M.encode(mlm, h0.detach() + delta.to(h0.dtype))).reshape(-1, V)
+    sym = kl_logits(logits.detach(), adv) + kl_logits(adv.detach(), logits)
+    return mlm_loss + cfg.alpha * sym
+
+
+def bench_module(mlm, alum, any_rank):
+    import torch
+
+    from alum_ds.objective import AlumObjective
+
+    class BenchModule(torch.nn.Module):
+        """One module for every variant, so they share parameters, engine and optimizer."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.objective = AlumObjective(mlm, alum, any_rank=any_rank)
+
+        def forward(self, input_ids, labels, variant: str):
+            if variant == "baseline":
+                return baseline_loss(self.objective.mlm, input_ids, labels, alum)
+            alum.fused_first_pass = variant == "alum_fused"
+            loss, _ = self.objective(input_ids, labels, variant != "plain")
+            return loss
+
+    return BenchModule()
+
+
+# ------------------------------------------------------------------ memory
+
+
+def _status_kb(field: str) -> int:
+    return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
+
+
+class PeakMeter:
+    """Peak memory of ``fn()`` in MB: (peak, peak minus the level before)."""
+
+    def __init__(self, on_gpu: bool) -> None:
+        import torch
+
+        self.torch = torch
+        self.mode = "cuda.max_memory_allocated" if on_gpu else "rss_high_water_mark"
+
+    def measure(self, fn) -> tuple[float, float]:
+        torch = self.torch
+        if self.mode.startswith("cuda"):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            fn()
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated()
+            return peak / 2**20, (peak - base) / 2**20
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+        base = _status_kb("VmRSS")
+        fn()
+        peak = _status_kb("VmHWM")
+        return peak / 1024, (peak - base) / 1024
+
+
+# ------------------------------------------------------------------ the rank side
+
+
+def rank_main(args: argparse.Namespace) -> None:
+    import deepspeed
+    import torch
+    from deepspeed.accelerator import get_accelerator
+
+    from alum_ds import distributed as D
+    from alum_ds.config import AlumConfig, RunConfig
+    from alum_ds.ds_config import precision_of, resolve_ds_config, zero_stage_of
+    from alum_ds.model import build_model
+    from alum_ds.trainer import make_optimizer
+
+    D.init()
+    rank, world = D.rank(), D.world()
+    acc = get_accelerator()
+    on_gpu = acc.device_name() == "cuda"
+    if on_gpu:
+        device = torch.device("cuda", D.local_rank())
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+        local = int(os.environ.get("LOCAL_SIZE", "1"))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))
+    cfg = RunConfig()
+    cfg.schedule.micro_batch_size = args.micro_batch
+    cfg.data.seq_len = args.seq_len
+    cfg.schedule.warmup_steps = 0
+    ds = resolve_ds_config(str(ROOT / args.ds), cfg, world_size=world,
+                           bf16_supported=bool(acc.is_bf16_supported()), on_gpu=on_gpu)
+    stage, precision = zero_stage_of(ds), precision_of(ds)
+    alum = AlumConfig()
+    if precision != "fp32":  # the default radius rounds away in 16-bit (the precision guard)
+        alum.eta = alum.epsilon = 1e-2
+    variants = [v for v in args.variants.split(",") if v]
+    if stage == 3 and "baseline" in variants:
+        variants.remove("baseline")  # parameter gradients w.r.t. partitioned parameters
+
+    torch.manual_seed(0)
+    mlm = build_model(preset=args.preset, vocab_size=args.vocab, seq_len=args.seq_len,
+                      dropout=cfg.model.dropout)
+    module = bench_module(mlm, alum, D.any_rank_fn(device))
+    opt = make_optimizer(list(module.named_parameters()), cfg, ds, on_gpu)
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt, config=ds)
+    engine.train()
+
+    g = torch.Generator().manual_seed(1000 + rank)
+    ids = torch.randint(3, args.vocab, (args.micro_batch, args.seq_len), generator=g)
+    sel = torch.rand(ids.shape, generator=g) < 0.15
+    sel[:, 1] = True
+    labels = torch.where(sel, ids, torch.full_like(ids, -100)).to(device)
+    ids = torch.where(sel, torch.full_like(ids, 4), ids).to(device)
+
+    def sync() -> None:
+        if on_gpu:
+            torch.cuda.synchronize()
+
+    last_loss: dict[str, float] = {}
+
+    def step(variant: str) -> tuple[float, float, float]:
+        D.barrier()
+        sync()
+        t0 = time.perf_counter()
+        loss = engine(ids, labels, variant)
+        sync()
+        t1 = time.perf_counter()
+        engine.backward(loss)
+        sync()
+        t2 = time.perf_counter()
+        engine.step()
+        sync()
+        t3 = time.perf_counter()
+        last_loss[variant] = float(loss.detach())
+        return t1 - t0, t2 - t1, t3 - t2
+
+    def objective_only(variant: str) -> None:
+        """The variant's forward and backward alone, outside the engine: gradients by
+        torch.autograd.grad (no accumulation, so ZeRO's hooks and buckets stay out of it)."""
+        loss = engine.module(ids, labels, variant)
+        grads = torch.autograd.grad(loss, [p for p in engine.module.parameters() if p.requires_grad],
+                                    allow_unused=True)
+        del grads
+
+    load0 = os.getloadavg()
+    for _ in range(args.warmup):
+        for v in variants:
+            step(v)
+    out: dict[str, dict] = {v: {} for v in variants}
+    if args.phase in ("all", "time"):
+        times: dict[str, list[tuple[float, float, float]]] = {v: [] for v in variants}
+        for i in range(args.steps):
+            k = i % len(variants)
+            for v in variants[k:] + variants[:k]:
+                times[v].append(step(v))
+        for v in variants:
+            f, b, o = zip(*times[v])
+            total = [sum(t) for t in times[v]]
+            q = statistics.quantiles(total, n=4) if len(total) >= 2 else [total[0]] * 3
+            out[v].update(step_s=statistics.median(total), forward_s=statistics.median(f),
+                          backward_s=statistics.median(b), optimizer_s=statistics.median(o),
+                          step_s_p25_p75=[q[0], q[2]], last_loss=last_loss[v])
+    meter = PeakMeter(on_gpu)
+    if args.phase in ("all", "memory"):
+        mem = {v: [] for v in variants}
+        obj_mem = {v: [] for v in variants}
+        for _ in range(args.mem_steps):
+            for v in variants:
+                mem[v].append(meter.measure(lambda v=v: step(v)))
+                D.barrier()
+                obj_mem[v].append(meter.measure(lambda v=v: objective_only(v)))
+        for v in variants:
+            out[v].update(peak_mb=max(p for p, _ in mem[v]), peak_growth_mb=max(g_ for _, g_ in mem[v]),
+                          objective_peak_growth_mb=max(g_ for _, g_ in obj_mem[v]))
+    if rank != 0:
+        return
+    alum_settings = dataclasses.asdict(alum)
+    alum_settings.pop("fused_first_pass")
+    raw = {
+        "setting": {"device": torch.cuda.get_device_name() if on_gpu else f"cpu ({os.cpu_count()} cores)",
+                    "ranks": world, "zero_stage": stage, "precision": precision, "preset": args.preset,
+                    "vocab": args.vocab, "seq_len": args.seq_len, "micro_batch": args.micro_batch,
+                    "steps": args.steps, "warmup": args.warmup, "mem_steps": args.mem_steps,
+                    "ds_config": args.ds, "alum": alum_settings, "memory_measure": meter.mode,
+                    "torch": torch.__version__, "deepspeed": deepspeed.__version__},
+        f"load_avg_1m_{args.phase}": [round(load0[0], 2), round(os.getloadavg()[0], 2)],
+        "variants": out,
+    }
+    Path(args.raw).write_text(json.dumps(raw))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(sys.argv[1:] if argv is None else argv)
+    if os.environ.get("ALUM_BENCH_RANK") and "RANK" in os.environ:
+        rank_main(args)
+        return 0
+    return launch(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
