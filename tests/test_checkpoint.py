@@ -150,6 +150,12 @@ def test_export_equals_engine_and_continual_pretraining(reference: Path, tmp_pat
                              rank=0, world=1, max_sequences=64)
     final_eval = _by_step(reference, "eval_loss")[STEPS]
     assert _mlm_loss(model, val) == pytest.approx(final_eval, abs=1e-4)
+    # Anyone's tools load it: the fill-mask pipeline from the folder alone.
+    from transformers import pipeline
+
+    fill = pipeline("fill-mask", model=str(out), tokenizer=str(out))
+    preds = fill(f"The {tok.mask_token} statement is used for conditional execution.")
+    assert len(preds) == 5 and all(p["token_str"] and 0 <= p["score"] <= 1 for p in preds)
 
     # Continual pretraining: data prepared with the exported model's tokenizer, a new run
     # started from the exported folder. Its first loss is the exported model's loss on that
