@@ -43,6 +43,30 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, target: Target | 
     return _CrossEntropy.apply(logits, targets, t.logp, t.p)
 
 
+def fused_first_pass(
+    module: nn.Module,
+    h0: torch.Tensor,
+    alum: AlumConfig,
+    generator: torch.Generator | None,
+    run: Callable[[torch.Tensor], torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The clean pass and the first perturbed pass as one forward over ``[h0; h0 + delta_0]``
+    (``alum.fused_first_pass``): returns ``run``'s output on the doubled batch and ``delta_0``.
+    Shared by the pretraining and fine-tuning objectives.
+
+    Refused under ZeRO-3: the fused graph is backpropagated twice (the ascent, then the final
+    backward) while ZeRO-3 gathers a module's parameters for backward once per forward and
+    releases them after the first traversal, so the second finds them partitioned."""
+    if any(hasattr(p, "ds_id") for p in module.parameters()):
+        raise ConfigError(
+            "alum.fused_first_pass=true does not work under ZeRO-3 (its graph is "
+            "backpropagated twice and ZeRO-3 re-gathers parameters only once per forward): "
+            "use ZeRO-0/1/2 or --alum.fused_first_pass=false (the same loss, unfused)"
+        )
+    delta0 = init_delta(h0, alum.sigma, generator).requires_grad_()
+    return run(torch.cat([h0, add_perturbation(h0.detach(), delta0)])), delta0
+
+
 class AlumObjective(nn.Module):
     """``forward(input_ids, labels, alum_on)`` returns ``(loss, stats)``.
 
@@ -69,20 +93,6 @@ class AlumObjective(nn.Module):
         self.skipped_total = 0
         self.generator: torch.Generator | None = None
         """Source of delta_0's noise (None: torch's global generator, seeded by the trainer)."""
-        self._zero3: bool | None = None
-
-    def _check_fused_supported(self) -> None:
-        """The fused graph is backpropagated twice (the ascent, then the final backward). ZeRO-3
-        gathers a module's parameters for backward once per forward (a reference count) and
-        releases them after the first traversal, so the second one finds them partitioned."""
-        if self._zero3 is None:  # known after deepspeed.initialize, i.e. at the first forward
-            self._zero3 = any(hasattr(p, "ds_id") for p in self.mlm.parameters())
-        if self._zero3:
-            raise ConfigError(
-                "alum.fused_first_pass=true does not work under ZeRO-3 (its graph is "
-                "backpropagated twice and ZeRO-3 re-gathers parameters only once per forward): "
-                "use ZeRO-0/1/2 or --alum.fused_first_pass=false (the same loss, unfused)"
-            )
 
     def forward(
         self,
@@ -104,12 +114,10 @@ class AlumObjective(nn.Module):
         h0 = M.embed(self.mlm, input_ids)
         delta0 = first = None
         if adv_on and self.alum.fused_first_pass:
-            # The clean pass and the first perturbed pass in one forward over a doubled batch.
-            self._check_fused_supported()
-            delta0 = init_delta(h0, self.alum.sigma, self.generator).requires_grad_()
-            both = torch.cat([h0, add_perturbation(h0.detach(), delta0)])
-            logits = M.head_at(self.mlm, M.encode(self.mlm, both),
-                               torch.cat([positions, positions + flat.numel()]))
+            doubled = torch.cat([positions, positions + flat.numel()])
+            logits, delta0 = fused_first_pass(
+                self.mlm, h0, self.alum, self.generator,
+                lambda both: M.head_at(self.mlm, M.encode(self.mlm, both), doubled))
             clean, first = logits[:n], logits[n:]
         else:
             clean = M.head_at(self.mlm, M.encode(self.mlm, h0), positions)

@@ -85,6 +85,37 @@ def test_alum_term_is_on_with_alpha_and_absent_without() -> None:
     assert float(loss0.detach()) == pytest.approx(float(ref.detach()), rel=1e-6)
 
 
+
+def test_fused_first_pass_skip_keeps_weights_finite_and_refuses_zero3(monkeypatch) -> None:
+    """The shared fused pass: a non-finite perturbed half is skipped and the clean pass rebuilt,
+    so 0 * NaN never reaches a weight gradient; ZeRO-3 is refused with a clear error."""
+    import alum_ds.finetune.objective as FO
+    from alum_ds.config import ConfigError
+
+    model = _tiny_classifier()
+    x, mask = _batch([[0, 5, 6, 7, 2], [0, 8, 9, 2]])
+    y = torch.tensor([0, 2])
+    real = FO.classify
+
+    def poisoned(m, hidden, attn):
+        if hidden.shape[0] == 2 * len(y):  # only the doubled (fused) batch
+            bad = torch.ones_like(hidden)
+            bad[len(y):] = float("nan")
+            hidden = hidden * bad
+        return real(m, hidden, attn)
+
+    monkeypatch.setattr(FO, "classify", poisoned)
+    obj = ClassifierObjective(model, AlumConfig(alpha=1.0, fused_first_pass=True)).train()
+    loss, st = obj(x, mask, y)
+    assert float(st["adv_skipped"]) == 1 and bool(torch.isfinite(loss))
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(bool(torch.isfinite(g).all()) for g in grads)
+
+    next(model.parameters()).ds_id = 0  # how ZeRO-3 marks its partitioned parameters
+    with pytest.raises(ConfigError, match="fused_first_pass.*ZeRO-3"):
+        obj(x, mask, y)
+
 def test_pgd_never_raises_robust_accuracy_and_zero_radius_is_clean() -> None:
     model = _tiny_classifier()
     x, mask = _batch([[0, 5, 6, 7, 2], [0, 8, 9, 2], [0, 11, 12, 13, 14, 2]])

@@ -20,8 +20,9 @@ from transformers import RobertaForSequenceClassification
 from transformers.masking_utils import create_bidirectional_mask
 
 from alum_ds import model as M
-from alum_ds.adversarial import add_perturbation, adversarial_loss, init_delta
+from alum_ds.adversarial import add_perturbation, adversarial_loss
 from alum_ds.config import AlumConfig
+from alum_ds.objective import fused_first_pass
 
 
 def classify(model: RobertaForSequenceClassification, hidden: torch.Tensor,
@@ -68,10 +69,10 @@ class ClassifierObjective(nn.Module):
         h0 = M.embed(self.model, input_ids)
         delta0 = first = None
         if adv_on and getattr(self.alum, "fused_first_pass", False):
-            # The clean pass and the first perturbed pass in one forward over a doubled batch.
-            delta0 = init_delta(h0, self.alum.sigma, None).requires_grad_()
-            both = torch.cat([h0, add_perturbation(h0.detach(), delta0)])
-            logits = classify(self.model, both, torch.cat([attention_mask, attention_mask]))
+            doubled_mask = torch.cat([attention_mask, attention_mask])
+            logits, delta0 = fused_first_pass(
+                self.model, h0, self.alum, None,
+                lambda both: classify(self.model, both, doubled_mask))
             clean, first = logits[: len(labels)], logits[len(labels):]
         else:
             clean = classify(self.model, h0, attention_mask)
@@ -91,6 +92,12 @@ class ClassifierObjective(nn.Module):
         adv = adversarial_loss(perturbed, h0, clean, self.alum, any_rank=self.any_rank, **kw)
         if adv.skipped:
             self.skipped_total += 1
+            if first is not None:
+                # As in pretraining: the fused graph holds the perturbed half, which may be what
+                # went non-finite; rebuild the clean pass alone so 0 * NaN cannot reach weights.
+                clean = classify(self.model, h0, attention_mask)
+                ce = F.cross_entropy(clean.float(), labels)
+                stats["ce_loss"] = ce.detach()
             loss = ce
         else:
             loss = ce + self.alum.alpha * adv.loss
