@@ -95,6 +95,19 @@ def spy_project(monkeypatch) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return calls
 
 
+def spy_ascent_gradients(monkeypatch) -> list[torch.Tensor]:
+    """Record every ascent gradient (normalize's input) while letting it through."""
+    grads = []
+    real = A.normalize
+
+    def spy(g, norm):
+        grads.append(g.detach().clone())
+        return real(g, norm)
+
+    monkeypatch.setattr(A, "normalize", spy)
+    return grads
+
+
 def params_grads(m):
     return {n: p.grad for n, p in m.named_parameters()}
 
@@ -240,14 +253,7 @@ def test_ascent_gradient_matches_finite_differences(monkeypatch):
     m = tiny(dtype=torch.float64)
     ids, labels = batch()
     _, h0, clean, f = parts(m, ids, labels)
-    grads = []
-    real = A.normalize
-
-    def spy(g, norm):
-        grads.append(g.detach().clone())
-        return real(g, norm)
-
-    monkeypatch.setattr(A, "normalize", spy)
+    grads = spy_ascent_gradients(monkeypatch)
     cfg = AlumConfig(sigma=1e-2)
     adversarial_loss(f, h0, clean, cfg, generator=gen(5))
     g = grads[0].double()  # the (unscaled) ascent gradient: the first normalize call
@@ -642,14 +648,7 @@ def run_objective(alum: AlumConfig, *, ckpt: bool = False, dtype=torch.float64, 
 def test_fused_first_pass_equals_unfused(monkeypatch, update, steps):
     """One forward over [h0; h0 + delta_0] gives the same ascent gradient, loss and parameter
     gradients as separate passes (float64, dropout off, the same delta_0)."""
-    grads = []
-    real = A.normalize
-
-    def spy(g, norm):
-        grads.append(g.detach().clone())
-        return real(g, norm)
-
-    monkeypatch.setattr(A, "normalize", spy)
+    grads = spy_ascent_gradients(monkeypatch)
     cfg = dict(eta=0.1, epsilon=0.1, update=update, ascent_steps=steps)
     loss_u, g_u, st_u = run_objective(AlumConfig(**cfg))
     n_calls = len(grads)
