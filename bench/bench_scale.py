@@ -28,44 +28,20 @@ import re
 import statistics
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import time
 from pathlib import Path
 
 import psutil
+from _corpus import stdlib_data
 
 ROOT = Path(__file__).resolve().parent.parent
 GIB = 2**30
 
 
-def stdlib_corpus(work: Path) -> Path:
-    """This interpreter's standard library sources (tests excluded) as one JSON-lines corpus."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    out = work / "stdlib.jsonl"
-    with open(out, "w") as f:
-        for p in sorted(root.rglob("*.py")):
-            rel = p.relative_to(root).as_posix()
-            if rel.startswith(("site-packages/", "test/")) or "/test/" in rel or "/tests/" in rel:
-                continue
-            try:
-                f.write(json.dumps({"text": p.read_text(encoding="utf-8")}) + "\n")
-            except (UnicodeDecodeError, OSError):
-                continue
-    return out
-
-
-def prepare_data(args: argparse.Namespace, work: Path) -> list[str]:
+def prepare_data(args: argparse.Namespace) -> list[str]:
     """Data arguments for the runs (the prepared stdlib folder is cached between bench runs)."""
-    if args.corpus == "embedded":
-        return []
-    cache = Path(os.environ.get("ALUM_DS_CACHE", Path.home() / ".cache" / "alum_ds"))
-    data = cache / f"bench-stdlib-{sys.version_info.major}.{sys.version_info.minor}-v{args.vocab}"
-    if not (data / "manifest.json").is_file():
-        corpus = stdlib_corpus(work)
-        subprocess.run([sys.executable, "-m", "alum_ds.cli", "prepare", str(corpus), "--out",
-                        str(data), "--vocab-size", str(args.vocab), "--quiet"], check=True, cwd=ROOT)
-    return [f"--data.dir={data}"]
+    return [] if args.corpus == "embedded" else [f"--data.dir={stdlib_data(args.vocab)}"]
 
 
 def _ranks(launcher: psutil.Process) -> dict[int, psutil.Process]:
@@ -190,7 +166,7 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory(prefix="alum_scale_") as tmp:
         work = Path(tmp)
-        data_args = prepare_data(args, work)
+        data_args = prepare_data(args)
         for i, (preset, ds) in enumerate(cases):
             print(f"bench_scale: {preset} under {ds} ...", file=sys.stderr, flush=True)
             res = run_case(preset, ds, args, data_args, work, args.master_port + i)
