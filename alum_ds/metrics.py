@@ -25,10 +25,11 @@ def flops_per_token(non_embedding_params: int, layers: int, hidden: int, seq_len
 
 
 def forward_equivalents(alum_on: bool, ascent_steps: int) -> float:
-    """Passes per step in forward-equivalents: plain MLM is 3 (forward + backward); ALUM adds,
-    per ascent step, a forward plus an activation-only backward (~3) and then a forward plus a
-    full backward (3): 8 for K = 1 (ALUM.md, "Cost")."""
-    return 3.0 + (ascent_steps * 3.0 + 2.0 if alum_on else 0.0)
+    """Passes per step in forward-equivalents: plain MLM is 3 (forward + backward). ALUM adds, per
+    ascent step, a forward plus an activation-only backward (~1: input gradients, no weight
+    gradients), then the adversarial forward plus its full backward (3): 8 for K = 1, 10 for
+    K = 2 (ALUM.md, "Cost")."""
+    return 3.0 + (ascent_steps * 2.0 + 3.0 if alum_on else 0.0)
 
 
 def peak_flops(device_name: str) -> float:

@@ -1,12 +1,24 @@
 """Plain-MLM throughput of alum_ds against Hugging Face Trainer + DeepSpeed on the same work.
 
-    python bench/bench_vs_hf.py [--preset small] [--steps 40] [--ranks 2] [--quick]
+    python bench/bench_vs_hf.py [--vocab embedded,roberta] [--preset small] [--steps 40] [--quick]
 
 The baseline is the ``run_mlm.py`` recipe: ``Trainer`` with the same DeepSpeed ZeRO config,
 ``DataCollatorForLanguageModeling`` (15% masking, full-vocabulary logits at every position), the
 same model shape, tokenizer, packed sequences, sequence length, micro-batch, number of ranks and
 optimizer settings. Both run through the real ``deepspeed`` launcher, one after the other, in this
-script; the figure is the median step time after warm-up. Results are printed and saved to
+script; each side is timed the same way, as wall time over windows of whole steps (data loading,
+masking and the step itself) after warm-up, and the figure is the median window. alum_ds also runs
+ALUM on the same work, for its tokens/s and its ratio to plain.
+
+Two vocabularies (``--vocab``): ``embedded``, the ~6.5k-entry BPE the embedded default corpus
+supports (the project's reference setting), and ``roberta``, a RoBERTa-size BPE (50,265 requested,
+~43k learned from this Python's standard library; see bench/_corpus.py), the shape a user of
+RoBERTa's tokenizer trains. The LM head's share of the work, and so the saving of predicting only
+the masked positions, grows with the vocabulary.
+
+MFU counts every pass in forward-equivalents (3 plain, 8 ALUM) with the FLOP model
+6 x non-embedding parameters + 12 x layers x hidden x sequence per token; on a CPU there is no
+peak figure, so it is reported as achieved FLOP/s. Results are printed and saved to
 ``bench/results/vs_hf.json``; nothing is asserted. Needs ``accelerate`` (the ``bench`` extra).
 """
 
@@ -21,6 +33,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _corpus import stdlib_data
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -47,26 +61,25 @@ def hf_worker(args: argparse.Namespace) -> None:
     from datasets import Dataset
     from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallback, TrainingArguments
 
-    from alum_ds.data.prepare import ensure_embedded
     from alum_ds.data.stream import PackedSequences
     from alum_ds.data.tokenizer import load_tokenizer
     from alum_ds.model import build_model
 
-    data_dir = ensure_embedded(args.cache, vocab_size=8192, seed=1234)
+    data_dir = Path(args.data_dir)
     tok = load_tokenizer(data_dir / "tokenizer")
     seqs = PackedSequences(data_dir, "train", args.seq_len)
-    ids = seqs.get(np.arange(len(seqs)))
+    ids = seqs.get(np.arange(min(len(seqs), 4 * args.steps * args.micro_batch * args.ranks)))
     train = Dataset.from_dict({"input_ids": ids.tolist()})
     torch.manual_seed(42)
     model = build_model(preset=args.preset, vocab_size=len(tok), seq_len=args.seq_len, dropout=0.1)
-    times: list[float] = []
+    ends: list[float] = []
 
     class StepTimer(TrainerCallback):
-        def on_step_begin(self, *a, **k):
-            self.t = time.perf_counter()
+        """Wall time between consecutive step ends: the whole step, data loading and masking
+        included (``on_step_begin`` comes after the batch is fetched and collated)."""
 
         def on_step_end(self, *a, **k):
-            times.append(time.perf_counter() - self.t)
+            ends.append(time.perf_counter())
 
     on_gpu = torch.cuda.is_available()
     targs = TrainingArguments(
@@ -82,18 +95,19 @@ def hf_worker(args: argparse.Namespace) -> None:
                       callbacks=[StepTimer()])
     trainer.train()
     if int(os.environ.get("RANK", "0")) == 0:
-        Path(args.out_json).write_text(json.dumps({"step_times": times}))
+        Path(args.out_json).write_text(json.dumps({"step_ends": ends}))
 
 
-def run_alum_ds(args: argparse.Namespace, work: Path, port: int) -> list[float]:
-    run_dir = work / "alum_ds"
+def run_alum_ds(args: argparse.Namespace, work: Path, port: int, data_dir: Path, alum: bool) -> list[float]:
+    """Mean step time per logged window (each record covers the `window` steps since the last)."""
+    run_dir = work / f"alum_ds-{'alum' if alum else 'plain'}-{data_dir.name}"
     cmd = _launcher(args.ranks, port) + [
         str(ROOT / "launch" / "pretrain.py"), "--ds_config", str(ROOT / args.ds),
         f"--model.preset={args.preset}", f"--schedule.steps={args.steps}",
-        f"--schedule.warmup_steps={max(1, args.steps // 10)}", "--logging.every=1",
-        "--alum.enabled=false", f"--run.dir={run_dir}", f"--data.seq_len={args.seq_len}",
-        f"--schedule.micro_batch_size={args.micro_batch}", f"--data.cache_dir={args.cache}",
-        "--logging.tensorboard=false",
+        f"--schedule.warmup_steps={max(1, args.steps // 10)}", f"--logging.every={args.window}",
+        f"--alum.enabled={str(alum).lower()}", f"--run.dir={run_dir}", f"--data.seq_len={args.seq_len}",
+        f"--schedule.micro_batch_size={args.micro_batch}", f"--data.dir={data_dir}",
+        "--logging.tensorboard=false", "--checkpoint.every=0", "--eval.max_sequences=16",
     ]
     subprocess.run(cmd, check=True, cwd=work, stdout=subprocess.DEVNULL,
                    env={**os.environ, "ALUM_DS_CPU_RANKS": "1"})
@@ -101,59 +115,136 @@ def run_alum_ds(args: argparse.Namespace, work: Path, port: int) -> list[float]:
     return [r["step_time_s"] for r in recs if "step_time_s" in r]
 
 
-def run_hf(args: argparse.Namespace, work: Path, port: int) -> list[float]:
-    out = work / "hf.json"
+def run_hf(args: argparse.Namespace, work: Path, port: int, data_dir: Path) -> list[float]:
+    """Mean step time per window of `window` consecutive steps, from the Trainer's step ends."""
+    out = work / f"hf-{data_dir.name}.json"
     cmd = _launcher(args.ranks, port) + [
         str(Path(__file__).resolve()), "--hf-worker", f"--out-json={out}",
         f"--preset={args.preset}", f"--steps={args.steps}", f"--seq-len={args.seq_len}",
-        f"--micro-batch={args.micro_batch}", f"--ds={args.ds}", f"--cache={args.cache}",
+        f"--micro-batch={args.micro_batch}", f"--ds={args.ds}", f"--data-dir={data_dir}",
+        f"--ranks={args.ranks}",
     ]
     # The same threads per rank as alum_ds uses (accelerate would give every rank all cores).
     threads = str(max(1, (os.cpu_count() or 1) // args.ranks))
     subprocess.run(cmd, check=True, cwd=work, stdout=subprocess.DEVNULL,
                    env={**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads})
-    return json.loads(out.read_text())["step_times"]
+    ends = json.loads(out.read_text())["step_ends"]
+    w = args.window
+    return [(ends[i] - ends[i - w]) / w for i in range(w, len(ends), w)]
+
+
+def data_for(vocab: str, args: argparse.Namespace) -> Path:
+    if vocab == "embedded":
+        from alum_ds.data.prepare import ensure_embedded
+
+        return ensure_embedded(args.cache, vocab_size=8192, seed=1234)
+    return stdlib_data(50265)
+
+
+def flops_per_token(preset: str, data_dir: Path, seq_len: int) -> tuple[float, int]:
+    """(training FLOPs per token of one forward+backward by the FLOP model, vocabulary size)."""
+    import torch
+
+    from alum_ds.metrics import flops_per_token as fpt
+    from alum_ds.model import build_model, non_embedding_params
+
+    vocab = json.loads((data_dir / "manifest.json").read_text())["tokenizer"]["vocab_size"]
+    with torch.device("meta"):
+        m = build_model(preset=preset, vocab_size=vocab, seq_len=seq_len, dropout=0.0)
+    return fpt(non_embedding_params(m), m.config.num_hidden_layers, m.config.hidden_size, seq_len), vocab
+
+
+def measure(vocab: str, args: argparse.Namespace, work: Path, port: int) -> dict:
+    from alum_ds.metrics import forward_equivalents
+
+    data_dir = data_for(vocab, args)
+    skip = -(-args.warmup // args.window)  # windows that hold a warm-up step
+    plain = run_alum_ds(args, work, port, data_dir, alum=False)[skip:]
+    hf = run_hf(args, work, port + 1, data_dir)[skip:]
+    alum = run_alum_ds(args, work, port + 2, data_dir, alum=True)[skip:] if args.alum else []
+    tokens = args.ranks * args.micro_batch * args.seq_len
+    fpt, vocab_size = flops_per_token(args.preset, data_dir, args.seq_len)
+    res: dict = {"vocab_size": vocab_size, "windows_measured": len(plain),
+                 "alum_ds_step_s": statistics.median(plain), "hf_trainer_step_s": statistics.median(hf)}
+    res["alum_ds_tokens_per_s"] = tokens / res["alum_ds_step_s"]
+    res["hf_trainer_tokens_per_s"] = tokens / res["hf_trainer_step_s"]
+    res["speedup"] = res["hf_trainer_step_s"] / res["alum_ds_step_s"]
+    # Model FLOP/s: the FLOP model's work per token (the same for both sides) times tokens/s.
+    res["alum_ds_model_gflops_per_s"] = res["alum_ds_tokens_per_s"] * fpt / 1e9
+    res["hf_trainer_model_gflops_per_s"] = res["hf_trainer_tokens_per_s"] * fpt / 1e9
+    if alum:
+        passes = forward_equivalents(True, 1) / forward_equivalents(False, 1)
+        res["alum_step_s"] = statistics.median(alum)
+        res["alum_tokens_per_s"] = tokens / res["alum_step_s"]
+        res["alum_vs_plain_step"] = res["alum_step_s"] / res["alum_ds_step_s"]
+        res["alum_flop_model_ratio"] = passes
+        # Counting its extra passes, how well an ALUM step uses the hardware relative to plain
+        # (1.0 = the same efficiency; ALUM.md's "efficiency parity").
+        res["alum_efficiency_vs_plain"] = passes / res["alum_vs_plain_step"]
+        res["alum_model_gflops_per_s"] = res["alum_tokens_per_s"] * fpt * passes / 1e9
+    return res
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--vocab", default="embedded,roberta",
+                   help="comma-separated: embedded (~6.5k entries), roberta (RoBERTa-size)")
     p.add_argument("--preset", default="small")
     p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=5, help="steps left out of the figures")
+    p.add_argument("--window", type=int, default=5,
+                   help="steps per timing window: both sides timed as wall time over whole windows")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--micro-batch", type=int, default=8)
     p.add_argument("--ranks", type=int, default=2)
     p.add_argument("--ds", default="ds_configs/zero2.json")
     p.add_argument("--cache", default="")
-    p.add_argument("--quick", action="store_true", help="tiny preset, few steps (smoke test)")
+    p.add_argument("--no-alum", dest="alum", action="store_false", help="skip the ALUM run")
+    p.add_argument("--quick", action="store_true", help="tiny preset, few steps, embedded (smoke test)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "vs_hf.json"))
     p.add_argument("--hf-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out-json", default="", help=argparse.SUPPRESS)
+    p.add_argument("--data-dir", default="", help=argparse.SUPPRESS)
     p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.hf_worker:
         hf_worker(args)
         return
     if args.quick:
-        args.preset, args.steps, args.warmup = "tiny", 6, 2
-    port = 29000 + os.getpid() % 900
+        args.preset, args.steps, args.warmup, args.window, args.vocab = "tiny", 6, 2, 2, "embedded"
+    vocabs = [v for v in args.vocab.split(",") if v]
+    for v in vocabs:
+        if v not in ("embedded", "roberta"):
+            p.error(f"--vocab {v}: choose embedded or roberta")
+    port = 29000 + os.getpid() % 800
+    out = {"preset": args.preset, "seq_len": args.seq_len, "micro_batch": args.micro_batch,
+           "ranks": args.ranks, "ds_config": args.ds, "window_steps": args.window,
+           "steps": args.steps, "warmup_steps": args.warmup, "machine": _machine(), "settings": {}}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         args.cache = args.cache or str(work / "cache")
-        ours = run_alum_ds(args, work, port)[args.warmup:]
-        hf = run_hf(args, work, port + 1)[args.warmup:]
-    tokens = args.ranks * args.micro_batch * args.seq_len
-    res = {
-        "preset": args.preset, "seq_len": args.seq_len, "micro_batch": args.micro_batch,
-        "ranks": args.ranks, "ds_config": args.ds, "steps_measured": len(ours),
-        "alum_ds_step_s": statistics.median(ours), "hf_trainer_step_s": statistics.median(hf),
-    }
-    res["alum_ds_tokens_per_s"] = tokens / res["alum_ds_step_s"]
-    res["hf_trainer_tokens_per_s"] = tokens / res["hf_trainer_step_s"]
-    res["speedup"] = res["hf_trainer_step_s"] / res["alum_ds_step_s"]
+        for i, v in enumerate(vocabs):
+            out["settings"][v] = measure(v, args, work, port + 3 * i)
+            print(f"bench_vs_hf: {v}: {json.dumps(out['settings'][v])}", file=sys.stderr, flush=True)
+    out["load_avg_after"] = list(os.getloadavg())
+    # The headline: the project's reference setting when it ran, else the first one.
+    head = out["settings"].get("embedded") or next(iter(out["settings"].values()))
+    out["speedup"] = head["speedup"]
+    if "roberta" in out["settings"]:
+        out["speedup_roberta_vocab"] = out["settings"]["roberta"]["speedup"]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
-    print(json.dumps(res, indent=2))
+    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    print(json.dumps(out, indent=2))
+
+
+def _machine() -> dict:
+    import platform
+
+    import torch
+
+    return {"cpus": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "load_avg_before": list(os.getloadavg())}
 
 
 if __name__ == "__main__":

@@ -21,6 +21,10 @@ def test_vs_hf_quick_mode_writes_its_figures(tmp_path: Path) -> None:
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     res = json.loads(out.read_text())
-    for key in ("alum_ds_tokens_per_s", "hf_trainer_tokens_per_s", "speedup"):
-        assert res[key] > 0
-    assert res["steps_measured"] >= 1
+    got = res["settings"]["embedded"]
+    for key in ("alum_ds_tokens_per_s", "hf_trainer_tokens_per_s", "speedup", "alum_tokens_per_s",
+                "alum_vs_plain_step", "alum_ds_model_gflops_per_s"):
+        assert got[key] > 0, key
+    assert got["windows_measured"] >= 1
+    assert res["speedup"] == got["speedup"]
+    assert got["alum_flop_model_ratio"] == pytest.approx(8 / 3)

@@ -17,7 +17,7 @@ import pytest
 from alum_ds import checkpoint as C
 from alum_ds.cli import main, train_main
 from alum_ds.config import ConfigError, grad_accum_for, load_config
-from alum_ds.metrics import MetricsLogger, StepWindow
+from alum_ds.metrics import MetricsLogger, StepWindow, flops_per_token, forward_equivalents
 from alum_ds.optim import lr_lambda, planned_steps
 from alum_ds.trainer import EXIT_PREEMPTED, Signals
 from tests.conftest import ROOT, deepspeed_cmd, free_port
@@ -93,6 +93,16 @@ def test_metrics_drop_an_abandoned_continuation(tmp_path: Path) -> None:
     log.close()
     got = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r["loss"]) for r in got] == [(1, 8.0), (2, 7.0), (3, 1.0)]
+
+
+def test_flop_model_counts_every_pass() -> None:
+    # ALUM.md "Cost": plain = forward + backward = 3; each ascent step adds a forward and an
+    # activation-only backward (2); the adversarial pass a forward and a full backward (3).
+    assert forward_equivalents(False, 1) == 3.0
+    assert forward_equivalents(True, 1) == 8.0
+    assert forward_equivalents(True, 2) == 10.0
+    # 6N + 12 L h s per token: RoBERTa-base's 85M non-embedding parameters at 512 tokens.
+    assert flops_per_token(85_000_000, 12, 768, 512) == pytest.approx(6 * 85e6 + 12 * 12 * 768 * 512)
 
 
 def test_step_window_weights_by_tokens() -> None:
