@@ -503,6 +503,101 @@ def test_saved_tokenizer_loads(data_dir: Path) -> None:
     assert enc[0] == m["bos_id"] and enc[-1] == m["eos_id"]
 
 
+# Text that splits differently under Python's and the Rust engine's character classes, or that
+# exercises the encoder's special cases: ASCII separators (white space to Python only), Unicode
+# spaces and line separators, letters and digits of other scripts, a letter outside the Basic
+# Multilingual Plane, emoji, combining marks, special-token text, contractions, long words.
+TRICKY = [
+    "plain ASCII: it's x = 1  +  2\t\tdone\n\n  indented\r\nend   ",
+    "sep\x1cfile\x1dgroup\x1erecord\x1funit \x1c \x0b\x0c\x00nul",
+    "nbsp\xa0here\u2028line\u2029para\x85nel\u3000ideo\u2003em\u200bzw \u202f\u205f",
+    "caf\u00e9 na\u0308ive \u00c5ngstr\u00f6m \u0395\u03bb\u03bb\u03ac\u03b4\u03b1 "
+    "\u041c\u043e\u0441\u043a\u0432\u0430",
+    "\u6f22\u5b57\u304b\u306a\u30ab\u30ca \ud55c\uad6d\uc5b4 \u0627\u0644\u0639\u0631\u0628\u064a\u0629 "
+    "\u0967\u0968\u0969 \u00bd\u2167",
+    "\U00020000\U0001d400 bold \U0001f600\U0001f44d\U0001f3fd emoji \U0001d7ce digits",
+    "<s> </s> <pad> <mask> <unk> a<s>>b </s>s",
+    "they're we've I'm you'll he'd 'S 'T ''s",
+    "x" * 300 + " " + "y" * 300 + " " + "x" * 300,
+    "   leading and trailing   \n\n\n",
+]
+
+
+def test_word_cache_encoder_matches_rust(data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tokenizers import Tokenizer
+
+    from alum_ds.data import tokenizer as T
+
+    backend = Tokenizer.from_file(str(data_dir / "tokenizer" / "tokenizer.json"))
+    backend.encode_special_tokens = True
+    assert T.WordCacheEncoder.supports(backend)
+    docs = TRICKY + embedded_documents()[:20]
+    want = [e.ids for e in backend.encode_batch_fast(docs, add_special_tokens=False)]
+
+    def check(enc: T.WordCacheEncoder) -> None:
+        for batch in (docs, docs[::-1]):  # a second pass runs from the cache
+            flat, lengths = enc.encode_batch(batch)
+            expect = want if batch is docs else want[::-1]
+            assert lengths == [len(w) for w in expect]
+            assert flat.dtype == np.uint16 and flat.tolist() == list(itertools.chain(*expect))
+
+    enc = T.WordCacheEncoder(backend, np.dtype(np.uint16))
+    assert enc.ascii_ok
+    check(enc)
+    assert {"\xa0", "\u00e9", "\U0001f600"} <= enc._safe
+    # Letters and digits beyond the Basic Multilingual Plane are left to the Rust tokenizer.
+    assert enc._unsafe == {"\U00020000", "\U0001d400", "\U0001d7ce"}
+    # A character that disagrees sends its documents to the Rust tokenizer, with equal results.
+    monkeypatch.setattr(T.WordCacheEncoder, "_agrees", lambda self, c: c != "\u00e9")
+    enc = T.WordCacheEncoder(backend, np.dtype(np.uint16))
+    check(enc)
+    assert "\u00e9" in enc._unsafe
+    monkeypatch.undo()
+    monkeypatch.setattr(T, "CACHE_WORDS", 7)  # the cache starts afresh many times
+    check(T.WordCacheEncoder(backend, np.dtype(np.uint16)))
+
+
+def test_word_cache_encoder_declines_other_tokenizers(data_dir: Path) -> None:
+    from tokenizers import AddedToken, Tokenizer, normalizers, pre_tokenizers
+
+    from alum_ds.data.tokenizer import WordCacheEncoder
+
+    def fresh() -> Tokenizer:
+        t = Tokenizer.from_file(str(data_dir / "tokenizer" / "tokenizer.json"))
+        t.encode_special_tokens = True
+        return t
+
+    assert WordCacheEncoder.supports(fresh())
+    t = fresh()
+    t.encode_special_tokens = False  # "<s>" in text would become a special id
+    assert not WordCacheEncoder.supports(t)
+    t = fresh()
+    t.normalizer = normalizers.Lowercase()
+    assert not WordCacheEncoder.supports(t)
+    t = fresh()
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    assert not WordCacheEncoder.supports(t)
+    t = fresh()
+    t.add_tokens([AddedToken("hello", special=False)])  # split out before pre-tokenizing
+    assert not WordCacheEncoder.supports(t)
+
+
+def test_prepare_ignores_tokenizer_truncation(data_dir: Path, tmp_path: Path) -> None:
+    # A tokenizer.json made for model inputs may truncate (or pad): documents must stay whole.
+    tok_dir = tmp_path / "tok"
+    shutil.copytree(data_dir / "tokenizer", tok_dir)
+    j = json.loads((tok_dir / "tokenizer.json").read_text())
+    j["truncation"] = {"direction": "Right", "max_length": 4, "strategy": "LongestFirst", "stride": 0}
+    (tok_dir / "tokenizer.json").write_text(json.dumps(j))
+    docs = embedded_documents()[:10]
+    whole = P.prepare(documents=docs, out_dir=tmp_path / "a", tokenizer=str(data_dir / "tokenizer"),
+                      progress=False)
+    cut = P.prepare(documents=docs, out_dir=tmp_path / "b", tokenizer=str(tok_dir), progress=False)
+    for split in ("train", "validation"):
+        assert [e["tokens"] for e in cut["splits"][split]] == [e["tokens"] for e in whole["splits"][split]]
+        assert [e["sha256"] for e in cut["splits"][split]] == [e["sha256"] for e in whole["splits"][split]]
+
+
 # 8. Inputs: Parquet, saved datasets, Hub names, chunked reading ------------------------------
 
 

@@ -2,8 +2,9 @@
 
 Memory stays bounded whatever the corpus size: the BPE is learned from the training documents
 (or their first ``tokenizer_sample_bytes``) streamed through the trainer, then the corpus is read
-again in chunks by one thread, encoded on every core by the Rust tokenizer in another, and
-written shard by shard by the caller's. Shard cuts depend only on document token counts, never on chunking,
+again in chunks by one thread, encoded in another (byte-level BPE tokenizers by the word cache of
+``tokenizer.WordCacheEncoder``, others by the Rust tokenizer on every core), and written shard
+by shard by the caller's. Shard cuts depend only on document token counts, never on chunking,
 so the same input and options give byte-identical shards on any path.
 
 Both splits are cut together (when either buffer reaches ``SHARD_TOKENS``), so after each cut
@@ -24,7 +25,7 @@ import re
 import shutil
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from itertools import chain
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,7 @@ from alum_ds.data.corpus import documents_fingerprint, embedded_documents
 from alum_ds.data.progress import Progress, background
 from alum_ds.data.sources import Chunk, Corpus, DocumentList, Position, decode_utf8, expand_inputs
 from alum_ds.data.sources import read_documents as read_documents
-from alum_ds.data.tokenizer import learn_bpe, load_tokenizer
+from alum_ds.data.tokenizer import WordCacheEncoder, learn_bpe, load_tokenizer
 
 __all__ = ["decode_utf8", "expand_inputs", "prepare", "prepare_inputs", "read_documents"]
 
@@ -126,12 +127,9 @@ class _Writer:
                 self._flush(split)
         return self.held[0] if self.held is not None else i + 1
 
-    def add_batch(self, first: int, id_lists: list[list[int]]) -> Iterator[int]:
-        """``add`` documents ``first, first + 1, ...``; yield each cut's resume index (before
-        the next document is taken)."""
-        lengths = [len(x) for x in id_lists]
-        # One conversion per batch: per-document arrays cost more than the rest of the loop.
-        flat = np.fromiter(chain.from_iterable(id_lists), dtype=self.dtype, count=sum(lengths))
+    def add_batch(self, first: int, flat: np.ndarray, lengths: list[int]) -> Iterator[int]:
+        """``add`` documents ``first, first + 1, ...`` (``lengths`` ids each, concatenated in
+        ``flat``); yield each cut's resume index (before the next document is taken)."""
         pos = 0
         for j, n in enumerate(lengths):
             resume = self.add(first + j, flat[pos : pos + n])
@@ -312,11 +310,23 @@ def prepare(
     # boundaries and masks inside a sequence. Set after save_pretrained, so the saved tokenizer
     # keeps the usual behaviour.
     backend.encode_special_tokens = True
+    # A tokenizer.json may carry a truncation or padding setting (for model inputs): it would
+    # cut every document short, or pad it.
+    backend.no_truncation()
+    backend.no_padding()
+    # The word cache encodes on one core (it holds the GIL) with about a quarter of the Rust
+    # pipeline's CPU time per token: on a 2-core machine 1.8 s against 3 to 6 s for the Rust
+    # tokenizer on both cores. Splitting each batch between the two was measured slower there
+    # (4 s): the Rust threads take the core the word cache needs.
+    if WordCacheEncoder.supports(backend):
+        encode = WordCacheEncoder(backend, dtype).encode_batch
+    else:
+        encode = _rust_batch(backend, dtype)
 
     cut = state["cuts"][-1] if state["cuts"] else None
     writer = _Writer(out, dtype, seed=seed, val_fraction=val_fraction, entries=state["splits"],
                      any_val=bool(cut and cut["any_val"]))
-    n_docs, replaced = _encode(corpus, backend, writer, state, out, cut, prog)
+    n_docs, replaced = _encode(corpus, encode, writer, state, out, cut, prog)
     writer.finish(n_docs)
     _clean(out, {e["name"] for s in SPLITS for e in state["splits"][s]})
     if sum(e["tokens"] for e in state["splits"]["train"]) == 0:
@@ -347,9 +357,28 @@ def prepare(
     return S.read_manifest(out)
 
 
-def _encoded(chunks: Iterator[Chunk], skip: int, backend: Any) -> Iterator[tuple[Chunk | None, list[Any]]]:
-    """``(chunk, encodings)`` per batch of at most ``ENCODE_CHARS``; ``chunk`` is given with its
-    first batch (or alone, if it holds no document to encode) and is ``None`` after."""
+Batch = tuple[np.ndarray, list[int]]
+"""The ids of a batch of documents, concatenated, and each document's length."""
+
+
+def _rust_batch(backend: Tokenizer, dtype: np.dtype) -> Callable[[list[str]], Batch]:
+    """Encode with the Rust tokenizer alone (for tokenizers that ``WordCacheEncoder`` does not
+    reproduce): on every core, without the GIL; offsets are not needed."""
+
+    def encode(docs: list[str]) -> Batch:
+        id_lists = [e.ids for e in backend.encode_batch_fast(docs, add_special_tokens=False)]
+        lengths = [len(x) for x in id_lists]
+        # One conversion per batch: per-document arrays cost more than the rest of the loop.
+        flat = np.fromiter(chain.from_iterable(id_lists), dtype=dtype, count=sum(lengths))
+        return flat, lengths
+
+    return encode
+
+
+def _encoded(chunks: Iterator[Chunk], skip: int,
+             encode: Callable[[list[str]], Batch]) -> Iterator[tuple[Chunk | None, Batch]]:
+    """``(chunk, (ids, lengths))`` per batch of at most ``ENCODE_CHARS``; ``chunk`` is given with
+    its first batch (or alone, if it holds no document to encode) and is ``None`` after."""
     for chunk in chunks:
         docs = chunk.docs
         if skip:
@@ -363,9 +392,7 @@ def _encoded(chunks: Iterator[Chunk], skip: int, backend: Any) -> Iterator[tuple
             while hi < len(docs) and (size < ENCODE_CHARS or hi == lo):
                 size += len(docs[hi])
                 hi += 1
-            # The Rust tokenizer encodes a batch on every core, without the GIL; offsets are
-            # not needed.
-            yield first, backend.encode_batch_fast(docs[lo:hi], add_special_tokens=False) if hi > lo else []
+            yield first, encode(docs[lo:hi]) if hi > lo else (np.zeros(0, np.uint16), [])
             first, lo = None, hi
 
 
@@ -383,12 +410,12 @@ def _no_cyclic_gc() -> Iterator[None]:
             gc.enable()
 
 
-def _encode(corpus: Corpus, backend: Any, writer: _Writer, state: dict[str, Any], out: Path,
-            cut: dict[str, Any] | None, prog: Progress) -> tuple[int, int]:
+def _encode(corpus: Corpus, encode: Callable[[list[str]], Batch], writer: _Writer, state: dict[str, Any],
+            out: Path, cut: dict[str, Any] | None, prog: Progress) -> tuple[int, int]:
     """Encode every document from the last cut on; return (documents, replaced bytes) in all.
 
-    Three stages overlap: a thread reads and decodes chunks, a thread encodes them (in Rust, on
-    every core), and this thread turns ids into arrays and writes shards."""
+    Three stages overlap: a thread reads and decodes chunks, a thread encodes them, and this
+    thread assigns documents to splits and writes shards."""
     start: Position | None = cut["position"] if cut else None
     skip = cut["skip"] if cut else 0
     doc_index = cut["documents"] if cut else 0
@@ -400,18 +427,17 @@ def _encode(corpus: Corpus, backend: Any, writer: _Writer, state: dict[str, Any]
     recent: list[tuple[int, Position, int]] = []
     t_start, nbytes, new_tokens = time.monotonic(), 0, 0
     with _no_cyclic_gc(), background(corpus.chunks(start), depth=3) as chunks, \
-            background(_encoded(chunks, skip, backend), depth=2) as batches:
-        for chunk, encodings in batches:
+            background(_encoded(chunks, skip, encode), depth=2) as batches:
+        for chunk, (flat, lengths) in batches:
             if chunk is not None:
                 recent.append((chunk_first, chunk.start, replaced))
                 chunk_first += len(chunk.docs)
                 replaced += chunk.replaced
                 nbytes += chunk.nbytes
-            id_lists = [e.ids for e in encodings]
-            for resume in writer.add_batch(doc_index, id_lists):
+            for resume in writer.add_batch(doc_index, flat, lengths):
                 recent = _record_cut(out, state, writer, recent, resume)
-            doc_index += len(id_lists)
-            new_tokens += sum(map(len, id_lists))
+            doc_index += len(lengths)
+            new_tokens += flat.size
             prog.line("tokenizing", docs=doc_index, tokens=tokens + new_tokens, nbytes=nbytes,
                       since=t_start)
     prog.line("tokenizing", docs=doc_index, tokens=tokens + new_tokens, nbytes=nbytes,
