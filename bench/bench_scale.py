@@ -1,7 +1,10 @@
 """Scale smoke: RoBERTa-large-shaped ALUM steps on 2 CPU ranks, and what ZeRO sharding saves.
 
-    python bench/bench_scale.py [--cases large:zero3_offload,large:zero2,base:zero2,base:zero3_offload]
-                                [--steps 3] [--micro-batch 1] [--seq-len 128] [--corpus stdlib]
+    python bench/bench_scale.py [--cases PRESET:DS_CONFIG,...] [--steps 3] [--micro-batch 1]
+                                [--seq-len 128] [--corpus stdlib] [--append]
+
+The default cases: large:zero3_offload,large:zero2,base:zero1,base:zero2,base:zero3,
+base:zero3_offload.
 
 Each case is one real run of launch/pretrain.py through the deepspeed launcher (2 CPU ranks,
 fp32, ALUM on, K=1). While it runs, the launcher's child processes are polled: the peak resident
@@ -14,7 +17,9 @@ allocation). Evaluation is cut to 2 held-out sequences.
 --corpus stdlib (default) learns a BPE of RoBERTa's size (50,265 requested) on this Python's
 standard-library sources, which yield about 43k entries: large has ~348M parameters (RoBERTa-large
 355M), base ~119M. --corpus embedded uses the small embedded default (~6.5k entries: large ~310M).
-Figures are printed and saved to bench/results/scale.json; nothing is asserted. RSS counts shared
+Figures are printed and saved to bench/results/scale.json; nothing is asserted. The trainer pins
+glibc's mmap threshold on CPU runs (alum_ds/trainer.py, _pin_malloc_mmap_threshold): figures
+saved before that change held up to ~2 GiB per rank of freed-but-resident heap. RSS counts shared
 library pages in every rank (about 0.5 GB of torch and friends), so the ranks' sum overstates
 what the machine gives.
 """
@@ -147,7 +152,8 @@ def run_case(preset: str, ds: str, args: argparse.Namespace, data_args: list[str
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--cases", default="large:zero3_offload,large:zero2,base:zero2,base:zero3_offload",
+    p.add_argument("--cases", default=("large:zero3_offload,large:zero2,base:zero1,base:zero2,base:zero3,"
+                                       "base:zero3_offload"),
                    help="comma-separated PRESET:DS_CONFIG (a name in ds_configs/, or a .json path)")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--micro-batch", type=int, default=1)
@@ -178,7 +184,8 @@ def main() -> None:
         "settings": {"ranks": args.ranks, "steps": args.steps, "micro_batch": args.micro_batch,
                      "seq_len": args.seq_len, "corpus": args.corpus,
                      "vocab_requested": args.vocab if args.corpus == "stdlib" else None,
-                     "precision": "fp32 (bf16 auto is off on CPU)", "alum": "on, K=1"},
+                     "precision": "fp32 (bf16 auto is off on CPU)", "alum": "on, K=1",
+                     "malloc": "glibc mmap threshold pinned at 128 KiB by the trainer"},
         "cases": results,
     }
     out = Path(args.out)
@@ -186,8 +193,10 @@ def main() -> None:
         old = json.loads(out.read_text())
         if old.get("settings") != doc["settings"]:
             raise SystemExit(f"--append: {out} was written with other settings: {old.get('settings')}")
-        done = {(c["preset"], c["ds_config"]) for c in results}
-        doc["cases"] = [c for c in old["cases"] if (c["preset"], c["ds_config"]) not in done] + results
+        # A case run again replaces its earlier result in place; new cases go to the end.
+        fresh = {(c["preset"], c["ds_config"]): c for c in results}
+        kept = [fresh.pop((c["preset"], c["ds_config"]), c) for c in old["cases"]]
+        doc["cases"] = kept + list(fresh.values())
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=2) + "\n")
     print(json.dumps(doc, indent=2))
