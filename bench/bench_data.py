@@ -7,7 +7,9 @@ text files; end to end from the files on disk to token files on disk, with the s
 tokenizer (learned once by prepare, then passed to both): ``prepare --tokenizer`` against
 ``load_dataset("text", sample_by="paragraph")`` + ``.map(batched=True, num_proc=2)`` +
 ``save_to_disk``. Each run is a fresh process (so neither inherits the other's thread pools or
-caches), the two alternate, and the time excludes interpreter start and imports.
+caches), the two alternate, and the time excludes interpreter start and imports. A third run per
+repeat, ``prepare_in_thread``, is prepare with its word cache in its own thread
+(``ALUM_DS_PREPARE_WORKERS=0``) instead of one worker process per core: what the pool gives here.
 (2) Stream: packed, masked micro-batches of one rank (``next_for_rank``), tokens per second.
 
 Figures are medians of ``--repeats`` runs, printed and saved as JSON; nothing is asserted. The
@@ -57,6 +59,11 @@ def _cpu_seconds() -> float:
 
 
 def _child_prepare(files: list[str], tokenizer: str, out: str) -> dict:
+    # What alum_ds.data.tokenizer imported at load time before it imported transformers lazily
+    # (for the encoding workers' start): imports stay out of the timing, as for the baseline.
+    from transformers import AutoTokenizer, RobertaTokenizerFast  # noqa: F401
+
+    from alum_ds.data.encoding import default_workers
     from alum_ds.data.prepare import prepare_inputs
 
     t0, c0 = time.perf_counter(), _cpu_seconds()
@@ -64,7 +71,8 @@ def _child_prepare(files: list[str], tokenizer: str, out: str) -> dict:
     dt, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
     tokens = sum(e["tokens"] for split in m["splits"].values() for e in split)
     docs = m["source"]["documents"]
-    return {"seconds": dt, "cpu_seconds": cpu, "tokens": tokens, "documents": docs}
+    return {"seconds": dt, "cpu_seconds": cpu, "tokens": tokens, "documents": docs,
+            "encode_workers": default_workers()}
 
 
 def _child_baseline(files: list[str], tokenizer: str, out: str, num_proc: int = 2) -> dict:
@@ -88,12 +96,14 @@ def _child_baseline(files: list[str], tokenizer: str, out: str, num_proc: int = 
 
 def _run_child(kind: str, files: list[Path], tokenizer: Path, out: Path, quick: bool) -> dict:
     if quick:  # in this process, one baseline process: only the figures' presence matters
-        if kind == "prepare":
+        if kind.startswith("prepare"):
             return _child_prepare(list(map(str, files)), str(tokenizer), str(out))
         return _child_baseline(list(map(str, files)), str(tokenizer), str(out), num_proc=1)
     cmd = [sys.executable, __file__, "--_child", kind, "--_tokenizer", str(tokenizer), "--_out", str(out),
            *map(str, files)]
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    if kind == "prepare_in_thread":
+        env["ALUM_DS_PREPARE_WORKERS"] = "0"
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if r.returncode:
         raise RuntimeError(f"{kind} run failed:\n{r.stderr[-3000:]}")
@@ -144,7 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("files", nargs="*", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a._child:
-        fn = _child_prepare if a._child == "prepare" else _child_baseline
+        fn = _child_prepare if a._child.startswith("prepare") else _child_baseline
         print(json.dumps(fn(a.files, a._tokenizer, a._out)))
         return {}
     if a.quick:
@@ -160,9 +170,9 @@ def main(argv: list[str] | None = None) -> dict:
         prepare_inputs([str(files[0])], str(work / "learned"), vocab_size=8192, progress=False)
         learn_s = time.perf_counter() - t0
         tokenizer = work / "learned" / "tokenizer"
-        runs: dict[str, list[dict]] = {"prepare": [], "baseline": []}
+        runs: dict[str, list[dict]] = {"prepare": [], "baseline": [], "prepare_in_thread": []}
         for r in range(a.repeats):
-            for kind in ("prepare", "baseline"):
+            for kind in ("prepare", "baseline", "prepare_in_thread"):
                 runs[kind].append(_run_child(kind, files, tokenizer, work / f"{kind}-{r}" / "out", a.quick))
         stream_s = 0.2 if a.quick else 3.0
         streams = [bench_stream(work / "prepare-0" / "out", seconds=stream_s, repeats=a.repeats,
@@ -183,7 +193,7 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": {**machine(), "load_average_before": load_before, "load_average_after": load_after},
         "corpus_mb": round(corpus_mb, 2), "files": FILES, "repeats": a.repeats, "quick": a.quick,
         "tokenizer": {"vocab_size": 8192, "learn_and_prepare_one_file_s": round(learn_s, 3)},
-        "prepare": summary(runs["prepare"]),
+        "prepare": {**summary(runs["prepare"]), "encode_workers": runs["prepare"][0]["encode_workers"]},
         "baseline": {**summary(runs["baseline"]), "num_proc": 1 if a.quick else 2,
                      "what": "load_dataset('text', sample_by='paragraph') + map(batched=True, "
                      "num_proc) + save_to_disk, same fast tokenizer"},
@@ -198,6 +208,11 @@ def main(argv: list[str] | None = None) -> dict:
     # The machine is shared: work per CPU-second does not depend on what else runs.
     res["prepare_vs_baseline_per_cpu_s"] = (res["prepare"]["tokens_per_cpu_s_median"]
                                             / res["baseline"]["tokens_per_cpu_s_median"])
+    # The word cache in this process's encoding thread, run right after each pair above.
+    res["prepare_in_thread"] = {**summary(runs["prepare_in_thread"]), "encode_workers": 0}
+    res["pool_vs_in_thread_per_repeat"] = [t["seconds"] / p["seconds"]
+                                           for p, t in zip(runs["prepare"], runs["prepare_in_thread"])]
+    res["pool_vs_in_thread_per_repeat_median"] = statistics.median(res["pool_vs_in_thread_per_repeat"])
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(res, indent=2) + "\n")
     print(json.dumps(res, indent=2))

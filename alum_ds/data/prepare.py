@@ -3,9 +3,10 @@
 Memory stays bounded whatever the corpus size: the BPE is learned from the training documents
 (or their first ``tokenizer_sample_bytes``) streamed through the trainer, then the corpus is read
 again in chunks by one thread, encoded in another (byte-level BPE tokenizers by the word cache of
-``tokenizer.WordCacheEncoder``, others by the Rust tokenizer on every core), and written shard
-by shard by the caller's. Shard cuts depend only on document token counts, never on chunking,
-so the same input and options give byte-identical shards on any path.
+``tokenizer.WordCacheEncoder`` in a pool of worker processes, one per core, see ``encoding``;
+others by the Rust tokenizer on every core), and written shard by shard by the caller's. Shard
+cuts depend only on document token counts, never on chunking or on the number of workers, so the
+same input and options give byte-identical shards on any path.
 
 Both splits are cut together (when either buffer reaches ``SHARD_TOKENS``), so after each cut
 nothing is buffered and the input position of the next document is a complete resume point.
@@ -35,6 +36,7 @@ from tokenizers import Tokenizer
 
 from alum_ds.data import shards as S
 from alum_ds.data.corpus import documents_fingerprint, embedded_documents
+from alum_ds.data.encoding import Batch, EncoderPool, default_workers, encoding_backend, in_thread
 from alum_ds.data.progress import Progress, background
 from alum_ds.data.sources import Chunk, Corpus, DocumentList, Position, decode_utf8, expand_inputs
 from alum_ds.data.sources import read_documents as read_documents
@@ -268,9 +270,14 @@ def prepare(
     progress: bool = True,
     tokenizer_sample_bytes: int = TOKENIZER_SAMPLE_BYTES,
     fresh: bool = False,
+    encode_workers: int | None = None,
 ) -> dict[str, Any]:
     """Tokenize ``documents`` (or a streamed ``corpus``) into shards under ``out_dir``; return
-    the manifest. An interrupted earlier call with the same inputs and options is continued."""
+    the manifest. An interrupted earlier call with the same inputs and options is continued.
+
+    ``encode_workers``: processes for the word-cache encoder (0: in this process's encoding
+    thread); default ``encoding.default_workers()``, one per usable core on a machine of several.
+    The shards do not depend on it."""
     if corpus is None:
         corpus = Corpus([DocumentList(documents or [])])
     out = Path(out_dir)
@@ -305,28 +312,26 @@ def prepare(
     dtype = S.token_dtype(vocab)
     # Encode with the saved tokenizer's own file, on a fresh run too: a resumed run, which has
     # only the file, must encode exactly alike.
-    backend = Tokenizer.from_file(str(out / "tokenizer" / "tokenizer.json"))
-    # Corpus text such as "<s>" (HTML) or "</s>" is text: as special ids it would fake document
-    # boundaries and masks inside a sequence. Set after save_pretrained, so the saved tokenizer
-    # keeps the usual behaviour.
-    backend.encode_special_tokens = True
-    # A tokenizer.json may carry a truncation or padding setting (for model inputs): it would
-    # cut every document short, or pad it.
-    backend.no_truncation()
-    backend.no_padding()
-    # The word cache encodes on one core (it holds the GIL) with about a quarter of the Rust
-    # pipeline's CPU time per token: on a 2-core machine 1.8 s against 3 to 6 s for the Rust
-    # tokenizer on both cores. Splitting each batch between the two was measured slower there
-    # (4 s): the Rust threads take the core the word cache needs.
-    if WordCacheEncoder.supports(backend):
-        encode = WordCacheEncoder(backend, dtype).encode_batch
-    else:
-        encode = _rust_batch(backend, dtype)
-
+    # (encode_special_tokens, no truncation or padding: see encoding_backend). Set after
+    # save_pretrained, so the saved tokenizer keeps the usual behaviour.
+    backend = encoding_backend(Tokenizer.from_file(str(out / "tokenizer" / "tokenizer.json")))
+    # The word cache needs about a quarter of the Rust pipeline's CPU time per token, but it
+    # holds the GIL: one core per process. A pool of processes gives it every core (on 2 cores
+    # 1.8 s in one thread against 3 to 6 s for the Rust tokenizer on both). Splitting each batch
+    # between the word cache and Rust was measured slower: the Rust threads take the cores the
+    # word cache needs.
     cut = state["cuts"][-1] if state["cuts"] else None
     writer = _Writer(out, dtype, seed=seed, val_fraction=val_fraction, entries=state["splits"],
                      any_val=bool(cut and cut["any_val"]))
-    n_docs, replaced = _encode(corpus, encode, writer, state, out, cut, prog)
+    workers = default_workers() if encode_workers is None else encode_workers
+    with contextlib.ExitStack() as stack:
+        if not WordCacheEncoder.supports(backend):
+            encode_map = in_thread(_rust_batch(backend, dtype))
+        elif workers > 0:
+            encode_map = stack.enter_context(EncoderPool(WordCacheEncoder(backend, dtype), workers)).map
+        else:
+            encode_map = in_thread(WordCacheEncoder(backend, dtype).encode_batch)
+        n_docs, replaced = _encode(corpus, encode_map, writer, state, out, cut, prog)
     writer.finish(n_docs)
     _clean(out, {e["name"] for s in SPLITS for e in state["splits"][s]})
     if sum(e["tokens"] for e in state["splits"]["train"]) == 0:
@@ -357,8 +362,8 @@ def prepare(
     return S.read_manifest(out)
 
 
-Batch = tuple[np.ndarray, list[int]]
-"""The ids of a batch of documents, concatenated, and each document's length."""
+EncodeMap = Callable[[Iterator[tuple[Chunk | None, list[str]]]], Iterator[tuple[Chunk | None, Batch]]]
+"""Encodes ``(chunk, docs)`` batches in order: ``(chunk, (ids, lengths))``."""
 
 
 def _rust_batch(backend: Tokenizer, dtype: np.dtype) -> Callable[[list[str]], Batch]:
@@ -375,10 +380,9 @@ def _rust_batch(backend: Tokenizer, dtype: np.dtype) -> Callable[[list[str]], Ba
     return encode
 
 
-def _encoded(chunks: Iterator[Chunk], skip: int,
-             encode: Callable[[list[str]], Batch]) -> Iterator[tuple[Chunk | None, Batch]]:
-    """``(chunk, (ids, lengths))`` per batch of at most ``ENCODE_CHARS``; ``chunk`` is given with
-    its first batch (or alone, if it holds no document to encode) and is ``None`` after."""
+def _batches(chunks: Iterator[Chunk], skip: int) -> Iterator[tuple[Chunk | None, list[str]]]:
+    """``(chunk, docs)`` per batch of at most ``ENCODE_CHARS``; ``chunk`` is given with its first
+    batch (or alone, with no documents, if it holds none to encode) and is ``None`` after."""
     for chunk in chunks:
         docs = chunk.docs
         if skip:
@@ -392,7 +396,7 @@ def _encoded(chunks: Iterator[Chunk], skip: int,
             while hi < len(docs) and (size < ENCODE_CHARS or hi == lo):
                 size += len(docs[hi])
                 hi += 1
-            yield first, encode(docs[lo:hi]) if hi > lo else (np.zeros(0, np.uint16), [])
+            yield first, docs[lo:hi]
             first, lo = None, hi
 
 
@@ -410,12 +414,13 @@ def _no_cyclic_gc() -> Iterator[None]:
             gc.enable()
 
 
-def _encode(corpus: Corpus, encode: Callable[[list[str]], Batch], writer: _Writer, state: dict[str, Any],
+def _encode(corpus: Corpus, encode_map: EncodeMap, writer: _Writer, state: dict[str, Any],
             out: Path, cut: dict[str, Any] | None, prog: Progress) -> tuple[int, int]:
     """Encode every document from the last cut on; return (documents, replaced bytes) in all.
 
-    Three stages overlap: a thread reads and decodes chunks, a thread encodes them, and this
-    thread assigns documents to splits and writes shards."""
+    Three stages overlap: a thread reads and decodes chunks, a thread encodes them (or hands
+    them to the worker processes and takes their results in order), and this thread assigns
+    documents to splits and writes shards."""
     start: Position | None = cut["position"] if cut else None
     skip = cut["skip"] if cut else 0
     doc_index = cut["documents"] if cut else 0
@@ -427,7 +432,7 @@ def _encode(corpus: Corpus, encode: Callable[[list[str]], Batch], writer: _Write
     recent: list[tuple[int, Position, int]] = []
     t_start, nbytes, new_tokens = time.monotonic(), 0, 0
     with _no_cyclic_gc(), background(corpus.chunks(start), depth=3) as chunks, \
-            background(_encoded(chunks, skip, encode), depth=2) as batches:
+            background(encode_map(_batches(chunks, skip)), depth=2) as batches:
         for chunk, (flat, lengths) in batches:
             if chunk is not None:
                 recent.append((chunk_first, chunk.start, replaced))

@@ -8,19 +8,27 @@ import re
 import unicodedata
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from tokenizers import ByteLevelBPETokenizer, Tokenizer
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, RobertaTokenizerFast
 
 from alum_ds.data.shards import DataError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+# transformers is imported inside the functions that need it: prepare's encoding workers import
+# this module for ``WordCacheEncoder`` alone, and transformers would add about 2 s to each
+# worker's start.
 
 SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
 
 
 def learn_bpe(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerBase:
     """Learn a byte-level BPE (RoBERTa's scheme: ids 0-4 are <s> <pad> </s> <unk> <mask>)."""
+    from transformers import RobertaTokenizerFast
+
     bpe = ByteLevelBPETokenizer(add_prefix_space=False, trim_offsets=True)
     bpe.train_from_iterator(
         texts, vocab_size=vocab_size, min_frequency=2, special_tokens=SPECIAL_TOKENS,
@@ -45,6 +53,8 @@ def _merges(bpe: ByteLevelBPETokenizer) -> list[tuple[str, str]]:
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     """Load a local tokenizer folder; refuse one without RoBERTa's special tokens."""
+    from transformers import AutoTokenizer
+
     p = Path(path)
     if not p.is_dir():
         raise DataError(f"tokenizer folder {p} not found")
@@ -204,6 +214,12 @@ class WordCacheEncoder:
 
     def encode_batch(self, docs: list[str]) -> tuple[np.ndarray, list[int]]:
         """The ids of ``docs`` concatenated, and each document's length."""
+        packed, lengths = self.encode_packed(docs)
+        return np.frombuffer(packed, dtype=self.dtype), lengths
+
+    def encode_packed(self, docs: list[str]) -> tuple[bytes, list[int]]:
+        """``encode_batch`` with the ids as the bytes of an array of ``dtype``: what a worker
+        process sends back (bytes pickle as one copy, a list of ints as an object per id)."""
         packed: list[bytes] = [b""] * len(docs)
         rest = []
         for i, d in enumerate(docs):
@@ -216,4 +232,4 @@ class WordCacheEncoder:
             for i, e in zip(rest, encs):
                 packed[i] = np.asarray(e.ids, dtype=self.dtype).tobytes()
         size = self.dtype.itemsize
-        return np.frombuffer(b"".join(packed), dtype=self.dtype), [len(p) // size for p in packed]
+        return b"".join(packed), [len(p) // size for p in packed]
