@@ -154,8 +154,8 @@ def train(cfg: RunConfig, ds_path: str, *, resume: str = "") -> Path:
     manifest = read_manifest(data_dir)
     vocab = int(manifest["tokenizer"]["vocab_size"])
 
-    if not on_gpu:
-        _pin_malloc_mmap_threshold(MMAP_THRESHOLD_ZERO3 if zero_stage_of(plan.ds) == 3 else MMAP_THRESHOLD)
+    if not on_gpu and zero_stage_of(plan.ds) == 3:
+        _pin_malloc_mmap_threshold()
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
     try:
         mlm = build_model(preset=cfg.model.preset, vocab_size=vocab, seq_len=cfg.data.seq_len,
@@ -209,14 +209,13 @@ def train(cfg: RunConfig, ds_path: str, *, resume: str = "") -> Path:
     return loop.run(step)
 
 
-# glibc mmap thresholds for CPU runs (see _pin_malloc_mmap_threshold). ZeRO-3 is chosen for memory
-# and churns gathered parameters of 4-16 MiB: every block above glibc's own 128 KiB start is
-# mmapped and returned on free. Elsewhere 128 KiB costs speed: every activation is then a fresh
-# mapping whose pages fault in on first touch (measured: the small preset's CPU step 0.24 ->
-# 0.35 s, ALUM 0.67 -> 1.0 s), while 8 MiB measured no slower (0.239 s) and still returns the
-# large blocks (large preset, ZeRO-2 on 2 ranks: 6.6 GiB per rank, 13 s per step).
+# glibc's mmap threshold for CPU runs under ZeRO-3 (see _pin_malloc_mmap_threshold), chosen for
+# memory: every block above glibc's own 128 KiB start is mmapped and returned on free. Not pinned
+# under ZeRO-0/1/2, where it costs speed: each activation and gradient buffer is then a fresh
+# mapping whose pages fault in on first touch (measured on the small preset, 2 CPU ranks: 128 KiB
+# made a step 0.24 -> 0.35 s in-process; even 8 MiB, which maps ZeRO-2's flat gradient buffers
+# afresh every step, made the trainer's step 0.318 -> 0.348 s).
 MMAP_THRESHOLD_ZERO3 = 128 * 1024
-MMAP_THRESHOLD = 8 * 1024 * 1024
 
 
 def _pin_malloc_mmap_threshold(threshold: int = MMAP_THRESHOLD_ZERO3) -> bool:

@@ -18,7 +18,7 @@ allocation). Evaluation is cut to 2 held-out sequences.
 standard-library sources, which yield about 43k entries: large has ~348M parameters (RoBERTa-large
 355M), base ~119M. --corpus embedded uses the small embedded default (~6.5k entries: large ~310M).
 Figures are printed and saved to bench/results/scale.json; nothing is asserted. The trainer pins
-glibc's mmap threshold on CPU runs (alum_ds/trainer.py, _pin_malloc_mmap_threshold): figures
+glibc's mmap threshold on CPU runs under ZeRO-3 (alum_ds/trainer.py, _pin_malloc_mmap_threshold): figures
 saved before that change held up to ~2 GiB per rank of freed-but-resident heap. RSS counts shared
 library pages in every rank (about 0.5 GB of torch and friends), so the ranks' sum overstates
 what the machine gives.
@@ -185,8 +185,8 @@ def main() -> None:
                      "seq_len": args.seq_len, "corpus": args.corpus,
                      "vocab_requested": args.vocab if args.corpus == "stdlib" else None,
                      "precision": "fp32 (bf16 auto is off on CPU)", "alum": "on, K=1",
-                     "malloc": ("glibc mmap threshold pinned by the trainer: 128 KiB under ZeRO-3, "
-                                "8 MiB otherwise")},
+                     "malloc": ("glibc mmap threshold pinned by the trainer under ZeRO-3 (128 KiB), "
+                                "left dynamic otherwise")},
         "cases": results,
     }
     out = Path(args.out)
