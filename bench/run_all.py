@@ -1,12 +1,13 @@
 """Run every benchmark of the project and collect the figures.
 
-    python bench/run_all.py [--quick] [--only data,alum,vs_hf,scale]
+    python bench/run_all.py [--quick | --collect] [--only data,alum,vs_hf,scale]
 
 Each benchmark is its own script writing ``bench/results/<name>.json``; this driver runs them
 one after the other (never concurrently: they share the cores), then writes
 ``bench/results/summary.json``, ``bench/results/summary.md`` (a table per benchmark, with the
 machine it ran on) and ``bench/results/summary.png`` (the headline ratios against their goals).
-Nothing is asserted: a benchmark prints and saves numbers.
+Nothing is asserted: a benchmark prints and saves numbers. ``--collect`` rebuilds the summary
+from the results already saved, without running anything.
 """
 
 from __future__ import annotations
@@ -74,9 +75,14 @@ def _table(name: str, res: dict) -> list[str]:
         for k, v in d.items():
             if isinstance(v, dict):
                 walk(f"{prefix}{k}.", v)
+            elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+                # Cases (e.g. scale's preset x config runs): labelled by what they ran.
+                for i, item in enumerate(v):
+                    label = ":".join(Path(str(item[x])).stem for x in ("preset", "ds_config") if x in item)
+                    walk(f"{prefix}{k}[{label or i}].", item)
             elif isinstance(v, float):
                 rows.append(f"| {prefix}{k} | {v:.4g} |")
-            elif isinstance(v, (int, str, bool)):
+            elif isinstance(v, (int, bool)) or (isinstance(v, str) and len(v) <= 200):
                 rows.append(f"| {prefix}{k} | {v} |")
 
     walk("", res)
@@ -119,20 +125,31 @@ def chart(summary: dict, out: Path) -> bool:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="each script's quick mode")
+    p.add_argument("--collect", action="store_true",
+                   help="summarise the saved results in --out-dir without running the benchmarks")
     p.add_argument("--only", default="", help="comma-separated subset of " + ",".join(BENCHES))
     p.add_argument("--out-dir", default=str(RESULTS))
     args = p.parse_args()
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     names = [n for n in (args.only.split(",") if args.only else BENCHES) if n]
-    summary = {"machine": machine(), "quick": args.quick, "results": {}, "failed": {}}
+    if args.quick and args.collect:
+        p.error("--quick and --collect exclude each other")
+    summary = {"machine": machine(), "quick": args.quick, "collected": args.collect, "results": {},
+               "failed": {}}
     for name in names:
         script, quick = BENCHES[name]
         path = ROOT / "bench" / script
+        out = out_dir / f"{name}.json"
+        if args.collect:
+            if out.is_file():
+                summary["results"][name] = json.loads(out.read_text())
+            else:
+                summary["failed"][name] = f"no saved result {out}"
+            continue
         if not path.is_file():
             summary["failed"][name] = f"{script} not found"
             continue
-        out = out_dir / f"{name}.json"
         cmd = [sys.executable, str(path), f"--out={out}", *(quick if args.quick else [])]
         print(f"== {name}: {' '.join(cmd)}", file=sys.stderr, flush=True)
         t0 = time.time()
@@ -146,7 +163,9 @@ def main() -> None:
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     lines = ["# alum_ds benchmark summary", "",
              f"Machine: {json.dumps(summary['machine'])}", "",
-             f"Command: `python bench/run_all.py{' --quick' if args.quick else ''}`", ""]
+             f"Command: `python bench/run_all.py{' --quick' if args.quick else ''}`"
+             + (" (collected from the saved results; each benchmark's own machine and load are in "
+                "its table)" if args.collect else ""), ""]
     for name, res in summary["results"].items():
         lines += _table(name, res)
     for name, why in summary["failed"].items():

@@ -28,3 +28,16 @@ def test_vs_hf_quick_mode_writes_its_figures(tmp_path: Path) -> None:
     assert got["windows_measured"] >= 1
     assert res["speedup"] == got["speedup"]
     assert got["alum_flop_model_ratio"] == pytest.approx(8 / 3)
+
+
+def test_run_all_collect_summarises_saved_results(tmp_path: Path) -> None:
+    (tmp_path / "vs_hf.json").write_text(json.dumps({"speedup": 1.7, "settings": {"embedded": {
+        "speedup": 1.7, "alum_vs_plain_step": 2.1}}}))
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "run_all.py"), "--collect",
+                        "--only=vs_hf,data", f"--out-dir={tmp_path}"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1, "a missing saved result must fail the summary"
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["results"]["vs_hf"]["speedup"] == 1.7 and "data" in summary["failed"]
+    md = (tmp_path / "summary.md").read_text()
+    assert "| settings.embedded.alum_vs_plain_step | 2.1 |" in md and "data: FAILED" in md
