@@ -85,8 +85,12 @@ def prepare_main(argv: list[str]) -> int:
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--fresh", action="store_true", help="ignore an interrupted prepare and start over")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--workers", type=int, default=None,
+                   help="encoding processes for a byte-level BPE (default: one per usable core, or "
+                        "$ALUM_DS_PREPARE_WORKERS; 0: encode in prepare's own thread)")
     p.add_argument("--verify", metavar="DIR", help="check a prepared folder fully and exit")
     a = p.parse_args(argv)
+    from alum_ds.data.encoding import default_workers
     from alum_ds.data.prepare import prepare_inputs
     from alum_ds.data.shards import verify_folder
 
@@ -96,11 +100,18 @@ def prepare_main(argv: list[str]) -> int:
             return 0
         if not a.inputs or not a.out:
             return _fail("prepare needs INPUT... and --out DIR (or --verify DIR)")
+        # Checked before any work: a bad count must not surface after the tokenizer is learned.
+        try:
+            workers = default_workers() if a.workers is None else a.workers
+        except ValueError as e:
+            return _fail(str(e))
+        if workers < 0:
+            return _fail(f"--workers {workers}: expected 0 or more encoding processes")
         m = prepare_inputs(a.inputs, a.out, vocab_size=a.vocab_size, tokenizer=a.tokenizer,
                            val_fraction=a.val_fraction, seed=a.seed, text_field=a.text_field,
                            split=a.split, hf_config=a.hf_config, streaming=a.streaming,
                            tokenizer_sample_bytes=a.tokenizer_sample_bytes, fresh=a.fresh,
-                           progress=not a.quiet)
+                           progress=not a.quiet, encode_workers=workers)
     except DataError as e:
         return _fail(str(e))
     except KeyboardInterrupt:

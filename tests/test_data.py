@@ -471,6 +471,18 @@ def test_cli_prepare_missing_input(tmp_path: Path, capsys: pytest.CaptureFixture
     _stderr_line(capsys)
 
 
+def test_cli_prepare_refuses_a_bad_worker_count_before_any_work(
+        corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    assert main(["prepare", str(corpus), "--out", str(out), "--workers", "-1"]) == 2
+    monkeypatch.setenv("ALUM_DS_PREPARE_WORKERS", "many")
+    assert main(["prepare", str(corpus), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--workers -1" in err and "ALUM_DS_PREPARE_WORKERS='many'" in err
+    assert "Traceback" not in err and not out.exists()
+
+
 def test_cli_prepare_and_verify(corpus: Path, tmp_path: Path,
                                 capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "data"
