@@ -8,7 +8,6 @@ any) loaded, and ``Loop`` runs the steps with the cadence of logging, evaluation
 
 from __future__ import annotations
 
-import ctypes
 import importlib.util
 import json
 import math
@@ -23,6 +22,7 @@ import torch
 
 from alum_ds import checkpoint as C
 from alum_ds import distributed as D
+from alum_ds import host as H
 from alum_ds import metrics as MT
 from alum_ds.config import ConfigError, RunConfig, for_world
 from alum_ds.data.prepare import ensure_embedded
@@ -154,8 +154,8 @@ def train(cfg: RunConfig, ds_path: str, *, resume: str = "") -> Path:
     manifest = read_manifest(data_dir)
     vocab = int(manifest["tokenizer"]["vocab_size"])
 
-    if not on_gpu and zero_stage_of(plan.ds) == 3:
-        _pin_malloc_mmap_threshold()
+    if not on_gpu:
+        H.release_freed_memory(plan.ds)  # before the model is built, so its weights count too
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
     try:
         mlm = build_model(preset=cfg.model.preset, vocab_size=vocab, seq_len=cfg.data.seq_len,
@@ -207,37 +207,6 @@ def train(cfg: RunConfig, ds_path: str, *, resume: str = "") -> Path:
                 device=device, data_dir=data_dir, on_gpu=on_gpu, shape=shape, flops_per_token=fpt,
                 peak=MT.peak_flops(acc.get_device_name() if on_gpu else "cpu") * world)
     return loop.run(step)
-
-
-# glibc's mmap threshold for CPU runs under ZeRO-3 (see _pin_malloc_mmap_threshold), chosen for
-# memory: every block above glibc's own 128 KiB start is mmapped and returned on free. Not pinned
-# under ZeRO-0/1/2, where it costs speed: each activation and gradient buffer is then a fresh
-# mapping whose pages fault in on first touch (measured on the small preset, 2 CPU ranks: 128 KiB
-# made a step 0.24 -> 0.35 s in-process; even 8 MiB, which maps ZeRO-2's flat gradient buffers
-# afresh every step, made the trainer's step 0.318 -> 0.348 s).
-MMAP_THRESHOLD_ZERO3 = 128 * 1024
-
-
-def _pin_malloc_mmap_threshold(threshold: int = MMAP_THRESHOLD_ZERO3) -> bool:
-    """Make glibc return freed tensor memory above ``threshold`` bytes to the OS (CPU runs; False
-    where there is no glibc).
-
-    glibc serves a block above its mmap threshold with its own mmap and unmaps it on free, but the
-    threshold is dynamic: each time such a block is freed, it rises to that block's size (up to
-    32 MiB). ZeRO-3 frees a gathered parameter (4-16 MiB in the large preset) after every module
-    use, so after the first step every gathered parameter, gradient bucket and activation comes
-    from the heap instead, whose freed space is kept and fragmented, never given back. Measured
-    on 2 CPU ranks (large preset, ZeRO-3, ALUM): about 1.1 GiB per rank of free-but-resident heap;
-    pinning the threshold at 128 KiB (which also turns the dynamic adjustment off, as
-    MALLOC_MMAP_THRESHOLD_ in the environment does) lowered the peak from 10.3 to 7.8 GiB per rank
-    (ds_configs/README.md). Set before the model is built, so its weights are mmapped too."""
-    try:
-        libc = ctypes.CDLL(None)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError, TypeError):  # no mallopt (macOS, Windows): nothing to tune
-        return False
-    m_mmap_threshold = -3  # <malloc.h>
-    return bool(mallopt(ctypes.c_int(m_mmap_threshold), ctypes.c_int(threshold)))
 
 
 def _universal_root(plan: Plan, rank: int, device: torch.device) -> Path:

@@ -18,7 +18,7 @@ allocation). Evaluation is cut to 2 held-out sequences.
 standard-library sources, which yield about 43k entries: large has ~348M parameters (RoBERTa-large
 355M), base ~119M. --corpus embedded uses the small embedded default (~6.5k entries: large ~310M).
 Figures are printed and saved to bench/results/scale.json; nothing is asserted. The trainer pins
-glibc's mmap threshold on CPU runs under ZeRO-3 (alum_ds/trainer.py, _pin_malloc_mmap_threshold): figures
+glibc's mmap threshold on CPU runs under ZeRO-3 (alum_ds/host.py): figures
 saved before that change held up to ~2 GiB per rank of freed-but-resident heap. RSS counts shared
 library pages in every rank (about 0.5 GB of torch and friends), so the ranks' sum overstates
 what the machine gives.

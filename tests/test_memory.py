@@ -1,4 +1,4 @@
-"""The CPU trainer's allocator setting (alum_ds.trainer._pin_malloc_mmap_threshold).
+"""The CPU trainer's allocator setting (alum_ds.host.pin_malloc_mmap_threshold).
 
 Run in a subprocess: the setting changes the process's allocator for good, and the test process
 should keep its own."""
@@ -17,7 +17,7 @@ import pytest
 # asserted). With the threshold pinned they are mmapped and returned on free.
 PROBE = textwrap.dedent("""
     import torch
-    from alum_ds.trainer import _pin_malloc_mmap_threshold
+    from alum_ds.host import pin_malloc_mmap_threshold
 
     def rss_mib() -> float:
         for line in open("/proc/self/status"):
@@ -25,7 +25,7 @@ PROBE = textwrap.dedent("""
                 return int(line.split()[1]) / 1024
         raise RuntimeError("no VmRSS")
 
-    assert _pin_malloc_mmap_threshold()
+    assert pin_malloc_mmap_threshold()
     first = torch.ones(4 << 20)  # 16 MiB, freed: the dynamic threshold would rise to it
     del first
     before = rss_mib()
@@ -48,3 +48,11 @@ def _retained_mib() -> float:
 def test_pinned_mmap_threshold_returns_freed_tensors_to_the_os() -> None:
     pinned = _retained_mib()
     assert pinned < 64, f"{pinned:.0f} MiB of 512 MiB freed tensors still resident with the pin"
+
+
+def test_only_zero3_changes_the_allocator() -> None:
+    # ZeRO-0/1/2 keep glibc's default: the pin made their steps slower (alum_ds/host.py).
+    from alum_ds.host import release_freed_memory
+
+    for stage in (0, 1, 2):
+        assert release_freed_memory({"zero_optimization": {"stage": stage}}) is False
