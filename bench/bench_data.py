@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import resource
 import statistics
@@ -31,6 +30,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _common import machine
 
 ROOT = Path(__file__).resolve().parent.parent
 FILES = 4
@@ -128,18 +129,6 @@ def bench_stream(data_dir: Path, *, seconds: float, repeats: int, seq_len: int, 
     return {"seq_len": seq_len, "micro_batch": micro_batch, "whole_word": whole_word,
             "tokens_per_s": rates, "tokens_per_s_median": statistics.median(rates),
             "sequences_per_s_median": statistics.median(rates) / seq_len}
-
-
-def machine() -> dict:
-    model = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"cpus": cpus, "cpu_model": model, "platform": platform.platform(),
-            "python": platform.python_version()}
 
 
 def main(argv: list[str] | None = None) -> dict:

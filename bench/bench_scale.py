@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 import psutil
-from _corpus import stdlib_data
+from _common import stdlib_data
 
 ROOT = Path(__file__).resolve().parent.parent
 GIB = 2**30

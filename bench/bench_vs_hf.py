@@ -12,7 +12,7 @@ ALUM on the same work, for its tokens/s and its ratio to plain.
 
 Two vocabularies (``--vocab``): ``embedded``, the ~6.5k-entry BPE the embedded default corpus
 supports (the project's reference setting), and ``roberta``, a RoBERTa-size BPE (50,265 requested,
-~43k learned from this Python's standard library; see bench/_corpus.py), the shape a user of
+~43k learned from this Python's standard library; see bench/_common.py), the shape a user of
 RoBERTa's tokenizer trains. The LM head's share of the work, and so the saving of predicting only
 the masked positions, grows with the vocabulary.
 
@@ -34,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _corpus import stdlib_data
+from _common import machine, stdlib_data
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -219,7 +219,8 @@ def main() -> None:
     port = 29000 + os.getpid() % 800
     out = {"preset": args.preset, "seq_len": args.seq_len, "micro_batch": args.micro_batch,
            "ranks": args.ranks, "ds_config": args.ds, "window_steps": args.window,
-           "steps": args.steps, "warmup_steps": args.warmup, "machine": _machine(), "settings": {}}
+           "steps": args.steps, "warmup_steps": args.warmup,
+           "machine": {**machine(), "load_avg_before": list(os.getloadavg())}, "settings": {}}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         args.cache = args.cache or str(work / "cache")
@@ -235,16 +236,6 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps(out, indent=2))
-
-
-def _machine() -> dict:
-    import platform
-
-    import torch
-
-    return {"cpus": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "load_avg_before": list(os.getloadavg())}
 
 
 if __name__ == "__main__":

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from _common import machine
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -43,20 +43,6 @@ HEADLINES = [
     ("alum", "ratios.alum_vs_baseline_time", 0.6, "lower", "ALUM time / naive ALUM"),
     ("alum", "ratios.alum_vs_baseline_memory", 0.5, "lower", "ALUM memory / naive ALUM"),
 ]
-
-
-def machine() -> dict:
-    info = {"python": platform.python_version(), "cpu": platform.processor() or platform.machine(),
-            "cores": os.cpu_count(), "date": time.strftime("%Y-%m-%d")}
-    try:
-        import torch
-
-        info["torch"] = torch.__version__
-        if torch.cuda.is_available():
-            info["gpu"] = torch.cuda.get_device_name(0)
-    except ImportError:  # pragma: no cover
-        pass
-    return info
 
 
 def _find(d: dict, path: str):

@@ -1187,10 +1187,11 @@ def test_cli_prepare_parquet_options(docs40: list[str], tmp_path: Path,
     assert "already prepared" in capsys.readouterr().err
 
 
-def test_bench_quick_writes_its_figures(tmp_path: Path) -> None:
+def test_bench_quick_writes_its_figures(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import importlib.util
 
     path = Path(__file__).resolve().parent.parent / "bench" / "bench_data.py"
+    monkeypatch.syspath_prepend(str(path.parent))  # as running the script would: bench/_common.py
     spec = importlib.util.spec_from_file_location("bench_data", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)

@@ -1,4 +1,5 @@
-"""A RoBERTa-size vocabulary without a download, shared by the benchmarks that need one.
+"""What the benchmark scripts share: the description of the machine they ran on, and a
+RoBERTa-size vocabulary without a download.
 
 The embedded default corpus only supports a ~6.5k-entry BPE. The standard library's sources of
 this interpreter (tests excluded) are ~13 MB of text and yield ~43k entries when 50,265 (RoBERTa's
@@ -9,13 +10,37 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 import sys
 import sysconfig
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def machine() -> dict:
+    """The machine a figure came from: cores this process may use, CPU model, GPU if any."""
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or platform.machine()
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    info = {"cpus": cpus, "cpu_model": model, "platform": platform.platform(),
+            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
+    except ImportError:  # pragma: no cover
+        pass
+    return info
 
 
 def stdlib_corpus(work: Path) -> Path:
