@@ -155,7 +155,7 @@ def train(cfg: RunConfig, ds_path: str, *, resume: str = "") -> Path:
     vocab = int(manifest["tokenizer"]["vocab_size"])
 
     if not on_gpu:
-        H.release_freed_memory(plan.ds)  # before the model is built, so its weights count too
+        H.tune_allocator(plan.ds)  # before the model is built, so its weights count too
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
     try:
         mlm = build_model(preset=cfg.model.preset, vocab_size=vocab, seq_len=cfg.data.seq_len,

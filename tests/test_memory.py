@@ -1,4 +1,4 @@
-"""The CPU trainer's allocator setting (alum_ds.host.pin_malloc_mmap_threshold).
+"""The CPU runs' allocator policies (alum_ds.host.tune_allocator).
 
 Run in a subprocess: the setting changes the process's allocator for good, and the test process
 should keep its own."""
@@ -50,9 +50,47 @@ def test_pinned_mmap_threshold_returns_freed_tensors_to_the_os() -> None:
     assert pinned < 64, f"{pinned:.0f} MiB of 512 MiB freed tensors still resident with the pin"
 
 
-def test_only_zero3_changes_the_allocator() -> None:
-    # ZeRO-0/1/2 keep glibc's default: the pin made their steps slower (alum_ds/host.py).
-    from alum_ds.host import release_freed_memory
+# A step's worth of activations (256 MiB in 4 MiB blocks) allocated, touched and freed, three
+# times; the page faults of the last time are printed: one per 4 KiB page (~65k) where the freed
+# memory went back to the kernel, none where it was kept.
+STEPS = textwrap.dedent("""
+    import resource, sys, torch
+    from alum_ds.host import tune_allocator
 
-    for stage in (0, 1, 2):
-        assert release_freed_memory({"zero_optimization": {"stage": stage}}) is False
+    print(tune_allocator({"zero_optimization": {"stage": int(sys.argv[1])}}))
+    survivors = []
+
+    def step() -> None:
+        acts = [torch.ones(1 << 20) for _ in range(64)]
+        survivors.append(torch.ones(256))
+        del acts
+
+    def faults() -> int:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+    step(); step()
+    before = faults()
+    step()
+    print(faults() - before)
+""")
+PAGES = (256 << 20) // 4096
+
+
+def _policy_and_faults(stage: str) -> tuple[str, int]:
+    r = subprocess.run([sys.executable, "-c", STEPS, stage], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    policy, faults = r.stdout.split()
+    return policy, int(faults)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt and getrusage")
+def test_zero012_keep_freed_memory_for_the_next_step_and_zero3_returns_it() -> None:
+    # glibc's default gives ~65k faults in most runs but not all (where the heap can grow varies
+    # with the address-space layout), so it is not asserted; ZeRO-3's release policy shows that
+    # the probe counts the faults of memory given back.
+    for stage in ("0", "1", "2"):
+        policy, faults = _policy_and_faults(stage)
+        assert policy == "keep" and faults < PAGES // 20, (stage, policy, faults)
+    policy, faults = _policy_and_faults("3")
+    assert policy == "release" and faults > PAGES // 2, (policy, faults)

@@ -30,7 +30,7 @@ from alum_ds.finetune import data as FD
 from alum_ds.finetune.evaluate import evaluate
 from alum_ds.finetune.source import ModelSource, build_classifier, load_checked_tokenizer, resolve_source
 from alum_ds.finetune.tasks import ensure_topic_task
-from alum_ds.host import release_freed_memory
+from alum_ds.host import tune_allocator
 
 
 @dataclass
@@ -194,7 +194,7 @@ def finetune(opts: FinetuneOptions, cfg: RunConfig, ds_path: str) -> dict[str, A
         ds = resolve_ds_config(ds_path, cfg, world_size=world,
                                bf16_supported=bool(acc.is_bf16_supported()), on_gpu=on_gpu)
         if not on_gpu:
-            release_freed_memory(ds)
+            tune_allocator(ds)
         torch.manual_seed(cfg.run.seed)  # the same classifier head on every rank
         model = build_classifier(prep.source, prep.labels.names, dropout=cfg.model.dropout)
     finally:
