@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from transformers import RobertaConfig, RobertaForMaskedLM
 
+from alum_ds import cpu_fastpath
+
 
 @dataclass(frozen=True)
 class Preset:
@@ -64,8 +66,11 @@ def build_model(
     dropout: float,
     pretrained: str = "",
     activation_checkpointing: bool = False,
+    cpu_fast_path: bool = True,
 ) -> RobertaForMaskedLM:
-    """Build a fresh model from a preset, or load a local pretrained RoBERTa folder."""
+    """Build a fresh model from a preset, or load a local pretrained RoBERTa folder. With
+    ``cpu_fast_path`` its dropout and attention take ``alum_ds.cpu_fastpath``'s CPU kernels
+    (the same function, computed faster; off only for the stock baseline in bench/)."""
     if pretrained:
         if not (Path(pretrained) / "config.json").is_file():
             raise ValueError(f"model.pretrained {pretrained}: no config.json (not a model folder)")
@@ -92,6 +97,8 @@ def build_model(
         model.activation_checkpointing_enable(
             activation_checkpointing_kwargs={"use_reentrant": False}
         )
+    if cpu_fast_path:
+        cpu_fastpath.install(model)
     return model
 
 

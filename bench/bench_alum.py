@@ -33,8 +33,9 @@ On a GPU memory is ``torch.cuda.max_memory_allocated``. On the CPU it is the pro
 high-water mark (reset through ``/proc/self/clear_refs`` before each step), measured in a second
 launch with ``MALLOC_MMAP_THRESHOLD_=65536``: glibc then returns every freed block of 64 KiB or
 more to the kernel, so the RSS follows what torch holds (checked against torch's profiler memory
-timeline: equal to the MB). With glibc's defaults freed blocks stay in the process and a step's
-RSS growth reads ~0; the timed launch keeps the defaults (mmap per allocation costs time).
+timeline: equal to the MB). With glibc's defaults freed blocks mostly stay in the process and a
+step's RSS growth reads ~0; the timed launch uses the trainer's allocator policy instead
+(``alum_ds.host.tune_allocator``: freed memory kept for the next step under ZeRO-0/1/2).
 ``--quick`` does both in one launch (its timings are only a smoke test).
 
 Saved to bench/results/alum.json (or ``--out``) and printed as a table; nothing is asserted.
@@ -304,6 +305,7 @@ def rank_main(args: argparse.Namespace) -> None:
     from alum_ds import distributed as D
     from alum_ds.config import AlumConfig, RunConfig
     from alum_ds.ds_config import precision_of, resolve_ds_config, zero_stage_of
+    from alum_ds.host import tune_allocator
     from alum_ds.model import build_model
     from alum_ds.trainer import make_optimizer
 
@@ -325,6 +327,10 @@ def rank_main(args: argparse.Namespace) -> None:
     ds = resolve_ds_config(str(ROOT / args.ds), cfg, world_size=world,
                            bf16_supported=bool(acc.is_bf16_supported()), on_gpu=on_gpu)
     stage, precision = zero_stage_of(ds), precision_of(ds)
+    if not on_gpu and args.phase == "time":
+        # The trainer's allocator policy; the memory phase keeps MALLOC_MMAP_THRESHOLD_ instead,
+        # so that the RSS follows what torch holds.
+        tune_allocator(ds)
     alum = AlumConfig()
     if precision != "fp32":  # the default radius rounds away in 16-bit (the precision guard)
         alum.eta = alum.epsilon = 1e-2

@@ -71,7 +71,9 @@ def hf_worker(args: argparse.Namespace) -> None:
     ids = seqs.get(np.arange(min(len(seqs), 4 * args.steps * args.micro_batch * args.ranks)))
     train = Dataset.from_dict({"input_ids": ids.tolist()})
     torch.manual_seed(42)
-    model = build_model(preset=args.preset, vocab_size=len(tok), seq_len=args.seq_len, dropout=0.1)
+    # The stock model: the baseline is what a user of the Trainer runs (no alum_ds CPU kernels).
+    model = build_model(preset=args.preset, vocab_size=len(tok), seq_len=args.seq_len, dropout=0.1,
+                        cpu_fast_path=False)
     ends: list[float] = []
 
     class StepTimer(TrainerCallback):

@@ -105,6 +105,8 @@ def build_classifier(src: ModelSource, labels: list[str], *, dropout: float) -> 
     import transformers
     from transformers import RobertaForSequenceClassification
 
+    from alum_ds import cpu_fastpath
+
     same_head = src.config.get("id2label") and [
         src.config["id2label"][str(i)] for i in range(len(src.config["id2label"]))
     ] == labels
@@ -123,4 +125,4 @@ def build_classifier(src: ModelSource, labels: list[str], *, dropout: float) -> 
         )
     finally:
         transformers.logging.set_verbosity(verbosity)
-    return model
+    return cpu_fastpath.install(model)
