@@ -28,6 +28,7 @@ RESULTS = ROOT / "bench" / "results"
 BENCHES: dict[str, tuple[str, list[str]]] = {
     "data": ("bench_data.py", ["--quick"]),
     "alum": ("bench_alum.py", ["--quick"]),
+    "alum_passes": ("bench_alum_passes.py", ["--preset", "tiny", "--steps", "2"]),
     "vs_hf": ("bench_vs_hf.py", ["--quick"]),
     "scale": ("bench_scale.py", ["--cases", "base:zero2", "--steps", "2", "--corpus", "embedded",
                                  "--vocab", "8192"]),

@@ -41,3 +41,18 @@ def test_run_all_collect_summarises_saved_results(tmp_path: Path) -> None:
     assert summary["results"]["vs_hf"]["speedup"] == 1.7 and "data" in summary["failed"]
     md = (tmp_path / "summary.md").read_text()
     assert "| settings.embedded.alum_vs_plain_step | 2.1 |" in md and "data: FAILED" in md
+
+
+def test_alum_passes_times_every_pass(tmp_path: Path) -> None:
+    out = tmp_path / "passes.json"
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_alum_passes.py"),
+                        "--preset=tiny", "--steps=2", "--seq-len=32", "--micro-batch=2",
+                        f"--out={out}"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    res = json.loads(out.read_text())
+    assert set(res["median_s"]) == {
+        "plain/clean forward", "plain/backward", "alum/clean forward", "alum/perturbed forward",
+        "alum/ascent backward", "alum/adversarial forward", "alum/final backward"}
+    assert all(v > 0 for v in res["median_s"].values())
+    assert res["alum_s"] == pytest.approx(sum(v for k, v in res["median_s"].items()
+                                              if k.startswith("alum/")))
