@@ -57,8 +57,9 @@ def keep_freed_memory() -> bool:
     holding three graphs, peaks well above where it ends: measured on the small preset (one CPU
     thread, 8 x 128 tokens) ~13k page faults per ALUM step and none per plain step; with both
     thresholds fixed high, none, and the ALUM step of 2 CPU ranks under ZeRO-2 went 0.75 -> 0.71 s
-    (plain 0.31 -> 0.30 s). The resident size stays at the step's peak, which every step reaches
-    anyway. Setting either threshold turns glibc's dynamic adjustment off, so both are set."""
+    (plain 0.31 -> 0.30 s). The resident size stays near the step's peak, which every step
+    reaches anyway (bench_scale: 0.04-0.19 GiB more per rank on base and large). Setting either
+    threshold turns glibc's dynamic adjustment off, so both are set."""
     return _mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_KEEP) and _mallopt(
         _M_TRIM_THRESHOLD, TRIM_THRESHOLD_KEEP)
 

@@ -185,8 +185,8 @@ def main() -> None:
                      "seq_len": args.seq_len, "corpus": args.corpus,
                      "vocab_requested": args.vocab if args.corpus == "stdlib" else None,
                      "precision": "fp32 (bf16 auto is off on CPU)", "alum": "on, K=1",
-                     "malloc": ("glibc mmap threshold pinned by the trainer under ZeRO-3 (128 KiB), "
-                                "left dynamic otherwise")},
+                     "malloc": ("the trainer's alum_ds.host.tune_allocator: under ZeRO-3 freed "
+                                "memory returned (mmap threshold 128 KiB), under ZeRO-0/1/2 kept")},
         "cases": results,
     }
     out = Path(args.out)
