@@ -9,7 +9,13 @@ backward through both graphs; a plain step is the clean forward and its backward
 the ones ``AlumObjective`` runs (``alum_ds.model``'s embed/encode/head_at and
 ``alum_ds.adversarial``), written out here only to put a clock between them, with the trainer's
 allocator policy and the model's CPU fast path. Median per pass over ``--steps`` steps, plain and
-ALUM steps interleaved; saved to bench/results/alum_passes.json. Nothing is asserted.
+ALUM steps interleaved.
+
+Then the CPU fast path against the stock model (``build_model(..., cpu_fast_path=False)``, same
+weights): whole ``AlumObjective`` steps (forward and backward, plain and ALUM) of both models
+interleaved step by step in this process, so machine drift hits both alike.
+
+Saved to bench/results/alum_passes.json. Nothing is asserted.
 """
 
 from __future__ import annotations
@@ -101,14 +107,55 @@ def main(argv: list[str] | None = None) -> int:
     fwd, bwd = med["plain/clean forward"], med["plain/backward"]
     res = {"setting": vars(args) | {"threads": 1, "torch": torch.__version__},
            "median_s": med, "plain_s": plain, "alum_s": alum, "alum_vs_plain": alum / plain,
-           "forward_vs_backward": fwd / bwd, "flop_model_alum_vs_plain": 8 / 3}
+           "forward_vs_backward": fwd / bwd, "flop_model_alum_vs_plain": 8 / 3,
+           "fast_path_vs_stock": fast_vs_stock(args, ids, flat.view(ids.shape))}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
     for k, v in med.items():
         print(f"{k:28s} {v * 1e3:7.1f} ms")
     print(f"plain {plain * 1e3:.1f} ms, ALUM {alum * 1e3:.1f} ms: {alum / plain:.2f}x "
           f"(FLOP model 2.67x); a forward costs {fwd / bwd:.2f} of a backward (FLOP model 0.5)")
+    for k, v in res["fast_path_vs_stock"].items():
+        print(f"fast path vs stock, {k}: " + ", ".join(f"{n} {x * 1e3:.1f} ms" if n != "speedup"
+                                                       else f"{x:.3f}x" for n, x in v.items()))
     return 0
+
+
+def fast_vs_stock(args: argparse.Namespace, ids, labels) -> dict[str, dict[str, float]]:
+    """Median forward / backward / step seconds of whole objective steps, fast path and stock."""
+    import torch
+
+    from alum_ds import model as M
+    from alum_ds.config import AlumConfig
+    from alum_ds.objective import AlumObjective
+
+    objs = {}
+    for name in ("fast", "stock"):
+        torch.manual_seed(0)
+        mlm = M.build_model(preset=args.preset, vocab_size=args.vocab, seq_len=args.seq_len,
+                            dropout=0.1, cpu_fast_path=name == "fast")
+        objs[name] = AlumObjective(mlm, AlumConfig()).train()
+    times: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    for i in range(3 + args.steps):
+        for name, obj in objs.items():
+            for kind in ("plain", "alum"):
+                t0 = time.perf_counter()
+                loss, _ = obj(ids, labels, kind == "alum")
+                t1 = time.perf_counter()
+                loss.backward()
+                t2 = time.perf_counter()
+                obj.zero_grad(set_to_none=True)
+                if i >= 3:  # after warm-up
+                    times.setdefault((kind, name), []).append((t1 - t0, t2 - t1))
+    out: dict[str, dict[str, float]] = {}
+    for (kind, name), v in times.items():
+        out.setdefault(kind, {}).update({
+            f"{name}_forward_s": statistics.median(f for f, _ in v),
+            f"{name}_backward_s": statistics.median(b for _, b in v),
+            f"{name}_step_s": statistics.median(f + b for f, b in v)})
+    for d in out.values():
+        d["speedup"] = d["stock_step_s"] / d["fast_step_s"]
+    return out
 
 
 if __name__ == "__main__":

@@ -56,3 +56,6 @@ def test_alum_passes_times_every_pass(tmp_path: Path) -> None:
     assert all(v > 0 for v in res["median_s"].values())
     assert res["alum_s"] == pytest.approx(sum(v for k, v in res["median_s"].items()
                                               if k.startswith("alum/")))
+    for kind in ("plain", "alum"):
+        ab = res["fast_path_vs_stock"][kind]
+        assert ab["speedup"] == pytest.approx(ab["stock_step_s"] / ab["fast_step_s"])
