@@ -31,6 +31,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 ATTENTION = "alum_ds_cpu"
 
@@ -78,8 +81,6 @@ def attention(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """An ``AttentionInterface`` function: [B, heads, T, d] in, [B, T, heads, d] out."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     if attention_mask is not None or dropout == 0.0 or query.device.type != "cpu":
         return sdpa_attention_forward(module, query, key, value, attention_mask,
                                       dropout=dropout, scaling=scaling, **kwargs)
@@ -95,9 +96,6 @@ _dropout_fn = dropout  # ``attention``'s ``dropout`` argument (HF's name) shadow
 def install(model: nn.Module) -> nn.Module:
     """Route ``model``'s dropout modules and self-attention through the functions above (in place;
     returns ``model``). Idempotent."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
     AttentionInterface.register(ATTENTION, attention)
     AttentionMaskInterface.register(ATTENTION, sdpa_mask)
     model.set_attn_implementation(ATTENTION)
