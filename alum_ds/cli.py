@@ -52,6 +52,9 @@ def train_main(argv: list[str] | None = None, prog: str = "alum-ds train") -> in
         from alum_ds.trainer import train
 
         train(cfg, args.ds_config, resume=args.resume)
+        from alum_ds.distributed import shutdown
+
+        shutdown()
     except (ConfigError, DataError) as e:
         return _fail(str(e))
     except RuntimeError as e:

@@ -61,6 +61,7 @@ def hf_worker(args: argparse.Namespace) -> None:
     from datasets import Dataset
     from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallback, TrainingArguments
 
+    from alum_ds import distributed as D
     from alum_ds.data.stream import PackedSequences
     from alum_ds.data.tokenizer import load_tokenizer
     from alum_ds.model import build_model
@@ -98,10 +99,7 @@ def hf_worker(args: argparse.Namespace) -> None:
     trainer.train()
     if int(os.environ.get("RANK", "0")) == 0:
         Path(args.out_json).write_text(json.dumps({"step_ends": ends}))
-    # An orderly teardown: left to interpreter exit, gloo's threads once aborted a worker here
-    # ("terminate called without an active exception") after the figures were written.
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    D.shutdown()  # an orderly teardown, as alum_ds's own entry points do
 
 
 def run_alum_ds(args: argparse.Namespace, work: Path, port: int, data_dir: Path, alum: bool) -> list[float]:

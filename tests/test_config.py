@@ -132,3 +132,24 @@ def test_launcher_reports_bad_json_and_fails(tmp_path: Path) -> None:
     assert r.returncode != 0
     assert "bad.json is not valid JSON" in r.stderr + r.stdout
     assert "Traceback" not in r.stderr + r.stdout
+
+
+def test_entry_points_tear_the_process_group_down(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A finished run destroys its process group itself (left to interpreter exit, teardown
+    once aborted a finished rank with exit 250)."""
+    import torch.distributed as dist
+
+    from alum_ds import distributed as D
+    from alum_ds import launching, trainer
+    from alum_ds.finetune import cli as fcli
+    from alum_ds.finetune import loop
+
+    monkeypatch.setattr(launching, "maybe_respawn_cpu_ranks", lambda: None)
+    monkeypatch.setattr(trainer, "train", lambda *a, **k: D.init())
+    assert train_main(["--ds_config", ZERO2]) == 0
+    assert not dist.is_initialized()
+
+    monkeypatch.setattr(loop, "finetune", lambda *a, **k: D.init())
+    assert fcli.finetune_main(["--ds_config", ZERO2]) == 0
+    assert not dist.is_initialized()
+    D.shutdown()  # nothing to tear down: a no-op

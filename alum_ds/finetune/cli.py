@@ -105,6 +105,9 @@ def finetune_main(argv: list[str] | None = None, prog: str = "alum-ds finetune")
         from alum_ds.finetune.loop import finetune
 
         finetune(opts, cfg, args.ds_config)
+        from alum_ds.distributed import shutdown
+
+        shutdown()
     except (ConfigError, DataError) as e:
         return _fail(str(e))
     except RuntimeError as e:
