@@ -137,6 +137,8 @@ def test_launcher_reports_bad_json_and_fails(tmp_path: Path) -> None:
 def test_entry_points_tear_the_process_group_down(monkeypatch: pytest.MonkeyPatch) -> None:
     """A finished run destroys its process group itself (left to interpreter exit, teardown
     once aborted a finished rank with exit 250)."""
+    import os
+
     import torch.distributed as dist
 
     from alum_ds import distributed as D
@@ -146,10 +148,14 @@ def test_entry_points_tear_the_process_group_down(monkeypatch: pytest.MonkeyPatc
 
     monkeypatch.setattr(launching, "maybe_respawn_cpu_ranks", lambda: None)
     monkeypatch.setattr(trainer, "train", lambda *a, **k: D.init())
-    assert train_main(["--ds_config", ZERO2]) == 0
-    assert not dist.is_initialized()
-
     monkeypatch.setattr(loop, "finetune", lambda *a, **k: D.init())
-    assert fcli.finetune_main(["--ds_config", ZERO2]) == 0
-    assert not dist.is_initialized()
-    D.shutdown()  # nothing to tear down: a no-op
+    saved = dict(os.environ)  # D.init sets RANK, WORLD_SIZE, ...: later launches must not see them
+    try:
+        assert train_main(["--ds_config", ZERO2]) == 0
+        assert not dist.is_initialized()
+        assert fcli.finetune_main(["--ds_config", ZERO2]) == 0
+        assert not dist.is_initialized()
+        D.shutdown()  # nothing to tear down: a no-op
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
