@@ -85,6 +85,14 @@ class Signals:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
 
+    def ignore(self) -> None:
+        """For a process leaving with EXIT_PREEMPTED after its save: a stop request arriving now
+        is the same request reaching this rank late (on several nodes each launcher forwards it
+        in its own time), and with the default handler back it killed a rank that had saved and
+        was exiting 75 (exit -15: seen in the two-node Slurm test)."""
+        for sig in self.previous:
+            signal.signal(sig, signal.SIG_IGN)
+
 
 def _seed_micro_step(seed: int, position: int) -> None:
     """Dropout and perturbation noise are seeded from the global position of the micro-batch's
@@ -281,6 +289,7 @@ class Loop:
         first = step
         signals = Signals()
         t_last, since = time.time(), 0
+        preempted = False
         self.engine.train()
         try:
             while step < last:
@@ -310,8 +319,11 @@ class Loop:
             _write_summary(self.plan.run_dir, self.rank, step, ev, self.engine)
             self.log.message(f"run folder: {self.plan.run_dir.resolve()}")
             return self.plan.run_dir
+        except Preempted:
+            preempted = True
+            raise
         finally:
-            signals.restore()
+            signals.ignore() if preempted else signals.restore()
             self.log.close()
 
     def train_step(self, alum_on: bool, signalled: bool) -> bool:

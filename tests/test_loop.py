@@ -83,6 +83,19 @@ def test_signals_first_requests_duplicate_ignored_second_exits(monkeypatch) -> N
     assert signal.getsignal(signal.SIGTERM) is not s._handle
 
 
+def test_signals_after_a_preempted_save_are_ignored() -> None:
+    """A late copy of the stop request must not kill a rank that saved and is leaving with 75."""
+    s = Signals()
+    try:
+        s.ignore()
+        os.kill(os.getpid(), signal.SIGTERM)  # the default action would end this process
+        os.kill(os.getpid(), signal.SIGINT)
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    finally:
+        s.restore()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 # ---- metrics and plots ----------------------------------------------------------------------
 
 def test_metrics_drop_an_abandoned_continuation(tmp_path: Path) -> None:
