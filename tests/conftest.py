@@ -1,4 +1,6 @@
-"""Shared fixtures: the repository root and a per-session data cache."""
+"""Shared fixtures: the repository root, a per-session data cache, and the data tests' corpora and
+prepared folders (built once per session; no test writes to them: tests that damage a folder use a
+copy)."""
 
 from __future__ import annotations
 
@@ -36,3 +38,48 @@ _port = [29600 + os.getpid() % 1000]
 def free_port() -> str:
     _port[0] += 1
     return str(_port[0])
+
+
+# The data tests' corpora and prepared folders. Imports stay inside the fixtures, so that test files
+# that use none of them do not load the data path.
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from alum_ds.data.corpus import embedded_documents
+    from tests._data_helpers import _write_corpus
+
+    return _write_corpus(tmp_path_factory.mktemp("corpus") / "corpus.txt", embedded_documents()[:40])
+
+
+@pytest.fixture(scope="session")
+def data_dir(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A prepared folder with train and validation splits; tests that damage it use a copy."""
+    from tests._data_helpers import _prepare
+
+    out = tmp_path_factory.mktemp("prepared") / "data"
+    _prepare([corpus], out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def docs40() -> list[str]:
+    """Documents without blank lines inside, so that a text file holds one paragraph each."""
+    import re
+
+    from alum_ds.data.corpus import embedded_documents
+
+    return [re.sub(r"\n\s*\n", "\n", d) for d in embedded_documents()[:40]]
+
+
+@pytest.fixture(scope="session")
+def reference(docs40: list[str], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The in-memory path: ``prepare(documents=...)`` on a list, with a small shard size."""
+    from alum_ds.data import prepare as P
+    from tests._data_helpers import SEED, VOCAB
+
+    out = tmp_path_factory.mktemp("ref") / "data"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(P, "SHARD_TOKENS", 5000)
+        P.prepare(documents=docs40, out_dir=out, vocab_size=VOCAB, seed=SEED, progress=False)
+    return out
