@@ -1,6 +1,7 @@
-"""Pins ``alum_ds.data.shards``: a prepared folder is input, so missing, truncated or corrupted
-shards, a manifest of another format version or none, shard names that climb out of the folder and
-a tokenizer smaller than the model's vocabulary are each one-line ``DataError``s."""
+"""Pins ``alum_ds.data.shards``: a prepared folder is input, so a missing folder, missing,
+truncated or corrupted shards, a manifest of another format version or none, shard names that
+climb out of the folder, a tokenizer replaced after prepare and a vocabulary other than the model's
+are each a one-line ``DataError``."""
 
 from __future__ import annotations
 
