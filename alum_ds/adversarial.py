@@ -5,7 +5,7 @@ Given the embedding output ``h0``, the clean logits ``z`` and a function ``f`` t
 
     max_{||delta|| <= eps} symKL(f(h0 + delta), z)
 
-by K normalised ascent steps on delta, exactly as ../shared/ALUM.md specifies.
+by K normalised ascent steps on delta, exactly as docs/ALUM.md specifies.
 
 Reductions (fixed, so alpha and eta keep their meaning): each KL is summed over the vocabulary
 and averaged over the positions ``f`` returns (the masked tokens). All softmax/KL arithmetic is
@@ -302,7 +302,7 @@ def adversarial_loss(
     h_adv = add_perturbation(h, delta)
     frac = _surviving_fraction(h, delta, h_adv)
     adv_logits = f(h_adv)
-    # The live clean logits: KL(sg(p_adv) || p_clean) trains the clean pass too (ALUM.md).
+    # The live clean logits: KL(sg(p_adv) || p_clean) trains the clean pass too (docs/ALUM.md).
     loss = symmetric_kl(clean_logits, adv_logits, target)
     # The one local host read of the step: [ascent finite, loss finite, fraction surviving].
     ascent_ok, loss_ok, frac_v = torch.stack(

@@ -5,7 +5,7 @@ accumulation, clipping, optimizer and schedule. A value that both set differentl
 never a silent override. ``"enabled": "auto"`` under ``bf16`` means bf16 where the device computes
 in it natively (CUDA with bf16 support) and fp32 otherwise: on the CPU bf16 matmuls are emulated
 on most machines and slower than fp32. It also means fp32 when ALUM is on with a perturbation
-radius that bf16 activations cannot carry (ALUM.md, trap 4): bf16's spacing near 1 is 2^-7, so a
+radius that bf16 activations cannot carry (docs/ALUM.md, trap 4): bf16's spacing near 1 is 2^-7, so a
 per-element step below ``BF16_MIN_RADIUS`` rounds away and the adversarial pass would measure
 only dropout noise. An explicit ``"enabled": true`` keeps bf16 and the ALUM step's precision
 guard then stops with a message naming a radius that survives.

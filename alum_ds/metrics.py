@@ -28,7 +28,7 @@ def forward_equivalents(alum_on: bool, ascent_steps: int) -> float:
     """Passes per step in forward-equivalents: plain MLM is 3 (forward + backward). ALUM adds, per
     ascent step, a forward plus an activation-only backward (~1: input gradients, no weight
     gradients), then the adversarial forward plus its full backward (3): 8 for K = 1, 10 for
-    K = 2 (ALUM.md, "Cost")."""
+    K = 2 (docs/ALUM.md, "Cost")."""
     return 3.0 + (ascent_steps * 2.0 + 3.0 if alum_on else 0.0)
 
 

@@ -191,7 +191,7 @@ def measure(vocab: str, args: argparse.Namespace, work: Path, port: int) -> dict
         res["alum_vs_plain_step"] = res["alum_step_s"] / res["alum_ds_step_s"]
         res["alum_flop_model_ratio"] = passes
         # Counting its extra passes, how well an ALUM step uses the hardware relative to plain
-        # (1.0 = the same efficiency; ALUM.md's "efficiency parity").
+        # (1.0 = the same efficiency; docs/ALUM.md's "efficiency parity").
         res["alum_efficiency_vs_plain"] = passes / res["alum_vs_plain_step"]
         res["alum_model_gflops_per_s"] = res["alum_tokens_per_s"] * fpt * passes / 1e9
     return res

@@ -1,4 +1,4 @@
-"""ALUM invariants on tiny CPU models: each test pins one clause of ../shared/ALUM.md.
+"""ALUM invariants on tiny CPU models: each test pins one clause of docs/ALUM.md.
 
 Models are built inline (preset "tiny", vocabulary 300, 16 tokens). Where a value is compared at
 the 1e-8 level (KLs at small perturbations are O(delta^2) and sit below fp32 rounding noise) the
@@ -629,7 +629,7 @@ def test_reentrant_checkpointing_would_break_the_ascent():
         AlumObjective(m, AlumConfig())(ids, labels)
 
 
-# ---------------------------------------------------------------- 11. fused first pass (ALUM.md, "Cost")
+# ---------------------------------------------------------------- 11. fused first pass (docs/ALUM.md, "Cost")
 
 
 def run_objective(alum: AlumConfig, *, ckpt: bool = False, dtype=torch.float64, seed: int = 3):

@@ -99,7 +99,7 @@ def test_ds_json_agreeing_values_and_auto_precision(tmp_path: Path) -> None:
     ds = _resolve({"train_micro_batch_size_per_gpu": 8, "bf16": {"enabled": "auto"}}, tmp_path)
     assert ds["train_batch_size"] == 16 and ds["gradient_accumulation_steps"] == 1
     assert ds["bf16"]["enabled"] is False  # auto: fp32 on the CPU
-    # On a GPU, auto is bf16 only when ALUM's radius survives bf16 (ALUM.md trap 4).
+    # On a GPU, auto is bf16 only when ALUM's radius survives bf16 (docs/ALUM.md trap 4).
     ds = _resolve({"bf16": {"enabled": "auto"}}, tmp_path, on_gpu=True)
     assert ds["bf16"]["enabled"] is False
     ds = _resolve({"bf16": {"enabled": "auto"}}, tmp_path, ["--alum.eta=0.01", "--alum.epsilon=0.01"],

@@ -109,7 +109,7 @@ def test_metrics_drop_an_abandoned_continuation(tmp_path: Path) -> None:
 
 
 def test_flop_model_counts_every_pass() -> None:
-    # ALUM.md "Cost": plain = forward + backward = 3; each ascent step adds a forward and an
+    # docs/ALUM.md "Cost": plain = forward + backward = 3; each ascent step adds a forward and an
     # activation-only backward (2); the adversarial pass a forward and a full backward (3).
     assert forward_equivalents(False, 1) == 3.0
     assert forward_equivalents(True, 1) == 8.0

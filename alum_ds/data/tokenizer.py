@@ -36,7 +36,7 @@ def learn_bpe(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerBase:
     )
     vocab = bpe.get_vocab()
     merges = _merges(bpe)
-    # transformers 5 takes vocab=/merges= (vocab_file= is silently ignored; see DESIGN.md).
+    # transformers 5 takes vocab=/merges= (vocab_file= is silently ignored; see docs/DESIGN.md).
     tok = RobertaTokenizerFast(vocab=vocab, merges=merges)
     if len(tok) != len(vocab):
         raise DataError(
