@@ -76,6 +76,9 @@ def prepare_main(argv: list[str]) -> int:
     p.add_argument("--out", help="output folder")
     p.add_argument("--vocab-size", type=int, default=8192)
     p.add_argument("--tokenizer", default="", help="existing local tokenizer folder")
+    p.add_argument("--tokenizer-kind", choices=("bpe", "wordpiece"), default="bpe",
+                   help="tokenizer to learn when no --tokenizer is given: byte-level BPE (RoBERTa's) "
+                        "or WordPiece (BERT's: [CLS] [SEP] [PAD] [MASK], lower-cased)")
     p.add_argument("--tokenizer-sample-bytes", type=int, default=1 << 30,
                    help="learn the BPE from the first N bytes of the training documents (0: all)")
     p.add_argument("--text-field", default="text",
@@ -114,7 +117,8 @@ def prepare_main(argv: list[str]) -> int:
                            val_fraction=a.val_fraction, seed=a.seed, text_field=a.text_field,
                            split=a.split, hf_config=a.hf_config, streaming=a.streaming,
                            tokenizer_sample_bytes=a.tokenizer_sample_bytes, fresh=a.fresh,
-                           progress=not a.quiet, encode_workers=workers)
+                           progress=not a.quiet, encode_workers=workers,
+                           tokenizer_kind=a.tokenizer_kind)
     except DataError as e:
         return _fail(str(e))
     except KeyboardInterrupt:

@@ -96,9 +96,12 @@ _dropout_fn = dropout  # ``attention``'s ``dropout`` argument (HF's name) shadow
 def install(model: nn.Module) -> nn.Module:
     """Route ``model``'s dropout modules and self-attention through the functions above (in place;
     returns ``model``). Idempotent."""
-    AttentionInterface.register(ATTENTION, attention)
-    AttentionMaskInterface.register(ATTENTION, sdpa_mask)
-    model.set_attn_implementation(ATTENTION)
+    # Families whose attention does not go through the interface (DeBERTa's disentangled
+    # attention) keep theirs; their dropout modules still take the fast path.
+    if getattr(model, "_supports_attention_backend", False):
+        AttentionInterface.register(ATTENTION, attention)
+        AttentionMaskInterface.register(ATTENTION, sdpa_mask)
+        model.set_attn_implementation(ATTENTION)
     for parent in model.modules():
         for name, child in parent.named_children():
             if type(child) is nn.Dropout:

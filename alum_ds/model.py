@@ -1,21 +1,24 @@
-"""RoBERTa masked-LM models: presets, building, and the three pieces ALUM needs.
+"""Masked-LM models: presets, building, and the three pieces ALUM needs.
 
-The model is a stock Hugging Face ``RobertaForMaskedLM`` so every checkpoint is a standard
-artefact. ALUM needs the forward split in three: the embedding layer's output (where the
+The model is a stock Hugging Face ``*ForMaskedLM`` so every checkpoint is a standard artefact:
+built from a preset (RoBERTa, or BERT with ``arch="bert"``) or loaded from a local folder of any
+family ``alum_ds.arch`` supports (BERT, RoBERTa, XLM-RoBERTa, DeBERTa-v2/v3, ELECTRA generator,
+ModernBERT). ALUM needs the forward split in three: the embedding layer's output (where the
 perturbation is added), the encoder run on a given embedding output (never through
 ``inputs_embeds``, which would add position embeddings and LayerNorm a second time), and the LM
-head applied to selected (masked) positions only. Nothing here knows about ranks or DeepSpeed.
+head applied to selected (masked) positions only; ``embed``, ``encode`` and ``head_at`` dispatch
+to the family's adapter by ``config.model_type``. Nothing here knows about ranks or DeepSpeed.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-from transformers import RobertaConfig, RobertaForMaskedLM
+from transformers import BertConfig, BertForMaskedLM, PreTrainedConfig, RobertaConfig, RobertaForMaskedLM
 
 from alum_ds import cpu_fastpath
+from alum_ds.arch import adapter_for, load_mlm
 
 
 @dataclass(frozen=True)
@@ -38,9 +41,7 @@ def roberta_config(
     preset: str, *, vocab_size: int, seq_len: int, dropout: float, pad_token_id: int = 1
 ) -> RobertaConfig:
     """A RobertaConfig for ``preset``; position table sized for ``seq_len`` (+2, RoBERTa's offset)."""
-    if preset not in PRESETS:
-        raise ValueError(f"unknown model preset {preset!r} (choose from {', '.join(PRESETS)})")
-    p = PRESETS[preset]
+    p = _preset(preset)
     return RobertaConfig(
         vocab_size=vocab_size,
         hidden_size=p.hidden,
@@ -58,6 +59,57 @@ def roberta_config(
     )
 
 
+def bert_config(
+    preset: str, *, vocab_size: int, seq_len: int, dropout: float, pad_token_id: int = 0,
+    type_vocab_size: int = 2,
+) -> BertConfig:
+    """A BertConfig for ``preset`` (``base`` is BERT-base's shape); positions for ``seq_len``
+    (BERT's positions have no offset). Two token types as in BERT (packed pretraining uses type
+    0 only; sentence pairs in fine-tuning use both). ``pad_token_id`` 0 is the WordPiece
+    tokenizer's [PAD] (``alum-ds prepare --tokenizer-kind wordpiece``)."""
+    p = _preset(preset)
+    return BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=p.hidden,
+        num_hidden_layers=p.layers,
+        num_attention_heads=p.heads,
+        intermediate_size=p.intermediate,
+        max_position_embeddings=seq_len,
+        type_vocab_size=type_vocab_size,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
+        pad_token_id=pad_token_id,
+        layer_norm_eps=1e-12,
+    )
+
+
+ARCHS = ("roberta", "bert")
+"""Architectures a model can be built from a preset for (``model_config``)."""
+
+
+def model_config(arch: str, preset: str, *, vocab_size: int, seq_len: int, dropout: float,
+                 **kwargs) -> PreTrainedConfig:
+    """The config of a fresh ``arch`` model of ``preset`` (``roberta_config`` or ``bert_config``;
+    ``kwargs`` such as ``pad_token_id`` go to it)."""
+    if arch == "roberta":
+        return roberta_config(preset, vocab_size=vocab_size, seq_len=seq_len, dropout=dropout, **kwargs)
+    if arch == "bert":
+        return bert_config(preset, vocab_size=vocab_size, seq_len=seq_len, dropout=dropout, **kwargs)
+    raise ValueError(f"unknown model arch {arch!r} (choose from {', '.join(ARCHS)}; a pretrained "
+                     "folder may be any family alum_ds.arch supports)")
+
+
+def _preset(preset: str) -> Preset:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown model preset {preset!r} (choose from {', '.join(PRESETS)})")
+    return PRESETS[preset]
+
+
+PADDED_VOCAB_ROWS = 256
+"""Rows a pretrained model's embedding table may have beyond its tokenizer (DeBERTa-v3 and
+ModernBERT pad the table to a round size; those ids never occur in the data)."""
+
+
 def build_model(
     *,
     preset: str,
@@ -67,30 +119,33 @@ def build_model(
     pretrained: str = "",
     activation_checkpointing: bool = False,
     cpu_fast_path: bool = True,
-) -> RobertaForMaskedLM:
-    """Build a fresh model from a preset, or load a local pretrained RoBERTa folder. With
-    ``cpu_fast_path`` its dropout and attention take ``alum_ds.cpu_fastpath``'s CPU kernels
-    (the same function, computed faster; off only for the stock baseline in bench/)."""
+    arch: str = "roberta",
+) -> torch.nn.Module:
+    """Build a fresh ``arch`` model from a preset, or load a local pretrained folder of any
+    supported family (``alum_ds.arch.load_mlm``: its MaskedLM model, dropout set under the
+    family's names; a folder without an MLM head is refused). With ``cpu_fast_path`` its dropout
+    and attention take ``alum_ds.cpu_fastpath``'s CPU kernels (the same function, computed faster;
+    off only for the stock baseline in bench/)."""
     if pretrained:
-        if not (Path(pretrained) / "config.json").is_file():
-            raise ValueError(f"model.pretrained {pretrained}: no config.json (not a model folder)")
-        model = RobertaForMaskedLM.from_pretrained(
-            pretrained, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout
-        )
-        if model.config.vocab_size != vocab_size:
+        try:
+            model = load_mlm(pretrained, dropout=dropout)
+        except ValueError as e:
+            raise ValueError(f"model.pretrained {e}") from None
+        have = model.config.vocab_size
+        if not 0 <= have - vocab_size <= PADDED_VOCAB_ROWS:
             raise ValueError(
-                f"model.pretrained {pretrained} has vocabulary {model.config.vocab_size} but the "
+                f"model.pretrained {pretrained} has vocabulary {have} but the "
                 f"data's tokenizer has {vocab_size}: prepare the data with that model's tokenizer"
             )
-        if model.config.max_position_embeddings < seq_len + 2:
+        limit = adapter_for(model).max_positions(model.config)
+        if limit is not None and limit < seq_len:
             raise ValueError(
-                f"model.pretrained {pretrained} holds {model.config.max_position_embeddings - 2} "
+                f"model.pretrained {pretrained} holds {limit} "
                 f"positions, fewer than data.seq_len={seq_len}"
             )
     else:
-        model = RobertaForMaskedLM(
-            roberta_config(preset, vocab_size=vocab_size, seq_len=seq_len, dropout=dropout)
-        )
+        cfg = model_config(arch, preset, vocab_size=vocab_size, seq_len=seq_len, dropout=dropout)
+        model = {"roberta": RobertaForMaskedLM, "bert": BertForMaskedLM}[arch](cfg)
     if activation_checkpointing:
         # Reentrant checkpointing does not support torch.autograd.grad (the ascent step).
         # transformers 5 renamed gradient_checkpointing_enable (deprecated, gone in v6).
@@ -102,27 +157,30 @@ def build_model(
     return model
 
 
-def embed(model: RobertaForMaskedLM, input_ids: torch.Tensor) -> torch.Tensor:
-    """The embedding layer's output: token + position embeddings, LayerNorm, dropout."""
-    return model.roberta.embeddings(input_ids=input_ids)
+def embed(model: torch.nn.Module, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
+          attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The embedding layer's output, the first encoder layer's input (where ALUM's perturbation
+    goes): e.g. RoBERTa's token + position embeddings, LayerNorm, dropout."""
+    return adapter_for(model).embed(model, input_ids, token_type_ids, attention_mask=attention_mask)
 
 
-def encode(model: RobertaForMaskedLM, hidden: torch.Tensor) -> torch.Tensor:
-    """Run the encoder on an embedding output. Sequences are packed to full length, so there is
-    no padding and no attention mask."""
-    return model.roberta.encoder(hidden, attention_mask=None).last_hidden_state
+def encode(model: torch.nn.Module, hidden: torch.Tensor,
+           attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Run the encoder on an embedding output. Packed sequences have no padding: no attention
+    mask (``attention_mask``: a 0/1 [B, T] padding mask where there is padding)."""
+    return adapter_for(model).encode(model, hidden, attention_mask)
 
 
-def head_at(model: RobertaForMaskedLM, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+def head_at(model: torch.nn.Module, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """LM-head logits at flat ``positions`` of ``hidden`` [B, T, H] only: [len(positions), V]."""
-    return model.lm_head(hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions))
+    rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)
+    return adapter_for(model).mlm_logits(model, rows)
 
 
 def non_embedding_params(model: torch.nn.Module) -> int:
-    """Parameter count without the token and position embeddings (for the FLOP model)."""
-    total = 0
-    for name, p in model.named_parameters():
-        if "word_embeddings" in name or "position_embeddings" in name:
-            continue
-        total += p.numel()
-    return total
+    """Parameter count without the embedding tables (token, position, token type; DeBERTa's
+    relative-position table) for the FLOP model: lookups, not matrix products. A decoder tied to
+    the word embeddings is the same parameter, so it is not counted either."""
+    tables = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding)
+              for p in m.parameters(recurse=False)}
+    return sum(p.numel() for p in model.parameters() if id(p) not in tables)

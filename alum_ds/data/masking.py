@@ -117,13 +117,17 @@ _WORD_SPACE = ("\u0120", "\u010a", "\u0109", "\u010d", "\u2581", " ")
 (Ġ Ċ ĉ č), SentencePiece's ▁, a plain space."""
 
 
-def word_start_table(vocab: dict[str, int], special_ids: np.ndarray | None = None) -> np.ndarray:
+def word_start_table(vocab: dict[str, int], special_ids: np.ndarray | None = None,
+                     continuation_prefix: str | None = None) -> np.ndarray:
     """``[len]`` bool, True for ids whose token begins a word (fairseq's rule for byte-level BPE:
-    the token's text starts with white space; special tokens count as starts)."""
+    the token's text starts with white space; special tokens count as starts). With
+    ``continuation_prefix`` (WordPiece's ``##``) the rule is BERT's instead: every token that does
+    not continue a word starts one."""
     size = max(vocab.values()) + 1 if vocab else 0
     table = np.zeros(size, dtype=bool)
     for text, i in vocab.items():
-        if text.startswith(_WORD_SPACE):
+        if (not text.startswith(continuation_prefix) if continuation_prefix
+                else text.startswith(_WORD_SPACE)):
             table[i] = True
     if special_ids is not None and len(special_ids):
         table[np.asarray(special_ids, dtype=np.int64)] = True

@@ -40,7 +40,13 @@ from alum_ds.data.encoding import Batch, EncoderPool, default_workers, encoding_
 from alum_ds.data.progress import Progress, background
 from alum_ds.data.sources import Chunk, Corpus, DocumentList, Position, decode_utf8, expand_inputs
 from alum_ds.data.sources import read_documents as read_documents
-from alum_ds.data.tokenizer import WordCacheEncoder, learn_bpe, load_tokenizer
+from alum_ds.data.tokenizer import (
+    TOKENIZER_KINDS,
+    WordCacheEncoder,
+    learn_tokenizer,
+    load_tokenizer,
+    sequence_ids,
+)
 
 __all__ = ["decode_utf8", "expand_inputs", "prepare", "prepare_inputs", "read_documents"]
 
@@ -61,7 +67,7 @@ def _is_validation(i: int, seed: int, fraction: float) -> bool:
 
 def training_documents(
     corpus: Corpus, *, seed: int, val_fraction: float, limit_bytes: int = 0,
-    prog: Progress | None = None,
+    prog: Progress | None = None, what: str = "BPE",
 ) -> Iterator[str]:
     """The training documents in order (the split rule of ``_Writer``), stopping once
     ``limit_bytes`` of UTF-8 text were given (0: all)."""
@@ -84,7 +90,7 @@ def training_documents(
                     if limit_bytes and used >= limit_bytes:
                         return
             if prog is not None:
-                prog.line("learning BPE", docs=n, nbytes=used)
+                prog.line(f"learning {what}", docs=n, nbytes=used)
     if held is not None and n == 1:
         yield held
 
@@ -230,15 +236,25 @@ def _clean(out: Path, keep: set[str]) -> None:
             f.unlink()
 
 
+_KIND_NAMES = {"bpe": ("byte-level BPE", "BPE"), "wordpiece": ("WordPiece", "WordPiece")}
+
+
 def _save_tokenizer(out: Path, tokenizer: str, corpus: Corpus, *, vocab_size: int, seed: int,
-                    val_fraction: float, sample_bytes: int, prog: Progress) -> Any:
+                    val_fraction: float, sample_bytes: int, prog: Progress,
+                    kind: str = "bpe") -> Any:
     if tokenizer:
         tok = load_tokenizer(tokenizer)
     else:
-        prog.message(f"learning a {vocab_size}-token byte-level BPE from the training documents"
+        long_name, short = _KIND_NAMES[kind]
+        prog.message(f"learning a {vocab_size}-token {long_name} from the training documents"
                      + (f" (first {sample_bytes / 2**20:,.0f} MiB)" if sample_bytes else ""))
-        tok = learn_bpe(training_documents(corpus, seed=seed, val_fraction=val_fraction,
-                                           limit_bytes=sample_bytes, prog=prog), vocab_size)
+        passes = iter([f"{short} alphabet", short] if kind == "wordpiece" else [short])
+
+        def docs() -> Iterator[str]:  # WordPiece reads them twice: its alphabet first
+            return training_documents(corpus, seed=seed, val_fraction=val_fraction,
+                                      limit_bytes=sample_bytes, prog=prog, what=next(passes))
+
+        tok = learn_tokenizer(kind, docs, vocab_size)
         prog.close_line()
     tmp_tok = out / "tokenizer.tmp"
     shutil.rmtree(tmp_tok, ignore_errors=True)
@@ -271,9 +287,14 @@ def prepare(
     tokenizer_sample_bytes: int = TOKENIZER_SAMPLE_BYTES,
     fresh: bool = False,
     encode_workers: int | None = None,
+    tokenizer_kind: str = "bpe",
 ) -> dict[str, Any]:
     """Tokenize ``documents`` (or a streamed ``corpus``) into shards under ``out_dir``; return
     the manifest. An interrupted earlier call with the same inputs and options is continued.
+
+    ``tokenizer_kind``: the tokenizer learned when no ``tokenizer`` folder is given, ``bpe``
+    (byte-level, RoBERTa's) or ``wordpiece`` (BERT's). Sequences are framed by the tokenizer's
+    bos/eos, or [CLS]/[SEP] where it has none (the manifest's ``bos_id``/``eos_id``).
 
     ``encode_workers``: processes for the word-cache encoder (0: in this process's encoding
     thread); default ``encoding.default_workers()``, one per usable core on a machine of several.
@@ -283,9 +304,16 @@ def prepare(
     out = Path(out_dir)
     prog = Progress(progress)
     t0 = time.time()
+    if tokenizer_kind not in TOKENIZER_KINDS:
+        raise S.DataError(f"--tokenizer-kind {tokenizer_kind}: choose from {', '.join(TOKENIZER_KINDS)}")
+    if tokenizer and tokenizer_kind != "bpe":
+        raise S.DataError(f"--tokenizer-kind {tokenizer_kind} chooses the tokenizer to learn; "
+                          f"--tokenizer {tokenizer} loads one instead: give one of the two")
     opts = {"vocab_size": vocab_size, "tokenizer": _dir_digest(tokenizer) if tokenizer else "",
             "val_fraction": val_fraction, "seed": seed,
             "sample_bytes": 0 if tokenizer else tokenizer_sample_bytes}
+    if tokenizer_kind != "bpe":  # absent for bpe: earlier prepares keep their fingerprint
+        opts["tokenizer_kind"] = tokenizer_kind
     fp = _fingerprint(corpus, opts)
     state = None if fresh or not out.is_dir() else _resume_state(out, fp, prog)
     if state is not None and state.get("complete"):
@@ -301,7 +329,8 @@ def prepare(
         (out / PROGRESS).unlink(missing_ok=True)
         _clean(out, set())
         tok = _save_tokenizer(out, tokenizer, corpus, vocab_size=vocab_size, seed=seed,
-                              val_fraction=val_fraction, sample_bytes=opts["sample_bytes"], prog=prog)
+                              val_fraction=val_fraction, sample_bytes=opts["sample_bytes"], prog=prog,
+                              kind=tokenizer_kind)
         state = {"format": PROGRESS_FORMAT, "fingerprint": fp, "complete": False,
                  "tokenizer_sha256": S.sha256_file(out / "tokenizer" / "tokenizer.json"),
                  "splits": {s: [] for s in SPLITS}, "cuts": []}
@@ -338,13 +367,14 @@ def prepare(
         names = ", ".join(corpus.labels()[:3])
         raise S.DataError(f"{names}: the training split holds no tokens; add text or lower --val-fraction")
 
+    bos, eos = sequence_ids(tok)  # <s> </s>, or [CLS] [SEP] for a BERT-style tokenizer
     manifest = {
         "tokenizer": {
             "dir": "tokenizer",
             "fingerprint": S.sha256_file(out / "tokenizer" / "tokenizer.json")[:16],
             "vocab_size": vocab,
-            "bos_id": tok.bos_token_id,
-            "eos_id": tok.eos_token_id,
+            "bos_id": bos,
+            "eos_id": eos,
             "pad_id": tok.pad_token_id,
             "mask_id": tok.mask_token_id,
             "special_ids": sorted(set(tok.all_special_ids)),

@@ -2,7 +2,8 @@
 
 Documents are concatenated with ``</s>`` after each one and cut into sequences of
 ``seq_len - 2`` tokens, each wrapped in ``<s> ... </s>`` (RoBERTa's FULL-SENTENCES packing:
-sequences cross document boundaries, nothing is padded). Epoch ``e`` visits every sequence once,
+sequences cross document boundaries, nothing is padded; a BERT-style tokenizer's manifest names
+[CLS] and [SEP] as ``bos_id``/``eos_id``, giving ``[CLS] ... [SEP]``). Epoch ``e`` visits every sequence once,
 in the order of a permutation seeded by ``(seed, e)``.
 
 The stream's only state is the global count of sequences consumed. A micro-step of ``world``
@@ -101,12 +102,16 @@ def _masking_kwargs(data_dir: str | Path, masking: MaskingConfig) -> dict[str, o
 
 def _word_start(tok_dir: Path, special: np.ndarray, vocab_size: int) -> np.ndarray:
     from tokenizers import Tokenizer
+    from tokenizers.models import WordPiece
 
     path = tok_dir / "tokenizer.json"
     if not path.is_file():
         raise DataError(f"{path} is missing (whole-word masking reads the vocabulary); rerun "
                         "`alum-ds prepare`")
-    table = word_start_table(Tokenizer.from_file(str(path)).get_vocab(with_added_tokens=True), special)
+    tok = Tokenizer.from_file(str(path))
+    # WordPiece marks continuations (##), byte-level BPE marks word starts (a leading space).
+    prefix = tok.model.continuing_subword_prefix if isinstance(tok.model, WordPiece) else None
+    table = word_start_table(tok.get_vocab(with_added_tokens=True), special, continuation_prefix=prefix)
     out = np.zeros(max(vocab_size, table.size), dtype=bool)
     out[: table.size] = table
     return out

@@ -1,4 +1,5 @@
-"""Byte-level BPE tokenizers with RoBERTa's special tokens: learn one, or load a local folder."""
+"""Tokenizers: learn a byte-level BPE (RoBERTa's scheme) or a WordPiece (BERT's), or load a local
+folder of any masked-LM tokenizer (RoBERTa-style <s> </s> or BERT-style [CLS] [SEP])."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import functools
 import json
 import re
 import unicodedata
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +24,9 @@ if TYPE_CHECKING:
 # worker's start.
 
 SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+WORDPIECE_SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+"""BERT's special tokens, ids 0-4 in this order (BertTokenizer's default vocabulary's order)."""
+TOKENIZER_KINDS = ("bpe", "wordpiece")
 
 
 def learn_bpe(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerBase:
@@ -46,13 +50,117 @@ def learn_bpe(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerBase:
     return tok
 
 
+def learn_wordpiece(texts: Iterable[str] | Callable[[], Iterable[str]], vocab_size: int, *,
+                    lowercase: bool = True, limit_alphabet: int = 1000) -> PreTrainedTokenizerBase:
+    """Learn a WordPiece (BERT's scheme: BertNormalizer, lower-casing and accent stripping as
+    bert-base-uncased by default, BERT's pre-tokenizer, ``##`` continuations, at most
+    ``limit_alphabet`` characters; ids 0-4 are [PAD] [UNK] [CLS] [SEP] [MASK]), as transformers'
+    ``BertTokenizerFast``. ``texts`` is read twice (the alphabet, then the training): a list, or a
+    function returning a fresh iterable (a generator would be kept in memory).
+
+    The result depends on the texts alone. tokenizers' WordPiece trainer (0.23) is not
+    deterministic by itself: it numbers the ``##c`` symbols in hash-map order, so merges of equal
+    count were broken differently from run to run (another vocabulary each time), and the
+    alphabet limit cut ties among rare characters at random. Here the alphabet is counted first
+    and passed in fixed (``initial_alphabet``, with a limit of its own size), and the ``##c`` of
+    every character that can continue a word is numbered beforehand, in code point order."""
+    from tokenizers import models, normalizers, pre_tokenizers, trainers
+    from transformers import BertTokenizerFast
+
+    if callable(texts):
+        docs = texts
+    else:
+        kept = texts if isinstance(texts, (list, tuple)) else list(texts)
+        docs = lambda: kept  # noqa: E731
+    norm = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=None,
+                                      lowercase=lowercase)
+    pre = pre_tokenizers.BertPreTokenizer()
+    alphabet = _alphabet(docs(), norm, limit_alphabet)
+    # "##c" exists only for characters that can follow another inside a word (not punctuation,
+    # not CJK, which the normaliser and pre-tokenizer always split off).
+    continuing = [f"##{c}" for c in alphabet if len(pre.pre_tokenize_str(norm.normalize_str(f"a{c}"))) == 1]
+    wp = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    wp.normalizer, wp.pre_tokenizer = norm, pre
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=vocab_size, min_frequency=2, show_progress=False, continuing_subword_prefix="##",
+        special_tokens=WORDPIECE_SPECIAL_TOKENS + continuing, initial_alphabet=alphabet,
+        limit_alphabet=len(alphabet))
+    wp.train_from_iterator(docs(), trainer)
+    vocab = wp.get_vocab()
+    # transformers 5 takes vocab= (a dict) and builds the same normalizer and pre-tokenizer.
+    tok = BertTokenizerFast(vocab=vocab, do_lower_case=lowercase, strip_accents=None,
+                            tokenize_chinese_chars=True)
+    if len(tok) != len(vocab) or tok.convert_tokens_to_ids(WORDPIECE_SPECIAL_TOKENS) != list(range(5)):
+        raise DataError(
+            f"tokenizer construction lost or moved tokens ({len(tok)} of {len(vocab)}): "
+            "incompatible transformers version"
+        )
+    return tok
+
+
+_ALPHABET_BATCH = 1 << 22  # characters counted per bincount
+
+
+def _alphabet(texts: Iterable[str], norm: Any, limit: int) -> list[str]:
+    """The ``limit`` most frequent characters of the normalised texts (ties by code point), in
+    code point order. Counted on the raw text and mapped through the normaliser character by
+    character (it is per character: lower-casing, accent stripping, control removal), so the
+    pass costs about a second per GiB."""
+    counts = np.zeros(0x110000, dtype=np.int64)
+    batch: list[str] = []
+    size = 0
+
+    def flush() -> None:
+        cps = np.frombuffer("".join(batch).encode("utf-32-le", "surrogatepass"), dtype="<u4")
+        counts[: cps.max(initial=0) + 1] += np.bincount(cps)
+        batch.clear()
+
+    for t in texts:
+        batch.append(t)
+        size += len(t)
+        if size >= _ALPHABET_BATCH:
+            flush()
+            size = 0
+    if batch:
+        flush()
+    normalized: dict[str, int] = {}
+    for cp in np.flatnonzero(counts):
+        if 0xD800 <= cp < 0xE000:  # lone surrogates: not text the tokenizer can take
+            continue
+        for c in norm.normalize_str(chr(cp)):
+            if not c.isspace():
+                normalized[c] = normalized.get(c, 0) + int(counts[cp])
+    top = sorted(normalized, key=lambda c: (-normalized[c], ord(c)))[:limit]
+    return sorted(top, key=ord)
+
+
+def learn_tokenizer(kind: str, texts: Callable[[], Iterable[str]],
+                    vocab_size: int) -> PreTrainedTokenizerBase:
+    """``learn_bpe`` or ``learn_wordpiece`` by ``kind`` (one of ``TOKENIZER_KINDS``); ``texts``
+    returns a fresh iterable of the training texts each call (WordPiece reads them twice)."""
+    if kind == "bpe":
+        return learn_bpe(texts(), vocab_size)
+    if kind == "wordpiece":
+        return learn_wordpiece(texts, vocab_size)
+    raise DataError(f"tokenizer kind {kind!r}: choose from {', '.join(TOKENIZER_KINDS)}")
+
+
 def _merges(bpe: ByteLevelBPETokenizer) -> list[tuple[str, str]]:
     model = json.loads(bpe._tokenizer.to_str())["model"]
     return [tuple(m) if isinstance(m, list) else tuple(m.split(" ", 1)) for m in model["merges"]]
 
 
+def sequence_ids(tok: PreTrainedTokenizerBase) -> tuple[int | None, int | None]:
+    """The ids that open and close a packed sequence: <s> and </s> (bos, eos) where the tokenizer
+    has them, else BERT's [CLS] and [SEP] (a BERT tokenizer has no bos/eos)."""
+    bos = tok.bos_token_id if tok.bos_token_id is not None else tok.cls_token_id
+    eos = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
+    return bos, eos
+
+
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
-    """Load a local tokenizer folder; refuse one without RoBERTa's special tokens."""
+    """Load a local tokenizer folder; refuse one that cannot frame and mask sequences: it needs a
+    mask and a pad token, and <s> </s> (RoBERTa style) or [CLS] [SEP] (BERT style)."""
     from transformers import AutoTokenizer
 
     p = Path(path)
@@ -62,10 +170,12 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
         tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
     except (OSError, ValueError) as e:
         raise DataError(f"tokenizer folder {p} does not load: {str(e).splitlines()[0]}") from None
-    for name in ("mask_token_id", "pad_token_id", "bos_token_id", "eos_token_id"):
-        if getattr(tok, name, None) is None:
-            raise DataError(f"tokenizer in {p} has no {name.removesuffix('_id')}; a RoBERTa-style "
-                            "tokenizer (<s> <pad> </s> <mask>) is required")
+    bos, eos = sequence_ids(tok)
+    for name, value in (("mask token", tok.mask_token_id), ("pad token", tok.pad_token_id),
+                        ("bos/cls token", bos), ("eos/sep token", eos)):
+        if value is None:
+            raise DataError(f"tokenizer in {p} has no {name}; a masked-LM tokenizer is required "
+                            "(<s> </s> <pad> <mask> as RoBERTa's, or [CLS] [SEP] [PAD] [MASK] as BERT's)")
     return tok
 
 
