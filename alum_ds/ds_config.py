@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +31,33 @@ def alum_fits_bf16(cfg: RunConfig) -> bool:
     return not a.enabled or radius >= BF16_MIN_RADIUS
 
 
+SHIPPED = Path(__file__).resolve().parent / "ds_configs"
+"""The DeepSpeed configs that ship with the package (the checkout's ds_configs/ links here)."""
+DEFAULT = "zero2.json"
+
+
+def shipped_names() -> list[str]:
+    return sorted(p.name for p in SHIPPED.glob("*.json"))
+
+
+def resolve_ds_path(name: str) -> Path:
+    """The DeepSpeed JSON ``name`` names: a file path, else a bare name (``zero2.json`` or
+    ``zero2``) of a shipped config, so ``--ds_config zero2.json`` works from any folder."""
+    p = Path(name)
+    if p.is_file():
+        return p
+    if os.sep not in name and (os.altsep is None or os.altsep not in name):
+        for candidate in (SHIPPED / name, SHIPPED / f"{name}.json"):
+            if candidate.is_file():
+                return candidate
+    raise ConfigError(f"DeepSpeed config {name} not found (a file, or one of the shipped configs: "
+                      f"{', '.join(shipped_names())})")
+
+
 def read_ds_json(path: str) -> dict[str, Any]:
-    """Read a DeepSpeed JSON file; missing or malformed files raise a one-line ConfigError."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"DeepSpeed config {path} not found (see ds_configs/ for examples)")
+    """Read a DeepSpeed JSON file (``resolve_ds_path``); missing or malformed files raise a
+    one-line ConfigError."""
+    p = resolve_ds_path(path)
     try:
         data = json.loads(p.read_text())
     except json.JSONDecodeError as e:

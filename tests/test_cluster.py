@@ -188,17 +188,20 @@ def test_dockerfile_copies_everything_the_package_needs() -> None:
     for s in sources:
         assert (ROOT / s).exists(), f"COPY {s}: no such path in the repository"
     # The project as pyproject.toml describes it: its packages, its readme, and what the code
-    # finds beside the package at run time (the default DeepSpeed config, the launch scripts).
+    # finds beside the package at run time (the launch scripts; the DeepSpeed configs are package
+    # data, and the image links ds_configs/ to them as in a checkout).
     py = _pyproject()
-    needed = {"pyproject.toml", py["project"]["readme"], "ds_configs", "launch",
-              "docker/entrypoint.sh"}
+    needed = {"pyproject.toml", py["project"]["readme"], "launch", "docker/entrypoint.sh"}
     for pattern in py["tool"]["setuptools"]["packages"]["find"]["include"]:
         needed |= {p.parent.relative_to(ROOT).as_posix() for p in ROOT.glob("*/__init__.py")
                    if fnmatch(p.parent.name, pattern)}
     assert needed <= set(sources), needed - set(sources)
-    from alum_ds.cli import DEFAULT_DS_CONFIG
+    from alum_ds.ds_config import DEFAULT, SHIPPED
 
-    assert Path(DEFAULT_DS_CONFIG).relative_to(ROOT).parts[0] in sources
+    assert (SHIPPED / DEFAULT).is_file() and SHIPPED.relative_to(ROOT).parts[0] in sources
+    assert (ROOT / "ds_configs").resolve() == SHIPPED
+    assert any("ln -s alum_ds/ds_configs ds_configs" in rest for word, rest in _instructions()
+               if word == "RUN")
     # Copied to where the image's paths expect them.
     instr = _instructions()
     workdir = [rest for word, rest in instr if word == "WORKDIR"][-1]
@@ -208,7 +211,7 @@ def test_dockerfile_copies_everything_the_package_needs() -> None:
     entry = json.loads([rest for word, rest in instr if word == "ENTRYPOINT"][-1])
     assert entry[0] == f"{IMAGE_HOME}/docker/entrypoint.sh"
     # Installed from pyproject.toml: its dependency list, then the package itself (editable, so
-    # that ds_configs/ stays beside it), after the code was copied.
+    # that launch/ stays beside it), after the code was copied.
     runs = [rest for word, rest in instr if word == "RUN"]
     deps = next(i for i, r in enumerate(runs) if "['project']['dependencies']" in r)
     assert "pip install -r /tmp/requirements.txt" in runs[deps]
