@@ -21,7 +21,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -35,11 +34,6 @@ TAG_RE = re.compile(r"^step(\d{8})$")
 STATE_FILE = "alum_state.json"
 STATE_VERSION = 1
 UNIVERSAL_DIR = "universal"
-TEST_KILL_IN_SAVE = "ALUM_DS_TEST_KILL_IN_SAVE"
-"""TEST HOOK, read from the environment: ``ALUM_DS_TEST_KILL_IN_SAVE=STEP`` makes the last rank
-SIGKILL itself while saving STEP, after its shards are written and before ``latest`` moves
-(tests/test_loop.py uses it to prove a crash mid-save leaves the previous checkpoint in charge).
-Never set it in a real run."""
 
 
 def tag_for(step: int) -> str:
@@ -85,15 +79,6 @@ def _write_latest(ckpt_root: Path, tag: str) -> None:
     _atomic_write(ckpt_root / "latest", tag)
 
 
-def _test_kill_hook(step: int) -> None:
-    """See TEST_KILL_IN_SAVE."""
-    value = os.environ.get(TEST_KILL_IN_SAVE)
-    if value and int(value) == step and D.rank() == D.world() - 1:
-        print(f"{TEST_KILL_IN_SAVE}: rank {D.rank()} kills itself while saving step {step}",
-              file=sys.stderr, flush=True)
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 def save(engine: Any, run_dir: Path, step: int, state: dict[str, Any], keep: int) -> Path:
     """Save on every rank; complete the checkpoint and move ``latest`` only once all ranks have
     written; prune. ``state`` is this run's JSON state (see ``STATE_FILE``)."""
@@ -108,7 +93,6 @@ def save(engine: Any, run_dir: Path, step: int, state: dict[str, Any], keep: int
     # universal_checkpoint_info lets ds_to_universal convert this checkpoint for another world size.
     engine.save_checkpoint(str(root), tag=tag, save_latest=False,
                            client_state={"universal_checkpoint_info": {"universal_checkpoint_version": 0.4}})
-    _test_kill_hook(step)
     D.barrier()
     if D.rank() == 0:
         _atomic_write(path / STATE_FILE, json.dumps({"version": STATE_VERSION, **state}, indent=1))
@@ -197,8 +181,8 @@ def find_resume(run_dir: Path, resume: str = "") -> ResumePoint | None:
 
 def _shape_keys(cfg: dict[str, Any]) -> dict[str, Any]:
     model, data = cfg.get("model", {}), cfg.get("data", {})
-    keys = {"model.preset": model.get("preset"), "model.pretrained": model.get("pretrained"),
-            "data.seq_len": data.get("seq_len")}
+    keys = {"model.arch": model.get("arch", "roberta"), "model.preset": model.get("preset"),
+            "model.pretrained": model.get("pretrained"), "data.seq_len": data.get("seq_len")}
     if not data.get("dir"):
         keys["data.vocab_size"] = data.get("vocab_size")
     return keys

@@ -3,7 +3,7 @@ exact resume on the same and on another number of ranks (universal checkpoints),
 continual pretraining from the exported folder.
 
 One uninterrupted 2-rank run is the reference. A second run with the same config is killed
-while saving step 4 (test hook ALUM_DS_TEST_KILL_IN_SAVE), then continued on 1 rank (steps 3-4,
+while saving step 4 (tests/fault/pretrain_kill_in_save.py), then continued on 1 rank (steps 3-4,
 from step 2: the partial step-4 folder is ignored), then on 2 ranks again (5-6, converted back),
 then on 2 ranks with a plain load (7-8). Every step's loss and both evaluations must match the
 reference: fp32 on the CPU, dropout and ALUM noise on (their random streams are keyed by the
@@ -36,8 +36,8 @@ ARGS = ["--schedule.steps=100", f"--schedule.max_tokens={STEPS * 8 * 128}",  # t
 
 
 def _train(run_dir: Path, cache: Path, *extra: str, ranks: int = 2, ok: bool = True,
-           env: dict[str, str] | None = None) -> str:
-    r = run(deepspeed_cmd(f"--master_port={free_port()}", str(ROOT / "launch" / "pretrain.py"),
+           env: dict[str, str] | None = None, script: Path = ROOT / "launch" / "pretrain.py") -> str:
+    r = run(deepspeed_cmd(f"--master_port={free_port()}", str(script),
                           "--ds_config", str(ROOT / "ds_configs" / "zero2.json"),
                           f"--run.dir={run_dir}", f"--data.cache_dir={cache}", *ARGS, *extra,
                           num_gpus=ranks),
@@ -84,8 +84,9 @@ def test_kill_in_save_then_resume_on_1_rank_and_back(reference: Path, tmp_path: 
                                                      cache_dir: Path) -> None:
     run_dir = tmp_path / "run"
     ckpt = run_dir / "checkpoints"
-    log = _train(run_dir, cache_dir, ok=False, env={"ALUM_DS_TEST_KILL_IN_SAVE": "4"})
-    assert "kills itself while saving step 4" in log
+    log = _train(run_dir, cache_dir, ok=False, env={"KILL_IN_SAVE_STEP": "4"},
+                 script=ROOT / "tests" / "fault" / "pretrain_kill_in_save.py")
+    assert "kills itself while saving step00000004" in log
     # The kill came after rank 1 wrote its step-4 shards and before `latest` moved.
     assert (ckpt / "latest").read_text() == "step00000002"
     assert (ckpt / "step00000004").is_dir() and not (ckpt / "step00000004" / "alum_state.json").exists()
