@@ -1,19 +1,20 @@
 """Checkpoint -> Hugging Face folder (config, safetensors weights, tokenizer).
 
-ZeRO shards are consolidated to fp32 with DeepSpeed's own reader; the objective wrapper's
-``mlm.`` prefix is stripped so the folder loads with ``AutoModelForMaskedLM.from_pretrained``.
-The model is built with its parameters on the meta device and the consolidated tensors are
-assigned into it (``load_state_dict(assign=True)``), so the export holds one copy of the weights,
-not two.
+ZeRO shards are consolidated to fp32 with DeepSpeed's own reader; the objective wrapper's prefix
+(``model.``) is stripped so the folder loads with ``AutoModelForMaskedLM.from_pretrained`` as the
+architecture's own MaskedLM class. The model is built on the meta device (``with
+torch.device("meta")``: a context for this thread's tensor creation, no process-wide patch) only
+to check the consolidated tensors against its parameter names and shapes and to let
+``save_pretrained`` write them (``state_dict=``, tied weights stored once); the export holds one
+copy of the weights.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -21,72 +22,63 @@ from alum_ds.checkpoint import STATE_FILE, read_latest, read_state
 from alum_ds.config import ConfigError, config_from_dict
 
 
-def _locate(checkpoint: str) -> tuple[Path, str, Path]:
-    """(checkpoint root, tag, run folder) from a tag folder or a run folder."""
+def locate(checkpoint: str) -> tuple[Path, str, Path]:
+    """(checkpoint root, tag, run folder) from a run folder, its checkpoints/ folder (where
+    DeepSpeed saves: ``latest`` and ``zero_to_fp32.py``) or a checkpoint (tag) folder."""
     p = Path(checkpoint)
-    if (p / "checkpoints").is_dir():
-        root = p / "checkpoints"
+    root = p / "checkpoints" if (p / "checkpoints").is_dir() else p if (p / "latest").is_file() else None
+    if root is not None:
         tag = read_latest(root)
         if tag is None:
             raise FileNotFoundError(f"{p} has no complete checkpoint (no valid 'latest')")
-        return root, tag, p
+        return root, tag, root.parent
     if p.is_dir() and ((p / STATE_FILE).is_file() or p.name.startswith("step")):
         return p.parent, p.name, p.parent.parent
     raise FileNotFoundError(f"{p} is neither a run folder nor a checkpoint folder")
 
 
-@contextlib.contextmanager
-def parameters_on_meta() -> Iterator[None]:
-    """Modules built inside get their parameters on the meta device (no memory, no init cost);
-    buffers stay real (RoBERTa's position ids are non-persistent buffers no state dict holds)."""
-    register = torch.nn.Module.register_parameter
+def model_config_of(state: dict[str, Any], vocab: int) -> Any:
+    """The Hugging Face config of the model a checkpoint holds (its run config rebuilt)."""
+    from transformers import AutoConfig
 
-    def on_meta(module: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> None:
-        if param is not None and not param.is_meta:  # a shared (tied) meta parameter stays shared
-            param = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        register(module, name, param)
+    from alum_ds.model import model_config
 
-    torch.nn.Module.register_parameter = on_meta
-    try:
-        yield
-    finally:
-        torch.nn.Module.register_parameter = register
+    cfg = config_from_dict(state["config"])
+    if cfg.model.pretrained:
+        return AutoConfig.from_pretrained(cfg.model.pretrained, local_files_only=True)
+    return model_config(cfg.model.arch, cfg.model.preset, vocab_size=vocab, seq_len=cfg.data.seq_len,
+                        dropout=cfg.model.dropout)
 
 
 def export(checkpoint: str, out_dir: str) -> Path:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    from transformers import AutoTokenizer, RobertaConfig, RobertaForMaskedLM
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
 
     from alum_ds.data.shards import read_manifest
-    from alum_ds.model import roberta_config
 
-    root, tag, run_dir = _locate(checkpoint)
+    root, tag, _ = locate(checkpoint)
     state = read_state(root / tag)
     if state is None:
         raise FileNotFoundError(f"checkpoint {root / tag} is incomplete (no {STATE_FILE})")
-    cfg = config_from_dict(state["config"])
     data_dir = Path(state["data_dir"])
-    vocab = int(read_manifest(data_dir)["tokenizer"]["vocab_size"])
-    if cfg.model.pretrained:
-        mcfg = RobertaConfig.from_pretrained(cfg.model.pretrained)
-    else:
-        mcfg = roberta_config(cfg.model.preset, vocab_size=vocab, seq_len=cfg.data.seq_len,
-                              dropout=cfg.model.dropout)
-    with parameters_on_meta():
-        model = RobertaForMaskedLM(mcfg)
+    mcfg = model_config_of(state, int(read_manifest(data_dir)["tokenizer"]["vocab_size"]))
+    with torch.device("meta"):
+        model = AutoModelForMaskedLM.from_config(mcfg)
     weights = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
-    weights = {k.removeprefix("mlm."): v for k, v in weights.items()}
-    missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)
-    del weights
-    model.tie_weights()  # the decoder shares the word embeddings (and its bias lm_head.bias)
-    still_meta = [n for n, p in model.named_parameters() if p.is_meta]
-    if still_meta or unexpected:
-        raise ConfigError(f"checkpoint {root / tag} does not match the model: missing "
-                          f"{(still_meta or missing)[:3]}, unexpected {unexpected[:3]}")
+    weights = {k.split(".", 1)[1]: v for k, v in weights.items()}  # the objective's prefix
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    tied = {k for k in want if k not in weights and _tied_to(model, k) in weights}
+    missing = [k for k in want if k not in weights and k not in tied]
+    unexpected = [k for k in weights if k not in want]
+    wrong = [k for k in want if k in weights and tuple(weights[k].shape) != want[k]]
+    if missing or unexpected or wrong:
+        raise ConfigError(f"checkpoint {root / tag} does not match the model: missing {missing[:3]}, "
+                          f"unexpected {unexpected[:3]}, other shapes {wrong[:3]}")
     out = Path(out_dir)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp), safe_serialization=True)
+    model.save_pretrained(str(tmp), state_dict=weights, safe_serialization=True)
+    del weights
     AutoTokenizer.from_pretrained(str(data_dir / "tokenizer")).save_pretrained(str(tmp))
     (tmp / "alum_ds_export.json").write_text(json.dumps(
         {"checkpoint": str((root / tag).resolve()), "step": state["step"],
@@ -95,3 +87,13 @@ def export(checkpoint: str, out_dir: str) -> Path:
         shutil.rmtree(out)
     tmp.rename(out)
     return out
+
+
+def _tied_to(model: torch.nn.Module, key: str) -> str:
+    """The parameter name ``key`` shares its tensor with in ``model`` (``key`` if none)."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    target = params.get(key)
+    for name, p in model.named_parameters():
+        if p is target and name != key:
+            return name
+    return key
