@@ -4,17 +4,21 @@ DeepSpeed's launcher counts CPU "devices" as NUMA nodes, so on an ordinary one-s
 starts a single rank and leaves the other cores to intra-op threads. The product promise is that
 ``deepspeed launch/pretrain.py ...`` uses every local device; on the CPU this process therefore
 re-launches itself through DeepSpeed's runner with ``--num_gpus N`` when, and only when, the user
-did not choose the number of ranks (``--num_gpus``, ``--include``, ``--hostfile`` ... or
-``LOCAL_SIZE``). ``ALUM_DS_CPU_RANKS`` sets N (1 disables this).
+did not choose the number of ranks. What the user typed is only on the runner's command line (the
+runner passes the ranks a world size, not how it was chosen), so it is read there, from
+/proc on Linux; anywhere that cannot be read, nothing is re-launched. ``ALUM_DS_CPU_RANKS`` sets
+N (1 disables this).
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 _EXPLICIT = ("--num_gpus", "--num_nodes", "--include", "--exclude", "-i", "-e", "-H",
              "--hostfile", "--master_addr", "--no_ssh", "--node_rank")
+_LAUNCH = "deepspeed.launcher.launch"
 
 
 def cpu_ranks() -> int:
@@ -25,14 +29,33 @@ def cpu_ranks() -> int:
     return 2 if (cores or 1) >= 2 else 1
 
 
-def _runner_process():
-    """The ``deepspeed`` runner process that started this rank, if any."""
-    import psutil
+def user_chose_ranks(runner_argv: list[str], runner_env: dict[str, str]) -> bool:
+    """Whether the ``deepspeed`` runner's arguments or environment fix the number of ranks."""
+    return any(a.split("=")[0] in _EXPLICIT for a in runner_argv) or "LOCAL_SIZE" in runner_env
 
-    p = psutil.Process().parent()
-    if p is None or "deepspeed.launcher.launch" not in " ".join(p.cmdline()):
+
+def _proc(pid: int) -> tuple[int, list[str], dict[str, str]]:
+    """(parent pid, argv, environment) of a process, from /proc (OSError where unreadable)."""
+    base = Path("/proc") / str(pid)
+    argv = base.joinpath("cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]
+    env = dict(e.split("=", 1) for e in base.joinpath("environ").read_bytes().decode(errors="replace")
+               .split("\0") if "=" in e)
+    ppid = int(base.joinpath("stat").read_text().rsplit(")", 1)[1].split()[1])
+    return ppid, argv, env
+
+
+def _runner() -> tuple[list[str], dict[str, str]] | None:
+    """The argv and environment of the ``deepspeed`` runner that started this rank through its
+    per-node launch process; None when this rank was not started that way or /proc is missing."""
+    try:
+        launch_pid, _, _ = _proc(os.getpid())
+        runner_pid, launch_argv, _ = _proc(launch_pid)
+        if not any(_LAUNCH in a for a in launch_argv):
+            return None
+        _, argv, env = _proc(runner_pid)
+    except (OSError, ValueError, IndexError):  # no /proc (macOS), or a process already gone
         return None
-    return p.parent()
+    return argv, env
 
 
 def maybe_respawn_cpu_ranks() -> None:
@@ -46,16 +69,8 @@ def maybe_respawn_cpu_ranks() -> None:
 
     if get_accelerator().device_name() != "cpu":
         return
-    try:
-        runner = _runner_process()
-        if runner is None:
-            return
-        runner_args = runner.cmdline()
-        if any(a.split("=")[0] in _EXPLICIT for a in runner_args):
-            return
-        if "LOCAL_SIZE" in runner.environ():
-            return
-    except Exception:  # noqa: BLE001 - process inspection can fail in sandboxes; then do nothing
+    runner = _runner()
+    if runner is None or user_chose_ranks(*runner):
         return
     args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
     env = {k: v for k, v in os.environ.items()
