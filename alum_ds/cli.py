@@ -5,28 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
+from collections.abc import Callable
+from typing import Any
 
-from alum_ds.config import ConfigError, load_config
+from alum_ds.config import Config, ConfigError, RunConfig, load_config
 from alum_ds.data.shards import DataError
-
-DEFAULT_DS_CONFIG = str(Path(__file__).resolve().parent.parent / "ds_configs" / "zero2.json")
-
-
-def _train_parser(prog: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=prog,
-        description="ALUM pretraining. Extra --section.key=value arguments override the config "
-        "(e.g. --schedule.steps=1000 --alum.alpha=1).",
-    )
-    p.add_argument("--ds_config", "--ds-config", default=DEFAULT_DS_CONFIG,
-                   help="DeepSpeed JSON (ZeRO stage, precision, offload)")
-    p.add_argument("--config", default=None, help="run config file (TOML or JSON)")
-    p.add_argument("--resume", default="", help="checkpoint folder to resume from "
-                   "(default: the run folder's latest, if any)")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None,
-                   help=argparse.SUPPRESS)  # passed by the deepspeed launcher
-    return p
+from alum_ds.ds_config import DEFAULT as DEFAULT_DS_CONFIG
 
 
 def _fail(msg: str) -> int:
@@ -34,24 +18,39 @@ def _fail(msg: str) -> int:
     return 2
 
 
-def train_main(argv: list[str] | None = None, prog: str = "alum-ds train") -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args, rest = _train_parser(prog).parse_known_args(argv)
+def _run_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """The options pretraining and fine-tuning share; ``--section.key=value`` come after them."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--ds_config", "--ds-config", default=DEFAULT_DS_CONFIG,
+                   help="DeepSpeed JSON (ZeRO stage, precision, offload): a file, or the name of a "
+                   f"shipped one (zero0/1/2/3.json, zero3_offload.json, ...); default {DEFAULT_DS_CONFIG}")
+    p.add_argument("--config", default=None, help="config file (TOML or JSON)")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                   help=argparse.SUPPRESS)  # passed by the deepspeed launcher
+    return p
+
+
+def _run(argv: list[str], parser: argparse.ArgumentParser, cls: type[Config],
+         start: Callable[[Config, argparse.Namespace], Any], aliases: dict[str, str] | None = None) -> int:
+    """Parse, load the config (file + overrides, with ``aliases`` turning an option into its
+    config key), check the DeepSpeed JSON, start the CPU ranks where needed, run ``start`` and
+    tear the process group down; refusals are one-line errors with exit code 2."""
+    args, rest = parser.parse_known_args(argv)
     try:
         bad = [r for r in rest if not (r.startswith("--") and "=" in r)]
         if bad:
             raise ConfigError(f"unrecognised argument {bad[0]!r} (overrides look like "
-                              "--section.key=value)")
-        cfg = load_config(args.config, rest)
+                              f"--section.key=value; see {parser.prog} --help)")
+        extra = [f"{key}={getattr(args, dest)}" for dest, key in (aliases or {}).items()
+                 if getattr(args, dest) is not None]
+        cfg = load_config(args.config, [*extra, *rest], cls=cls)
         from alum_ds.ds_config import read_ds_json
 
         read_ds_json(args.ds_config)  # fail before starting processes and the engine
         from alum_ds.launching import maybe_respawn_cpu_ranks
 
         maybe_respawn_cpu_ranks()
-        from alum_ds.trainer import train
-
-        train(cfg, args.ds_config, resume=args.resume)
+        start(cfg, args)
         from alum_ds.distributed import shutdown
 
         shutdown()
@@ -64,6 +63,41 @@ def train_main(argv: list[str] | None = None, prog: str = "alum-ds train") -> in
             return _fail(str(e))
         raise
     return 0
+
+
+def train_main(argv: list[str] | None = None, prog: str = "alum-ds train") -> int:
+    p = _run_parser(prog, "ALUM pretraining. Extra --section.key=value arguments override the "
+                    "config (e.g. --schedule.steps=1000 --alum.alpha=1).")
+    p.add_argument("--resume", default="", help="checkpoint folder to resume from "
+                   "(default: the run folder's latest, if any)")
+
+    def start(cfg: Config, args: argparse.Namespace) -> None:
+        from alum_ds.trainer import train
+
+        train(cfg, args.ds_config, resume=args.resume)
+
+    return _run(list(sys.argv[1:] if argv is None else argv), p, RunConfig, start)
+
+
+def finetune_main(argv: list[str] | None = None, prog: str = "alum-ds finetune") -> int:
+    from alum_ds.finetune.config import FinetuneConfig
+
+    p = _run_parser(prog, "Fine-tune a sequence classifier (the model family's "
+                    "AutoModelForSequenceClassification) from an alum-ds run, checkpoint or Hugging "
+                    "Face folder, plainly or with ALUM (alum.alpha, default 1; --alum.enabled=false "
+                    "for plain). Without --task.train: the embedded topic task. Settings are "
+                    "--section.key=value (sections run, task, model, alum, optim, schedule, eval, "
+                    "logging; e.g. --task.train=data.csv --schedule.steps=500 --optim.lr=2e-5).")
+    p.add_argument("--checkpoint", default=None,
+                   help="the pretrained model, as task.checkpoint (default: runs/default)")
+
+    def start(cfg: Config, args: argparse.Namespace) -> None:
+        from alum_ds.finetune.loop import finetune
+
+        finetune(cfg, args.ds_config)
+
+    return _run(list(sys.argv[1:] if argv is None else argv), p, FinetuneConfig, start,
+                aliases={"checkpoint": "task.checkpoint"})
 
 
 def prepare_main(argv: list[str]) -> int:
@@ -162,12 +196,6 @@ def plot_main(argv: list[str]) -> int:
         return _fail(str(e))
     print(f"wrote {out}")
     return 0
-
-
-def finetune_main(argv: list[str]) -> int:
-    from alum_ds.finetune.cli import finetune_main as run
-
-    return run(argv)
 
 
 COMMANDS = {

@@ -1,8 +1,10 @@
-"""The typed run config: one dataclass per section, a file plus ``--section.key=value`` overrides.
+"""Typed configs: one dataclass per section, a file plus ``--section.key=value`` overrides.
 
-The run config owns the ML meaning of a run (model, data, masking, ALUM, optimisation, schedule,
-checkpoints, logging). Systems settings (ZeRO stage, precision, offload) belong to the DeepSpeed
-JSON; ``ds_config`` joins the two and refuses contradictions. Nothing here imports torch.
+Pretraining (``RunConfig``) and fine-tuning (``alum_ds.finetune.config.FinetuneConfig``) are two
+roots built from the same sections and read by the same loader, so both take TOML/JSON files and
+overrides and refuse bad input with the same one-line ``ConfigError``. A config owns the ML
+meaning of a run; systems settings (ZeRO stage, precision, offload) belong to the DeepSpeed JSON,
+and ``ds_config`` joins the two and refuses contradictions. Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -20,27 +22,69 @@ except ImportError:  # pragma: no cover
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
+
+Check = tuple[str, bool, str]
 
 
 class ConfigError(ValueError):
     """A bad config value or file; the message is one line and names the key."""
 
 
+class Section:
+    """A config section: ``CHOICES`` (key -> allowed values) and ``checks`` are its validation."""
+
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {}
+
+    def checks(self) -> list[Check]:
+        return []
+
+
 @dataclass
-class ModelConfig:
-    preset: str = "tiny"
-    """Architecture preset: tiny, small, base (RoBERTa-base shape) or large (RoBERTa-large)."""
-    pretrained: str = ""
-    """Local Hugging Face RoBERTa folder to start from (continual pretraining); overrides preset."""
+class RunBase(Section):
+    dir: str = "runs/default"
+    """Run folder: resolved config, metrics, TensorBoard logs and checkpoints or results."""
+    seed: int = 42
+    """Seeds model initialisation, dropout and the perturbation noise."""
+
+
+@dataclass
+class RunSection(RunBase):
+    stop_after: int = 0
+    """Stop, after saving, once this invocation has trained N steps (0: run to the end); for
+    time-sliced allocations. Rerunning the command continues the same run."""
+
+    def checks(self) -> list[Check]:
+        return [("run.stop_after", self.stop_after >= 0, "must be >= 0")]
+
+
+@dataclass
+class ModelBase(Section):
     dropout: float = 0.1
     """Hidden and attention dropout."""
     activation_checkpointing: bool = False
     """Non-reentrant activation checkpointing of encoder layers (reentrant breaks the ascent)."""
 
+    def checks(self) -> list[Check]:
+        return [("model.dropout", 0 <= self.dropout < 1, "must be in [0, 1)")]
+
 
 @dataclass
-class DataConfig:
+class ModelConfig(ModelBase):
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"preset": ("tiny", "small", "base", "large"),
+                                                     "arch": ("roberta", "bert")}
+    arch: str = "roberta"
+    """Architecture of a model built from a preset: roberta (byte-level BPE data) or bert
+    (WordPiece data: ``alum-ds prepare --tokenizer-kind wordpiece``)."""
+    preset: str = "tiny"
+    """Size preset: tiny, small, base (RoBERTa-/BERT-base shape) or large (RoBERTa-large)."""
+    pretrained: str = ""
+    """Local Hugging Face folder to start from (continual pretraining; overrides arch and preset):
+    BERT, RoBERTa, XLM-RoBERTa, DeBERTa-v2/v3, ELECTRA generator or ModernBERT, with its MLM head."""
+
+
+@dataclass
+class DataConfig(Section):
     dir: str = ""
     """Prepared data folder (``alum-ds prepare``). Empty: the embedded default corpus, prepared
     into the cache folder on first use."""
@@ -53,9 +97,13 @@ class DataConfig:
     seed: int = 1234
     """Seeds the global sample order of every epoch and the masks."""
 
+    def checks(self) -> list[Check]:
+        return [("data.seq_len", self.seq_len >= 8, "must be at least 8"),
+                ("data.vocab_size", self.vocab_size >= 300, "must be at least 300 (256 bytes + specials)")]
+
 
 @dataclass
-class MaskingConfig:
+class MaskingConfig(Section):
     prob: float = 0.15
     """Fraction of non-special tokens selected for prediction."""
     mask_frac: float = 0.8
@@ -65,9 +113,17 @@ class MaskingConfig:
     whole_word: bool = False
     """Select whole words (all their BPE pieces together) instead of single tokens."""
 
+    def checks(self) -> list[Check]:
+        return [("masking.prob", 0 < self.prob < 1, "must be in (0, 1)"),
+                ("masking.mask_frac", 0 <= self.mask_frac <= 1, "must be in [0, 1]"),
+                ("masking.random_frac", 0 <= self.random_frac <= 1 - self.mask_frac,
+                 "must be in [0, 1 - masking.mask_frac]")]
+
 
 @dataclass
-class AlumConfig:
+class AlumConfig(Section):
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"norm": ("linf", "l2"),
+                                                     "update": ("project", "normalize")}
     enabled: bool = True
     """False: plain MLM through the same code path."""
     alpha: float = 10.0
@@ -93,13 +149,21 @@ class AlumConfig:
     """Run the clean pass and the first perturbed pass as one forward over a doubled batch (they
     are independent: delta_0 is random). Same loss and gradients, but the ascent's backward and
     the clean part of the final backward then run over both halves (11 forward-equivalents, not
-    8). Off by default: on the CPU 3.04x a plain step against 2.41x unfused, and more memory
+    8). Off by default: on the CPU 2.94x a plain step against 2.32x unfused, and more memory
     (README, "Performance"); it may pay on a GPU at small micro-batches (bench/bench_alum.py).
     Not supported under ZeRO-3."""
 
+    def checks(self) -> list[Check]:
+        return [("alum.alpha", self.alpha >= 0, "must be >= 0"),
+                ("alum.sigma", self.sigma >= 0, "must be >= 0"),
+                ("alum.eta", self.eta > 0, "must be > 0"),
+                ("alum.epsilon", self.epsilon > 0, "must be > 0"),
+                ("alum.ascent_steps", self.ascent_steps >= 1, "must be >= 1"),
+                ("alum.start_step", self.start_step >= 0, "must be >= 0")]
+
 
 @dataclass
-class OptimConfig:
+class OptimConfig(Section):
     lr: float = 5e-4
     """Peak learning rate."""
     weight_decay: float = 0.01
@@ -108,60 +172,94 @@ class OptimConfig:
     grad_clip: float = 1.0
     """Gradient clipping (global norm); 0 disables."""
 
+    def checks(self) -> list[Check]:
+        return [("optim.lr", self.lr > 0, "must be > 0"),
+                ("optim.grad_clip", self.grad_clip >= 0, "must be >= 0")]
+
 
 @dataclass
-class ScheduleConfig:
+class ScheduleBase(Section):
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"decay": ("linear", "polynomial", "constant")}
     steps: int = 300
     """Optimizer steps of the run."""
     warmup_steps: int = 30
+    """Linear warmup steps (set this or warmup_fraction: setting one clears the other)."""
+    warmup_fraction: float = 0.0
+    """Warmup as a fraction of the run's steps (rounded down); 0: warmup_steps decides."""
     micro_batch_size: int = 8
-    """Sequences per rank per micro-step."""
+    """Sequences (examples) per rank per micro-step."""
+    grad_accum: int = 1
+    """Micro-steps per optimizer step."""
+    decay: str = "linear"
+    """Decay after warmup to 0 at the last step: linear, polynomial (RoBERTa's; see power) or
+    constant."""
+    power: float = 1.0
+    """Exponent of the polynomial decay: lr x (1 - progress) ** power (1.0 equals linear)."""
+
+    def warmup_for(self, total_steps: int) -> int:
+        """The warmup in optimizer steps for a run of ``total_steps``."""
+        if self.warmup_fraction > 0:
+            return int(self.warmup_fraction * total_steps)
+        return self.warmup_steps
+
+    def checks(self) -> list[Check]:
+        return [("schedule.steps", self.steps >= 1, "must be >= 1"),
+                ("schedule.warmup_steps", self.warmup_steps >= 0, "must be >= 0"),
+                ("schedule.warmup_fraction", 0 <= self.warmup_fraction < 1, "must be in [0, 1)"),
+                ("schedule.warmup_fraction", not (self.warmup_fraction > 0 and self.warmup_steps > 0),
+                 "and schedule.warmup_steps both set: set one of the two"),
+                ("schedule.micro_batch_size", self.micro_batch_size >= 1, "must be >= 1"),
+                ("schedule.grad_accum", self.grad_accum >= 1, "must be >= 1"),
+                ("schedule.power", self.power > 0, "must be > 0")]
+
+
+@dataclass
+class ScheduleConfig(ScheduleBase):
     grad_accum: int = 1
     """Micro-steps per optimizer step (leave at 1 when global_batch_size is set)."""
     global_batch_size: int = 0
     """Sequences per optimizer step over all ranks. 0: micro_batch_size x grad_accum x ranks. Set,
     the accumulation is derived (global / (micro_batch_size x ranks)), so a run resumed on another
     number of ranks keeps its global batch."""
-    decay: str = "linear"
-    """Decay after warmup to 0 at the last step: linear, polynomial (RoBERTa's; see power) or
-    constant."""
-    power: float = 1.0
-    """Exponent of the polynomial decay: lr x (1 - progress) ** power (1.0 equals linear)."""
     max_tokens: int = 0
     """Token budget: stop once the run has consumed this many training tokens (sequences x
     data.seq_len); the schedule then ends there. 0: no budget, schedule.steps decides."""
 
+    def checks(self) -> list[Check]:
+        return [*super().checks(),
+                ("schedule.global_batch_size", self.global_batch_size >= 0, "must be >= 0"),
+                ("schedule.grad_accum", not (self.global_batch_size and self.grad_accum != 1),
+                 "is derived from schedule.global_batch_size: set one of the two"),
+                ("schedule.max_tokens", self.max_tokens >= 0, "must be >= 0")]
+
 
 @dataclass
-class EvalConfig:
+class EvalConfig(Section):
     every: int = 0
     """Evaluate (masked-LM loss and perplexity on the held-out split) every N optimizer steps; the
     run always evaluates at its end. 0: only at the end."""
     max_sequences: int = 512
     """Held-out sequences per evaluation (0: all of them)."""
 
+    def checks(self) -> list[Check]:
+        return [("eval.every", self.every >= 0, "must be >= 0"),
+                ("eval.max_sequences", self.max_sequences >= 0, "must be >= 0")]
+
 
 @dataclass
-class CheckpointConfig:
+class CheckpointConfig(Section):
     every: int = 0
     """Save every N optimizer steps (0: only at the end)."""
     keep: int = 3
     """How many checkpoints to keep; the one `latest` points to is never removed."""
 
-
-@dataclass
-class RunSection:
-    dir: str = "runs/default"
-    """Run folder: resolved config, metrics, TensorBoard logs and checkpoints."""
-    seed: int = 42
-    """Seeds model initialisation, dropout and the perturbation noise."""
-    stop_after: int = 0
-    """Stop, after saving, once this invocation has trained N steps (0: run to the end); for
-    time-sliced allocations. Rerunning the command continues the same run."""
+    def checks(self) -> list[Check]:
+        return [("checkpoint.every", self.every >= 0, "must be >= 0"),
+                ("checkpoint.keep", self.keep >= 1, "must be >= 1")]
 
 
 @dataclass
-class LoggingConfig:
+class LoggingConfig(Section):
     every: int = 10
     """Log metrics every N optimizer steps."""
     tensorboard: bool = True
@@ -170,9 +268,25 @@ class LoggingConfig:
     wandb_project: str = "alum_ds"
     """Weights & Biases project name."""
 
+    def checks(self) -> list[Check]:
+        return [("logging.every", self.every >= 1, "must be >= 1")]
+
+
+class Config:
+    """A root config: its dataclass fields are sections. ``EXCLUSIVE`` pairs of keys are
+    alternatives: setting one (in a file or an override) clears the other's default."""
+
+    EXCLUSIVE: ClassVar[tuple[tuple[str, str], ...]] = (
+        ("schedule.warmup_steps", "schedule.warmup_fraction"),)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
 
 @dataclass
-class RunConfig:
+class RunConfig(Config):
+    """Pretraining."""
+
     run: RunSection = field(default_factory=RunSection)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -183,9 +297,6 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
     def fingerprint(self) -> str:
         """Hash of the values that change what a run computes (not where it writes)."""
@@ -206,25 +317,23 @@ class RunConfig:
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
-_CHOICES = {
-    ("model", "preset"): ("tiny", "small", "base", "large"),
-    ("alum", "norm"): ("linf", "l2"),
-    ("alum", "update"): ("project", "normalize"),
-    ("schedule", "decay"): ("linear", "polynomial", "constant"),
-}
+C = typing.TypeVar("C", bound=Config)
 
 
-def _coerce(section: str, key: str, tp: Any, value: Any) -> Any:
+def _coerce(where: str, tp: Any, value: Any) -> Any:
     """Convert ``value`` (from a file or a command-line string) to the field's type."""
-    where = f"{section}.{key}"
     origin = typing.get_origin(tp)
-    if origin is tuple:
+    if origin is tuple or origin is list:
         if isinstance(value, str):
             value = [v for v in value.strip("()[] ").split(",") if v.strip()]
         args = typing.get_args(tp)
+        if origin is list:
+            if not isinstance(value, (list, tuple)):
+                raise ConfigError(f"{where}: expected a list (comma-separated), got {value!r}")
+            return [_coerce(where, args[0], v) for v in value]
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{where}: expected {len(args)} comma-separated values, got {value!r}")
-        return tuple(_coerce(section, key, a, v) for a, v in zip(args, value))
+        return tuple(_coerce(where, a, v) for a, v in zip(args, value))
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -252,75 +361,103 @@ def _coerce(section: str, key: str, tp: Any, value: Any) -> Any:
     if tp is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return str(value)
+        return str(value).strip()
     raise ConfigError(f"{where}: unsupported type {tp}")  # pragma: no cover
 
 
-def _section_types(cls: type) -> dict[str, Any]:
+def _field_types(cls: type) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
-def _set(cfg: RunConfig, dotted: str, value: Any) -> None:
+def _set(cfg: Config, dotted: str, value: Any) -> str:
     section, _, key = dotted.partition(".")
-    sections = _section_types(RunConfig)
+    sections = _field_types(type(cfg))
     if section not in sections or not key:
-        known = ", ".join(sections)
-        raise ConfigError(f"unknown config key {dotted!r} (sections: {known})")
+        raise ConfigError(f"unknown config key {dotted!r} (sections: {', '.join(sections)})")
     sec_obj = getattr(cfg, section)
-    fields = _section_types(type(sec_obj))
+    fields = _field_types(type(sec_obj))
     if key not in fields:
-        raise ConfigError(
-            f"unknown config key {dotted!r} (keys of [{section}]: {', '.join(fields)})"
-        )
-    setattr(sec_obj, key, _coerce(section, key, fields[key], value))
+        raise ConfigError(f"unknown config key {dotted!r} (keys of [{section}]: {', '.join(fields)})")
+    setattr(sec_obj, key, _coerce(dotted, fields[key], value))
+    return f"{section}.{key}"
 
 
-def _validate(cfg: RunConfig) -> None:
-    for (section, key), choices in _CHOICES.items():
-        v = getattr(getattr(cfg, section), key)
-        if v not in choices:
-            raise ConfigError(f"{section}.{key}: {v!r} is not one of {', '.join(choices)}")
-    checks = [
-        ("data.seq_len", cfg.data.seq_len >= 8, "must be at least 8"),
-        ("data.vocab_size", cfg.data.vocab_size >= 300, "must be at least 300 (256 bytes + specials)"),
-        ("masking.prob", 0 < cfg.masking.prob < 1, "must be in (0, 1)"),
-        ("masking.mask_frac", 0 <= cfg.masking.mask_frac <= 1, "must be in [0, 1]"),
-        (
-            "masking.random_frac",
-            0 <= cfg.masking.random_frac <= 1 - cfg.masking.mask_frac,
-            "must be in [0, 1 - masking.mask_frac]",
-        ),
-        ("alum.alpha", cfg.alum.alpha >= 0, "must be >= 0"),
-        ("alum.sigma", cfg.alum.sigma >= 0, "must be >= 0"),
-        ("alum.eta", cfg.alum.eta > 0, "must be > 0"),
-        ("alum.epsilon", cfg.alum.epsilon > 0, "must be > 0"),
-        ("alum.ascent_steps", cfg.alum.ascent_steps >= 1, "must be >= 1"),
-        ("alum.start_step", cfg.alum.start_step >= 0, "must be >= 0"),
-        ("optim.lr", cfg.optim.lr > 0, "must be > 0"),
-        ("optim.grad_clip", cfg.optim.grad_clip >= 0, "must be >= 0"),
-        ("schedule.steps", cfg.schedule.steps >= 1, "must be >= 1"),
-        ("schedule.warmup_steps", cfg.schedule.warmup_steps >= 0, "must be >= 0"),
-        ("schedule.micro_batch_size", cfg.schedule.micro_batch_size >= 1, "must be >= 1"),
-        ("schedule.grad_accum", cfg.schedule.grad_accum >= 1, "must be >= 1"),
-        ("schedule.global_batch_size", cfg.schedule.global_batch_size >= 0, "must be >= 0"),
-        (
-            "schedule.grad_accum",
-            not (cfg.schedule.global_batch_size and cfg.schedule.grad_accum != 1),
-            "is derived from schedule.global_batch_size: set one of the two",
-        ),
-        ("schedule.power", cfg.schedule.power > 0, "must be > 0"),
-        ("schedule.max_tokens", cfg.schedule.max_tokens >= 0, "must be >= 0"),
-        ("eval.every", cfg.eval.every >= 0, "must be >= 0"),
-        ("eval.max_sequences", cfg.eval.max_sequences >= 0, "must be >= 0"),
-        ("checkpoint.every", cfg.checkpoint.every >= 0, "must be >= 0"),
-        ("checkpoint.keep", cfg.checkpoint.keep >= 1, "must be >= 1"),
-        ("logging.every", cfg.logging.every >= 1, "must be >= 1"),
-        ("run.stop_after", cfg.run.stop_after >= 0, "must be >= 0"),
-    ]
-    for key, ok, msg in checks:
-        if not ok:
-            raise ConfigError(f"{key}: {msg}")
+def _clear_alternatives(cfg: Config, explicit: set[str]) -> None:
+    for a, b in cfg.EXCLUSIVE:
+        for mine, other in ((a, b), (b, a)):
+            if mine in explicit and other not in explicit:
+                section, _, key = other.partition(".")
+                sec = getattr(cfg, section)
+                setattr(sec, key, type(getattr(sec, key))())  # 0 / 0.0 / "" / False
+
+
+def validate(cfg: Config) -> None:
+    """Raise ConfigError (one line, naming the key) for the first value a section refuses."""
+    for name in _field_types(type(cfg)):
+        sec = getattr(cfg, name)
+        for key, choices in sec.CHOICES.items():
+            if getattr(sec, key) not in choices:
+                raise ConfigError(f"{name}.{key}: {getattr(sec, key)!r} is not one of {', '.join(choices)}")
+        for key, ok, msg in sec.checks():
+            if not ok:
+                raise ConfigError(f"{key}: {msg}")
+
+
+def read_config_file(path: str) -> dict[str, dict[str, Any]]:
+    """A TOML or JSON config file as {section: {key: value}}; one-line ConfigError otherwise."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {path} not found")
+    try:
+        if p.suffix == ".json":
+            data = json.loads(p.read_text())
+        elif tomllib is None:
+            raise ConfigError(f"config file {path}: TOML needs Python 3.11+, use JSON")
+        else:
+            data = tomllib.loads(p.read_text())
+    except ConfigError:
+        raise
+    except (ValueError, UnicodeDecodeError) as e:  # JSON and TOML decode errors are ValueErrors
+        raise ConfigError(f"config file {path} is malformed: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a table of sections")
+    for section, values in data.items():
+        if not isinstance(values, dict):
+            raise ConfigError(f"config file {path}: [{section}] must be a table")
+    return data
+
+
+def load_config(path: str | None = None, overrides: typing.Sequence[str] = (),
+                cls: type[C] = RunConfig) -> C:  # type: ignore[assignment]
+    """Build a ``cls`` config from its defaults, an optional TOML/JSON file, then ``key=value``
+    overrides (``--`` optional). Raises ConfigError with a one-line message for unknown keys,
+    wrong types or bad values."""
+    cfg = cls()
+    explicit: set[str] = set()
+    if path:
+        for section, values in read_config_file(path).items():
+            for key, value in values.items():
+                explicit.add(_set(cfg, f"{section}.{key}", value))
+    for item in overrides:
+        text = item[2:] if item.startswith("--") else item
+        key, eq, value = text.partition("=")
+        if not eq:
+            raise ConfigError(f"override {item!r} must look like --section.key=value")
+        explicit.add(_set(cfg, key.strip(), value.strip()))
+    _clear_alternatives(cfg, explicit)
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(d: dict[str, Any], cls: type[C] = RunConfig) -> C:  # type: ignore[assignment]
+    """Rebuild a config from ``to_dict`` output (e.g. a checkpoint's stored config)."""
+    cfg = cls()
+    for section, values in d.items():
+        for key, value in values.items():
+            _set(cfg, f"{section}.{key}", value)
+    validate(cfg)
+    return cfg
 
 
 def grad_accum_for(cfg: RunConfig, world: int) -> int:
@@ -346,59 +483,14 @@ def for_world(cfg: RunConfig, world: int) -> RunConfig:
     return out
 
 
-def load_config(path: str | None = None, overrides: typing.Sequence[str] = ()) -> RunConfig:
-    """Build the run config from defaults, an optional TOML/JSON file, then ``key=value`` overrides.
-
-    Raises ConfigError with a one-line message for unknown keys, wrong types or bad values.
-    """
-    cfg = RunConfig()
-    if path:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {path} not found")
-        try:
-            if p.suffix == ".json":
-                data = json.loads(p.read_text())
-            elif tomllib is None:
-                raise ConfigError(f"config file {path}: TOML needs Python 3.11+, use JSON")
-            else:
-                data = tomllib.loads(p.read_text())
-        except ConfigError:
-            raise
-        except (ValueError, UnicodeDecodeError) as e:  # JSON and TOML decode errors are ValueErrors
-            raise ConfigError(f"config file {path} is malformed: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {path} must hold a table of sections")
-        for section, values in data.items():
-            if not isinstance(values, dict):
-                raise ConfigError(f"config file {path}: [{section}] must be a table")
-            for key, value in values.items():
-                _set(cfg, f"{section}.{key}", value)
-    for item in overrides:
-        text = item[2:] if item.startswith("--") else item
-        key, eq, value = text.partition("=")
-        if not eq:
-            raise ConfigError(f"override {item!r} must look like --section.key=value")
-        _set(cfg, key.strip(), value.strip())
-    _validate(cfg)
-    return cfg
-
-
-def config_from_dict(d: dict[str, Any]) -> RunConfig:
-    """Rebuild a RunConfig from ``to_dict`` output (e.g. a checkpoint's stored config)."""
-    cfg = RunConfig()
-    for section, values in d.items():
-        for key, value in values.items():
-            _set(cfg, f"{section}.{key}", value)
-    _validate(cfg)
-    return cfg
-
-
 __all__ = [
     "ConfigError",
+    "Config",
     "RunConfig",
     "load_config",
     "config_from_dict",
+    "read_config_file",
+    "validate",
     "grad_accum_for",
     "for_world",
 ]

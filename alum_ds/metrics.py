@@ -48,31 +48,52 @@ def peak_memory_gb(on_gpu: bool) -> tuple[float, float]:
 
 
 class StepWindow:
-    """Per-micro-step statistics, summed on the device (no host sync per step) and reduced over
-    ranks only when a log line is due."""
+    """Per-micro-step statistics of an objective (``alum_ds.objective``), summed on the device (no
+    host sync per step) and reduced over ranks only when a log line is due. ``extra`` names
+    task statistics summed as they are (e.g. the classifier's ``correct``)."""
 
-    KEYS = ("mlm_sum", "adv_sum", "masked_tokens", "delta_norm", "ascent_grad_norm", "adv_skipped")
+    KEYS = ("task_sum", "adv_sum", "rows", "delta_norm", "ascent_grad_norm", "adv_skipped")
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, extra: tuple[str, ...] = ()) -> None:
         self.device = device
-        self.sum = torch.zeros(len(self.KEYS) + 1, dtype=torch.float64, device=device)
+        self.keys = self.KEYS + tuple(extra)
+        self.sum = torch.zeros(len(self.keys) + 1, dtype=torch.float64, device=device)
 
     def add(self, stats: dict[str, Any]) -> None:
         vals = [torch.as_tensor(stats.get(k, 0.0), dtype=torch.float64, device=self.device).reshape(())
-                for k in self.KEYS]
+                for k in self.keys]
         vals.append(torch.ones((), dtype=torch.float64, device=self.device))
         self.sum += torch.stack(vals)
 
     def reduce(self, all_reduce, world: int, alpha: float) -> dict[str, float]:
-        """Token-weighted losses and per-micro-step means over all ranks; resets the window."""
-        s = all_reduce(self.sum.clone(), "sum").cpu().tolist()
+        """Row-weighted losses (rows: masked tokens or examples), per-micro-step means of the
+        perturbation statistics, sums of ``extra`` and of ``rows``, over all ranks; resets the
+        window."""
+        s = dict(zip((*self.keys, "micro_steps"), all_reduce(self.sum.clone(), "sum").cpu().tolist()))
         self.sum.zero_()
-        mlm, adv, tokens, dnorm, gnorm, skipped, micro = s
-        tokens, micro = max(tokens, 1.0), max(micro, 1.0)
-        return {"loss": (mlm + alpha * adv) / tokens, "mlm_loss": mlm / tokens, "adv_loss": adv / tokens,
-                "delta_norm": dnorm / micro, "ascent_grad_norm": gnorm / micro,
-                # the skip is collective: every rank counted it
-                "adv_skipped": skipped / world}
+        rows, micro = max(s["rows"], 1.0), max(s["micro_steps"], 1.0)
+        out = {"loss": (s["task_sum"] + alpha * s["adv_sum"]) / rows, "task_loss": s["task_sum"] / rows,
+               "adv_loss": s["adv_sum"] / rows, "delta_norm": s["delta_norm"] / micro,
+               "ascent_grad_norm": s["ascent_grad_norm"] / micro, "rows": s["rows"],
+               # the skip is collective: every rank counted it
+               "adv_skipped": s["adv_skipped"] / world}
+        out.update({k: s[k] for k in self.keys[len(self.KEYS):]})
+        return out
+
+
+def window_values(r: dict[str, float], *, task: str, alum_on: bool, engine: Any,
+                  skipped_total: int) -> dict[str, Any]:
+    """The values every run logs from a reduced ``StepWindow``: the loss, the task's loss (as
+    ``{task}_loss``), the learning rate and gradient norm, and ALUM's statistics while it is on."""
+    values: dict[str, Any] = {"loss": r["loss"], f"{task}_loss": r["task_loss"],
+                              "lr": float(engine.get_lr()[0])}
+    if alum_on:
+        values.update(adv_loss=r["adv_loss"], delta_norm=r["delta_norm"],
+                      ascent_grad_norm=r["ascent_grad_norm"], adv_skipped_total=skipped_total)
+    gn = engine.get_global_grad_norm()
+    if gn is not None:
+        values["grad_norm"] = float(gn)
+    return values
 
 
 class MetricsLogger:
@@ -124,8 +145,10 @@ class MetricsLogger:
         if not self.enabled:
             return
         parts = []
-        for key, fmt in (("loss", "{:.4f}"), ("mlm_loss", "mlm {:.4f}"), ("adv_loss", "adv {:.4f}"),
+        for key, fmt in (("loss", "{:.4f}"), ("mlm_loss", "mlm {:.4f}"), ("ce_loss", "ce {:.4f}"),
+                         ("adv_loss", "adv {:.4g}"), ("train_accuracy", "train acc {:.3f}"),
                          ("lr", "lr {:.2e}"), ("tokens_per_s", "{:,.0f} tok/s"),
+                         ("examples_per_s", "{:,.0f} ex/s"),
                          ("peak_rss_gb", "rss {:.2f} GiB"), ("max_memory_gb", "gpu {:.2f} GiB")):
             if values.get(key) is not None:
                 parts.append(fmt.format(values[key]))
@@ -136,6 +159,17 @@ class MetricsLogger:
         elapsed = time.time() - self.t0
         print(" | ".join([f"step {step}/{self.total}", *parts, f"{elapsed:.0f}s"]),
               file=sys.stderr, flush=True)
+
+    def window(self, step: int, values: dict[str, Any], skipped: float) -> None:
+        """Log a window's values and its progress line; warn about skipped adversarial terms;
+        stop on a non-finite loss (on every rank: each computes the same reduced values)."""
+        if skipped:
+            self.message(f"warning: adversarial term skipped on {int(skipped)} micro-step(s) "
+                         f"before step {step} (non-finite ascent gradient or loss)")
+        self.log(step, values)
+        self.progress(step, values)
+        if not all(math.isfinite(v) for k, v in values.items() if k.endswith("loss")):
+            raise FloatingPointError(f"training loss became non-finite at step {step}")
 
     def message(self, text: str) -> None:
         if not self.enabled:

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 import torch
 from transformers import BertConfig, BertForMaskedLM, PreTrainedConfig, RobertaConfig, RobertaForMaskedLM
 
-from alum_ds import cpu_fastpath
 from alum_ds.arch import adapter_for, load_mlm
 
 
@@ -118,14 +117,12 @@ def build_model(
     dropout: float,
     pretrained: str = "",
     activation_checkpointing: bool = False,
-    cpu_fast_path: bool = True,
     arch: str = "roberta",
 ) -> torch.nn.Module:
     """Build a fresh ``arch`` model from a preset, or load a local pretrained folder of any
     supported family (``alum_ds.arch.load_mlm``: its MaskedLM model, dropout set under the
-    family's names; a folder without an MLM head is refused). With ``cpu_fast_path`` its dropout
-    and attention take ``alum_ds.cpu_fastpath``'s CPU kernels (the same function, computed faster;
-    off only for the stock baseline in bench/)."""
+    family's names; a folder without an MLM head is refused). The model is stock: CPU
+    runs get ``alum_ds.cpu_fastpath`` from ``alum_ds.runtime.adapt_model``."""
     if pretrained:
         try:
             model = load_mlm(pretrained, dropout=dropout)
@@ -152,8 +149,6 @@ def build_model(
         model.activation_checkpointing_enable(
             activation_checkpointing_kwargs={"use_reentrant": False}
         )
-    if cpu_fast_path:
-        cpu_fastpath.install(model)
     return model
 
 
@@ -175,6 +170,12 @@ def head_at(model: torch.nn.Module, hidden: torch.Tensor, positions: torch.Tenso
     """LM-head logits at flat ``positions`` of ``hidden`` [B, T, H] only: [len(positions), V]."""
     rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)
     return adapter_for(model).mlm_logits(model, rows)
+
+
+def classify(model: torch.nn.Module, hidden_seq: torch.Tensor,
+             attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Sequence-classification logits [B, C] from the encoder output [B, T, H]."""
+    return adapter_for(model).classify(model, hidden_seq, attention_mask)
 
 
 def non_embedding_params(model: torch.nn.Module) -> int:

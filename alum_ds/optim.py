@@ -7,18 +7,18 @@ from collections.abc import Callable
 
 import torch
 
-from alum_ds.config import RunConfig
+from alum_ds.config import OptimConfig, RunConfig, ScheduleBase
 
 
-def make_optimizer(params: list[tuple[str, torch.nn.Parameter]], cfg: RunConfig, ds: dict,
+def make_optimizer(params: list[tuple[str, torch.nn.Parameter]], optim: OptimConfig, ds: dict,
                    on_gpu: bool) -> torch.optim.Optimizer:
     """AdamW without decay on biases and LayerNorm weights (RoBERTa's recipe). On a GPU,
     DeepSpeed's fused Adam (or its CPU Adam when the optimizer is offloaded)."""
     decay = [p for n, p in params if p.ndim >= 2 and "LayerNorm" not in n]
     no_decay = [p for n, p in params if not (p.ndim >= 2 and "LayerNorm" not in n)]
-    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay},
+    groups = [{"params": decay, "weight_decay": optim.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    kw = dict(lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps)
+    kw = dict(lr=optim.lr, betas=optim.betas, eps=optim.eps)
     offload = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device") == "cpu"
     if on_gpu and offload:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
@@ -43,11 +43,11 @@ def planned_steps(cfg: RunConfig, global_batch: int) -> int:
     return steps
 
 
-def lr_lambda(cfg: RunConfig, total: int) -> Callable[[int], float]:
+def lr_lambda(schedule: ScheduleBase, total: int) -> Callable[[int], float]:
     """Multiplier of optim.lr at optimizer step ``step`` (0-based): linear warmup, then linear,
     polynomial ((1 - progress) ** power, as fairseq's RoBERTa recipe with end lr 0) or no decay,
     reaching 0 at step ``total``."""
-    warm, decay, power = cfg.schedule.warmup_steps, cfg.schedule.decay, cfg.schedule.power
+    warm, decay, power = schedule.warmup_for(total), schedule.decay, schedule.power
 
     def f(step: int) -> float:
         if warm and step < warm:

@@ -22,16 +22,16 @@ import torch
 
 from alum_ds import checkpoint as C
 from alum_ds import distributed as D
-from alum_ds import host as H
 from alum_ds import metrics as MT
+from alum_ds import runtime as R
 from alum_ds.config import ConfigError, RunConfig, for_world
 from alum_ds.data.prepare import ensure_embedded
 from alum_ds.data.shards import check_vocab, read_manifest, sha256_file
 from alum_ds.data.stream import TrainStream, validation_batches
-from alum_ds.ds_config import precision_of, resolve_ds_config, zero_stage_of
-from alum_ds.model import build_model, non_embedding_params
+from alum_ds.ds_config import precision_of, resolve_ds_config, resolve_ds_path, zero_stage_of
+from alum_ds.model import PADDED_VOCAB_ROWS, build_model, non_embedding_params
 from alum_ds.objective import AlumObjective
-from alum_ds.optim import lr_lambda, make_optimizer, planned_steps
+from alum_ds.optim import planned_steps
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal after saving; rerun to resume
 
@@ -41,15 +41,11 @@ class Preempted(SystemExit):
         super().__init__(EXIT_PREEMPTED)
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("ALUM_DS_CACHE", Path.home() / ".cache" / "alum_ds"))
-
-
 def resolve_data(cfg: RunConfig) -> Path:
     """The prepared data folder; the embedded default is prepared by one rank per node."""
     if cfg.data.dir:
         return Path(cfg.data.dir)
-    cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_cache_dir()
+    cache = R.cache_dir(cfg.data.cache_dir)
     if D.local_rank() == 0:
         out = ensure_embedded(cache, vocab_size=cfg.data.vocab_size, seed=cfg.data.seed)
     D.barrier()
@@ -94,13 +90,6 @@ class Signals:
             signal.signal(sig, signal.SIG_IGN)
 
 
-def _seed_micro_step(seed: int, position: int) -> None:
-    """Dropout and perturbation noise are seeded from the global position of the micro-batch's
-    first sequence, so a resumed run draws the same random numbers as the uninterrupted one -
-    on any number of ranks, as long as schedule.micro_batch_size is unchanged."""
-    torch.manual_seed((seed * 1_000_003 + position * 7919) % (2**63))
-
-
 @dataclass
 class Plan:
     """What a run will do, decided before any process group, model or engine exists."""
@@ -142,36 +131,26 @@ def plan_run(cfg: RunConfig, ds_path: str, *, resume: str, world: int, on_gpu: b
 
 def train(cfg: RunConfig, ds_path: str, *, resume: str = "") -> Path:
     """Run (or continue) training; return the run folder."""
-    import deepspeed
-    from deepspeed.accelerator import get_accelerator
-
-    acc = get_accelerator()
-    on_gpu = acc.device_name() == "cuda"
+    dev = R.detect()
     plan = plan_run(cfg, ds_path, resume=resume, world=int(os.environ.get("WORLD_SIZE", "1")),
-                    on_gpu=on_gpu, bf16_supported=bool(acc.is_bf16_supported()))
-    D.init()
-    rank, world = D.rank(), D.world()
-    if world != plan.world:
-        raise RuntimeError(f"WORLD_SIZE said {plan.world} ranks, the process group has {world}")
-    if not on_gpu:
-        # One rank per core group: without this every rank spawns a thread per core.
-        local = int(os.environ.get("LOCAL_SIZE", "1"))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))
-    device = torch.device(acc.device_name(D.local_rank())) if on_gpu else torch.device("cpu")
+                    on_gpu=dev.on_gpu, bf16_supported=dev.bf16_supported)
+    rt = R.start(dev, expect_world=plan.world)
     data_dir = resolve_data(cfg)
     manifest = read_manifest(data_dir)
     vocab = int(manifest["tokenizer"]["vocab_size"])
 
-    if not on_gpu:
-        H.tune_allocator(plan.ds)  # before the model is built, so its weights count too
+    R.tune_host(rt, plan.ds)
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
     try:
-        mlm = build_model(preset=cfg.model.preset, vocab_size=vocab, seq_len=cfg.data.seq_len,
-                          dropout=cfg.model.dropout, pretrained=cfg.model.pretrained,
+        mlm = build_model(arch=cfg.model.arch, preset=cfg.model.preset, vocab_size=vocab,
+                          seq_len=cfg.data.seq_len, dropout=cfg.model.dropout,
+                          pretrained=cfg.model.pretrained,
                           activation_checkpointing=cfg.model.activation_checkpointing)
     except ValueError as e:  # a pretrained model that does not fit the data
         raise ConfigError(str(e)) from None
-    check_vocab(data_dir, mlm.config.vocab_size)
+    R.adapt_model(rt, mlm)
+    check_vocab(data_dir, mlm.config.vocab_size,
+                padded_rows=PADDED_VOCAB_ROWS if cfg.model.pretrained else 0)
     shape = model_shape(mlm)
     n_params = sum(p.numel() for p in mlm.parameters())  # before ZeRO-3 partitions them
     fpt = MT.flops_per_token(non_embedding_params(mlm), mlm.config.num_hidden_layers,
@@ -179,12 +158,10 @@ def train(cfg: RunConfig, ds_path: str, *, resume: str = "") -> Path:
     if plan.point and plan.point.state.get("model_shape") not in (None, shape):
         raise ConfigError(f"checkpoint {plan.point.path} holds a model of shape "
                           f"{plan.point.state['model_shape']}, this run builds {shape}")
-    objective = AlumObjective(mlm, cfg.alum, any_rank=D.any_rank_fn(device))
-    opt = make_optimizer(list(objective.named_parameters()), cfg, plan.ds, on_gpu)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, plan.last_step))
-    load_root = _universal_root(plan, rank, device) if plan.universal else None
-    engine, _, _, _ = deepspeed.initialize(model=objective, optimizer=opt, lr_scheduler=sched,
-                                           config=plan.ds)
+    objective = AlumObjective(mlm, cfg.alum, any_rank=rt.any_rank())
+    load_root = _universal_root(plan, rt) if plan.universal else None
+    engine = R.build_engine(objective, optim=cfg.optim, schedule=plan.cfg.schedule, ds=plan.ds,
+                            total_steps=plan.last_step, on_gpu=rt.on_gpu)
     stream = TrainStream(data_dir, seq_len=cfg.data.seq_len, seed=cfg.data.seed, masking=cfg.masking)
     step = 0
     if plan.point:
@@ -193,40 +170,41 @@ def train(cfg: RunConfig, ds_path: str, *, resume: str = "") -> Path:
         step = plan.point.step
         if load_root is not None:
             D.barrier()  # every rank has read the converted copy
-            if rank == 0:
+            if rt.rank == 0:
                 C.remove_universal(plan.run_dir)
 
-    log = MT.MetricsLogger(plan.run_dir, enabled=rank == 0, tensorboard=cfg.logging.tensorboard,
+    log = MT.MetricsLogger(plan.run_dir, enabled=rt.rank == 0, tensorboard=cfg.logging.tensorboard,
                            total_steps=plan.last_step, resume_step=step, wandb=_wandb_args(cfg, plan))
-    if rank == 0:
+    if rt.rank == 0:
         _write_resolved(plan.run_dir, cfg, plan.ds, data_dir)
     sc = plan.cfg.schedule
     log.message(
-        f"alum_ds: {world} rank(s) on {acc.device_name()}, ZeRO-{zero_stage_of(plan.ds)}, "
-        f"{precision_of(plan.ds)}, model {cfg.model.pretrained or cfg.model.preset} "
+        f"alum_ds: {rt.world} rank(s) on {dev.name}, ZeRO-{zero_stage_of(plan.ds)}, "
+        f"{precision_of(plan.ds)} (DeepSpeed config {resolve_ds_path(ds_path)}), model "
+        f"{cfg.model.pretrained or cfg.model.arch + ' ' + cfg.model.preset} "
         f"({n_params / 1e6:.2f}M params), "
         f"ALUM {'on' if cfg.alum.enabled else 'off'}, global batch {plan.global_batch} "
-        f"({sc.micro_batch_size} x {sc.grad_accum} accumulation x {world}), data {data_dir} "
+        f"({sc.micro_batch_size} x {sc.grad_accum} accumulation x {rt.world}), data {data_dir} "
         f"({len(stream.seqs)} sequences/epoch), run {plan.run_dir}"
     )
     _report_resume(plan, log)
     _check_tokenizer(cfg, manifest, log)
     loop = Loop(plan=plan, user_cfg=cfg, engine=engine, objective=objective, stream=stream, log=log,
-                device=device, data_dir=data_dir, on_gpu=on_gpu, shape=shape, flops_per_token=fpt,
-                peak=MT.peak_flops(acc.get_device_name() if on_gpu else "cpu") * world)
+                rt=rt, data_dir=data_dir, shape=shape, flops_per_token=fpt,
+                peak=MT.peak_flops(dev.model_name) * rt.world)
     return loop.run(step)
 
 
-def _universal_root(plan: Plan, rank: int, device: torch.device) -> Path:
+def _universal_root(plan: Plan, rt: R.Runtime) -> Path:
     """Rank 0 converts the checkpoint to a universal one; the others wait for it."""
     assert plan.point is not None
     error = ""
-    if rank == 0:
+    if rt.rank == 0:
         try:
             C.convert_to_universal(plan.point, plan.run_dir)
         except (RuntimeError, OSError) as e:
             error = str(e)
-    failed = D.all_reduce(torch.tensor([1.0 if error else 0.0], device=device), "max").item() > 0
+    failed = D.all_reduce(torch.tensor([1.0 if error else 0.0], device=rt.device), "max").item() > 0
     if failed:
         raise RuntimeError(error or "rank 0 could not convert the checkpoint to a universal one")
     return C.checkpoint_dir(plan.run_dir) / C.UNIVERSAL_DIR
@@ -275,14 +253,14 @@ class Loop:
     """The steps of one invocation and their cadence: log, evaluate, save, stop."""
 
     def __init__(self, *, plan: Plan, user_cfg: RunConfig, engine: Any, objective: AlumObjective,
-                 stream: TrainStream, log: MT.MetricsLogger, device: torch.device, data_dir: Path,
-                 on_gpu: bool, shape: dict[str, int], flops_per_token: float, peak: float) -> None:
+                 stream: TrainStream, log: MT.MetricsLogger, rt: R.Runtime, data_dir: Path,
+                 shape: dict[str, int], flops_per_token: float, peak: float) -> None:
         self.plan, self.user_cfg, self.cfg = plan, user_cfg, plan.cfg
         self.engine, self.objective, self.stream, self.log = engine, objective, stream, log
-        self.device, self.data_dir, self.on_gpu, self.shape = device, data_dir, on_gpu, shape
+        self.device, self.data_dir, self.on_gpu, self.shape = rt.device, data_dir, rt.on_gpu, shape
         self.fpt, self.peak = flops_per_token, peak
-        self.rank, self.world = D.rank(), D.world()
-        self.window = MT.StepWindow(device)
+        self.rank, self.world = rt.rank, rt.world
+        self.window = MT.StepWindow(rt.device)
 
     def run(self, step: int) -> Path:
         cfg, last = self.cfg, self.plan.last_step
@@ -346,13 +324,10 @@ class Loop:
             self.stream.state.consumed = start
             return False
         weight = self.world * accum / max(masked, 1.0)
-        for position, (x, y) in batches:
-            _seed_micro_step(self.cfg.run.seed, position)
-            loss, st = self.engine(torch.from_numpy(x).to(self.device), torch.from_numpy(y).to(self.device),
-                                   alum_on, weight)
-            self.engine.backward(loss)
-            self.engine.step()
-            self.window.add(st)
+        R.run_micro_steps(self.engine, self.window, self.cfg.run.seed, (
+            (position, (torch.from_numpy(x).to(self.device), torch.from_numpy(y).to(self.device),
+                        alum_on, weight), {})
+            for position, (x, y) in batches))
         return True
 
     def log_step(self, step: int, alum_on: bool, steps: int, seconds: float) -> None:
@@ -361,31 +336,19 @@ class Loop:
         mem = D.all_reduce(torch.tensor(MT.peak_memory_gb(self.on_gpu), device=self.device), "max").tolist()
         tps = self.plan.global_batch * cfg.data.seq_len * steps / max(seconds, 1e-9)
         passes = MT.forward_equivalents(alum_on, cfg.alum.ascent_steps)
-        values: dict[str, Any] = {
-            "loss": r["loss"], "mlm_loss": r["mlm_loss"], "lr": float(self.engine.get_lr()[0]),
+        values = MT.window_values(r, task="mlm", alum_on=alum_on, engine=self.engine,
+                                  skipped_total=self.objective.skipped_total)
+        values.update({
             "tokens_per_s": tps, "sequences_per_s": tps / cfg.data.seq_len,
             "step_time_s": seconds / steps,
             "mfu": tps * self.fpt * passes / 3.0 / self.peak if self.peak == self.peak else None,
             "alum_on": alum_on, "consumed_sequences": self.stream.state.consumed,
             "consumed_tokens": self.stream.state.consumed * cfg.data.seq_len, "epoch": self.stream.epoch,
             "peak_rss_gb": mem[0],
-        }
+        })
         if self.on_gpu:
             values["max_memory_gb"] = mem[1]
-        if alum_on:
-            values.update(adv_loss=r["adv_loss"], delta_norm=r["delta_norm"],
-                          ascent_grad_norm=r["ascent_grad_norm"],
-                          adv_skipped_total=self.objective.skipped_total)
-        if r["adv_skipped"]:
-            self.log.message(f"warning: adversarial term skipped on {int(r['adv_skipped'])} micro-step(s) "
-                             f"before step {step} (non-finite ascent gradient or loss)")
-        gn = self.engine.get_global_grad_norm()
-        if gn is not None:
-            values["grad_norm"] = float(gn)
-        self.log.log(step, values)
-        self.log.progress(step, values)
-        if not (math.isfinite(values["loss"]) and math.isfinite(values["mlm_loss"])):
-            raise FloatingPointError(f"training loss became non-finite at step {step}")
+        self.log.window(step, values, r["adv_skipped"])
 
     def evaluate_and_log(self, step: int) -> float:
         ev = evaluate(self.engine, self.cfg, self.data_dir, self.device, self.rank, self.world,
@@ -423,7 +386,7 @@ def evaluate(engine: Any, cfg: RunConfig, data_dir: Path, device: torch.device, 
             x, y = batches[i] if i < len(batches) else batches[0]
             loss, st = engine(torch.from_numpy(x).to(device), torch.from_numpy(y).to(device), False)
             if i < len(batches):
-                total += torch.tensor([float(loss) * st["masked_tokens"], st["masked_tokens"]],
+                total += torch.tensor([float(loss) * st["rows"], st["rows"]],
                                       dtype=torch.float64)
     engine.train()
     total = D.all_reduce(total.to(device), "sum").cpu()
@@ -464,4 +427,4 @@ def _write_summary(run_dir: Path, rank: int, step: int, eval_loss: float, engine
     (run_dir / f"summary.rank{rank}.json").write_text(json.dumps(out))
 
 
-__all__ = ["train", "plan_run", "evaluate", "EXIT_PREEMPTED", "Signals", "lr_lambda", "make_optimizer"]
+__all__ = ["train", "plan_run", "evaluate", "EXIT_PREEMPTED", "Signals"]

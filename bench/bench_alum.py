@@ -35,7 +35,7 @@ launch with ``MALLOC_MMAP_THRESHOLD_=65536``: glibc then returns every freed blo
 more to the kernel, so the RSS follows what torch holds (checked against torch's profiler memory
 timeline: equal to the MB). With glibc's defaults freed blocks mostly stay in the process and a
 step's RSS growth reads ~0; the timed launch uses the trainer's allocator policy instead
-(``alum_ds.host.tune_allocator``: freed memory kept for the next step under ZeRO-0/1/2).
+(``alum_ds.runtime.tune_host``: freed memory kept for the next step under ZeRO-0/1/2).
 ``--quick`` does both in one launch (its timings are only a smoke test).
 
 Saved to bench/results/alum.json (or ``--out``) and printed as a table; nothing is asserted.
@@ -300,37 +300,30 @@ class PeakMeter:
 def rank_main(args: argparse.Namespace) -> None:
     import deepspeed
     import torch
-    from deepspeed.accelerator import get_accelerator
 
     from alum_ds import distributed as D
+    from alum_ds import runtime as R
     from alum_ds.config import AlumConfig, RunConfig
     from alum_ds.ds_config import precision_of, resolve_ds_config, zero_stage_of
-    from alum_ds.host import tune_allocator
     from alum_ds.model import build_model
-    from alum_ds.trainer import make_optimizer
+    from alum_ds.optim import make_optimizer
 
-    D.init()
-    rank, world = D.rank(), D.world()
-    acc = get_accelerator()
-    on_gpu = acc.device_name() == "cuda"
+    dev = R.detect()
+    rt = R.start(dev)
+    rank, world, device, on_gpu = rt.rank, rt.world, rt.device, rt.on_gpu
     if on_gpu:
-        device = torch.device("cuda", D.local_rank())
         torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-        local = int(os.environ.get("LOCAL_SIZE", "1"))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))
     cfg = RunConfig()
     cfg.schedule.micro_batch_size = args.micro_batch
     cfg.data.seq_len = args.seq_len
     cfg.schedule.warmup_steps = 0
     ds = resolve_ds_config(str(ROOT / args.ds), cfg, world_size=world,
-                           bf16_supported=bool(acc.is_bf16_supported()), on_gpu=on_gpu)
+                           bf16_supported=dev.bf16_supported, on_gpu=on_gpu)
     stage, precision = zero_stage_of(ds), precision_of(ds)
     if not on_gpu and args.phase == "time":
         # The trainer's allocator policy; the memory phase keeps MALLOC_MMAP_THRESHOLD_ instead,
         # so that the RSS follows what torch holds.
-        tune_allocator(ds)
+        R.tune_host(rt, ds)
     alum = AlumConfig()
     if precision != "fp32":  # the default radius rounds away in 16-bit (the precision guard)
         alum.eta = alum.epsilon = 1e-2
@@ -339,10 +332,10 @@ def rank_main(args: argparse.Namespace) -> None:
         variants.remove("baseline")  # parameter gradients w.r.t. partitioned parameters
 
     torch.manual_seed(0)
-    mlm = build_model(preset=args.preset, vocab_size=args.vocab, seq_len=args.seq_len,
-                      dropout=cfg.model.dropout)
-    module = bench_module(mlm, alum, D.any_rank_fn(device))
-    opt = make_optimizer(list(module.named_parameters()), cfg, ds, on_gpu)
+    mlm = R.adapt_model(rt, build_model(preset=args.preset, vocab_size=args.vocab,
+                                        seq_len=args.seq_len, dropout=cfg.model.dropout))
+    module = bench_module(mlm, alum, rt.any_rank())
+    opt = make_optimizer(list(module.named_parameters()), cfg.optim, ds, on_gpu)
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt, config=ds)
     engine.train()
 

@@ -11,7 +11,7 @@ the ones ``AlumObjective`` runs (``alum_ds.model``'s embed/encode/head_at and
 allocator policy and the model's CPU fast path. Median per pass over ``--steps`` steps, plain and
 ALUM steps interleaved.
 
-Then the CPU fast path against the stock model (``build_model(..., cpu_fast_path=False)``, same
+Then the CPU fast path against the stock model (``build_model`` without ``cpu_fastpath.install``, same
 weights): whole ``AlumObjective`` steps (forward and backward, plain and ALUM) of both models
 interleaved step by step in this process, so machine drift hits both alike.
 
@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from alum_ds import adversarial as A
+    from alum_ds import cpu_fastpath
     from alum_ds import model as M
     from alum_ds.config import AlumConfig
     from alum_ds.host import keep_freed_memory
@@ -50,8 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     keep_freed_memory()  # the trainer's policy under ZeRO-0/1/2
     torch.set_num_threads(1)  # one rank's share of the reference machine
     torch.manual_seed(0)
-    mlm = M.build_model(preset=args.preset, vocab_size=args.vocab, seq_len=args.seq_len,
-                        dropout=0.1).train()
+    mlm = cpu_fastpath.install(M.build_model(preset=args.preset, vocab_size=args.vocab,
+                                             seq_len=args.seq_len, dropout=0.1)).train()  # as a CPU run
     cfg = AlumConfig()
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(3, args.vocab, (args.micro_batch, args.seq_len), generator=g)
@@ -125,6 +126,7 @@ def fast_vs_stock(args: argparse.Namespace, ids, labels) -> dict[str, dict[str, 
     """Median forward / backward / step seconds of whole objective steps, fast path and stock."""
     import torch
 
+    from alum_ds import cpu_fastpath
     from alum_ds import model as M
     from alum_ds.config import AlumConfig
     from alum_ds.objective import AlumObjective
@@ -133,7 +135,9 @@ def fast_vs_stock(args: argparse.Namespace, ids, labels) -> dict[str, dict[str, 
     for name in ("fast", "stock"):
         torch.manual_seed(0)
         mlm = M.build_model(preset=args.preset, vocab_size=args.vocab, seq_len=args.seq_len,
-                            dropout=0.1, cpu_fast_path=name == "fast")
+                            dropout=0.1)
+        if name == "fast":
+            cpu_fastpath.install(mlm)
         objs[name] = AlumObjective(mlm, AlumConfig()).train()
     times: dict[tuple[str, str], list[tuple[float, float]]] = {}
     for i in range(3 + args.steps):

@@ -73,8 +73,7 @@ def hf_worker(args: argparse.Namespace) -> None:
     train = Dataset.from_dict({"input_ids": ids.tolist()})
     torch.manual_seed(42)
     # The stock model: the baseline is what a user of the Trainer runs (no alum_ds CPU kernels).
-    model = build_model(preset=args.preset, vocab_size=len(tok), seq_len=args.seq_len, dropout=0.1,
-                        cpu_fast_path=False)
+    model = build_model(preset=args.preset, vocab_size=len(tok), seq_len=args.seq_len, dropout=0.1)
     ends: list[float] = []
 
     class StepTimer(TrainerCallback):

@@ -86,10 +86,10 @@ def finetune(work: Path, pre: str, alum: bool, seed: int, a: argparse.Namespace)
     cmd = [*launcher(a.ranks), "launch/finetune.py", "--checkpoint", str(work / f"pretrain-{pre}"),
            f"--run.dir={out}", f"--run.seed={seed}", f"--alum.alpha={1 if alum else 0}",
            f"--schedule.steps={a.finetune_steps}", f"--schedule.micro_batch_size={16 // a.ranks}",
-           f"--optim.lr={a.lr}", "--max-length", str(a.max_length), "--robust-radius", a.radii,
-           "--pgd-steps", str(a.pgd_steps), "--no-save-model", "--logging.every=50"]
+           f"--optim.lr={a.lr}", f"--task.max_length={a.max_length}", f"--eval.robust_radius={a.radii}",
+           f"--eval.pgd_steps={a.pgd_steps}", "--run.save_model=false", "--logging.every=50"]
     if a.cache_dir:
-        cmd += ["--cache-dir", a.cache_dir]
+        cmd.append(f"--task.cache_dir={a.cache_dir}")
     seconds = sh(cmd, out.with_suffix(".log"))
     res = json.loads((out / "results.json").read_text())
     v = res["validation"]

@@ -302,7 +302,7 @@ def test_masked_only_kl_equals_full_kl_restricted(monkeypatch):
     obj = AlumObjective(m, AlumConfig(eta=0.1, epsilon=0.1))
     loss, stats = obj(ids, labels)
     n = int(positions.numel())
-    assert n < B * T and stats["masked_tokens"] == n
+    assert n < B * T and stats["rows"] == n
     assert seen["clean"].shape == (n, V)  # the head ran at masked positions only
     # Full-sequence logits from the stock forward, then restricted to the masked positions.
     with torch.no_grad():

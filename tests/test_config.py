@@ -143,7 +143,7 @@ def test_entry_points_tear_the_process_group_down(monkeypatch: pytest.MonkeyPatc
 
     from alum_ds import distributed as D
     from alum_ds import launching, trainer
-    from alum_ds.finetune import cli as fcli
+    from alum_ds.cli import finetune_main
     from alum_ds.finetune import loop
 
     monkeypatch.setattr(launching, "maybe_respawn_cpu_ranks", lambda: None)
@@ -153,7 +153,7 @@ def test_entry_points_tear_the_process_group_down(monkeypatch: pytest.MonkeyPatc
     try:
         assert train_main(["--ds_config", ZERO2]) == 0
         assert not dist.is_initialized()
-        assert fcli.finetune_main(["--ds_config", ZERO2]) == 0
+        assert finetune_main(["--ds_config", ZERO2]) == 0
         assert not dist.is_initialized()
         D.shutdown()  # nothing to tear down: a no-op
     finally:

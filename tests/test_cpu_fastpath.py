@@ -21,10 +21,9 @@ V, T = 300, 16
 def pair(dropout: float, **kw) -> tuple[torch.nn.Module, torch.nn.Module]:
     """The same weights twice: with the fast path and stock."""
     torch.manual_seed(0)
-    fast = M.build_model(preset="tiny", vocab_size=V, seq_len=T, dropout=dropout, **kw)
+    fast = C.install(M.build_model(preset="tiny", vocab_size=V, seq_len=T, dropout=dropout, **kw))
     torch.manual_seed(0)
-    stock = M.build_model(preset="tiny", vocab_size=V, seq_len=T, dropout=dropout,
-                          cpu_fast_path=False, **kw)
+    stock = M.build_model(preset="tiny", vocab_size=V, seq_len=T, dropout=dropout, **kw)
     return fast, stock
 
 
@@ -120,8 +119,8 @@ def test_activation_checkpointing_replays_the_fast_masks() -> None:
     out = []
     for ckpt in (True, False):
         torch.manual_seed(0)
-        m = M.build_model(preset="tiny", vocab_size=V, seq_len=T, dropout=0.1,
-                          activation_checkpointing=ckpt).train()
+        m = C.install(M.build_model(preset="tiny", vocab_size=V, seq_len=T, dropout=0.1,
+                                    activation_checkpointing=ckpt)).train()
         torch.manual_seed(5)
         loss, stats = AlumObjective(m, AlumConfig(eta=0.1, epsilon=0.1))(x, labels)
         assert stats["adv_skipped"] == 0

@@ -28,8 +28,8 @@ MIN_ACCURACY = 0.34
 # One intra-op thread per rank: the test machine is shared, and spinning OpenMP threads that
 # lose their core make steps 10-20x slower.
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
-FT = ["--max-length", "64", "--schedule.steps=100", "--schedule.warmup_steps=10", "--optim.lr=2e-3",
-      "--model.dropout=0", "--logging.every=10", "--pgd-steps", "2", "--robust-radius", "0.05"]
+FT = ["--task.max_length=64", "--schedule.steps=100", "--schedule.warmup_steps=10", "--optim.lr=2e-3",
+      "--model.dropout=0", "--logging.every=10", "--eval.pgd_steps=2", "--eval.robust_radius=0.05"]
 
 
 # ---------------------------------------------------------------- units (no engine, < 1 s each)
@@ -48,7 +48,8 @@ def _tiny_classifier(num_labels: int = 3, vocab: int = 300):
 
 def _batch(rows: list[list[int]], pad: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     enc = FD.Encoded(rows, np.zeros(len(rows), dtype=np.int64), "t")
-    x, mask, _ = enc.batch(list(range(len(rows))), pad)
+    b = enc.batch(list(range(len(rows))), pad)
+    x, mask = b["input_ids"], b["attention_mask"]
     return torch.from_numpy(x), torch.from_numpy(mask)
 
 
@@ -183,13 +184,15 @@ def test_pairs_from_jsonl_csv_and_a_saved_dataset(tmp_path: Path) -> None:
 
 
 def test_train_batches_partition_each_epoch_over_ranks() -> None:
-    seen = []
+    seen, positions = [], []
     for step in range(5):  # 5 steps x 2 ranks x 2 micro x 3 = 60 = 3 epochs of 20
         for rank in range(2):
-            for idx in FD.train_batch_indices(20, step=step, micro=3, accum=2, rank=rank, world=2,
-                                              seed=7):
+            for position, idx in FD.train_batch_indices(20, step=step, micro=3, accum=2, rank=rank,
+                                                        world=2, seed=7):
                 seen.extend(idx.tolist())
+                positions.append(position)
     assert sorted(seen) == sorted(list(range(20)) * 3)
+    assert sorted(positions) == list(range(0, 60, 3))  # each micro-batch's first global position
 
 
 # ------------------------------------------------------------- bad inputs: one line, exit 2
@@ -250,30 +253,34 @@ def test_bad_inputs_are_one_line_errors(tmp_path: Path, capsys, hf_local: Path) 
     hf, cache = str(hf_local), str(tmp_path / "cache")
     csv = tmp_path / "d.csv"
     csv.write_text("sentence,label\n" + "hello there,a\nbye now,b\n" * 10)
-    err = _fails(capsys, "--checkpoint", hf, "--train", str(csv))
-    assert "no column 'text'" in err and "--text-column" in err and "sentence" in err
-    err = _fails(capsys, "--checkpoint", hf, "--train", str(csv), "--text-column", "sentence",
-                 "--label-column", "gold")
+    err = _fails(capsys, "--checkpoint", hf, f"--task.train={csv}")
+    assert "no column 'text'" in err and "task.text_column" in err and "sentence" in err
+    err = _fails(capsys, "--checkpoint", hf, f"--task.train={csv}", "--task.text_column=sentence",
+                 "--task.label_column=gold")
     assert "no column 'gold'" in err
     val = tmp_path / "v.jsonl"
     val.write_text(json.dumps({"sentence": "x", "label": "c"}) + "\n")
-    err = _fails(capsys, "--checkpoint", hf, "--train", str(csv), "--validation", str(val),
-                 "--text-column", "sentence")
+    err = _fails(capsys, "--checkpoint", hf, f"--task.train={csv}", f"--task.validation={val}",
+                 "--task.text_column=sentence")
     assert "label 'c' is not in the label set (a, b)" in err and "v.jsonl:1" in err
-    err = _fails(capsys, "--checkpoint", hf, "--train", str(csv), "--text-column", "sentence",
-                 "--labels", "a,z")
+    err = _fails(capsys, "--checkpoint", hf, f"--task.train={csv}", "--task.text_column=sentence",
+                 "--task.labels=a,z")
     assert "label 'b' is not in the label set (a, z)" in err
-    err = _fails(capsys, "--checkpoint", hf, "--train", str(tmp_path / "missing.csv"))
-    assert "--train" in err and "no such file" in err
-    err = _fails(capsys, "--checkpoint", str(tmp_path / "nothing"), "--cache-dir", cache)
+    err = _fails(capsys, "--checkpoint", hf, f"--task.train={tmp_path / 'missing.csv'}")
+    assert "task.train" in err and "no such file" in err
+    err = _fails(capsys, "--checkpoint", str(tmp_path / "nothing"), f"--task.cache_dir={cache}")
     assert "no such folder" in err
-    err = _fails(capsys, "--checkpoint", str(tmp_path), "--cache-dir", cache)
+    err = _fails(capsys, "--checkpoint", str(tmp_path), f"--task.cache_dir={cache}")
     assert "neither a Hugging Face model folder" in err
-    err = _fails(capsys, "--checkpoint", hf, "--tokenizer", str(_other_tokenizer(tmp_path)),
-                 "--cache-dir", cache)
+    err = _fails(capsys, "--checkpoint", hf, f"--task.tokenizer={_other_tokenizer(tmp_path)}",
+                 f"--task.cache_dir={cache}")
     assert "has a vocabulary of" in err and "the tokenizer" in err
-    err = _fails(capsys, "--checkpoint", hf, "--data.seq_len=64")
-    assert "does not apply to fine-tuning" in err
+    err = _fails(capsys, "--checkpoint", hf, "--data.seq_len=64")  # a pretraining section
+    assert "unknown config key 'data.seq_len'" in err and "task" in err
+    err = _fails(capsys, "--checkpoint", hf, "--train", "x.csv")  # options are config keys now
+    assert "unrecognised argument '--train'" in err
+    err = _fails(capsys, "--checkpoint", hf, "--eval.robust_radius=0.1,x")
+    assert "eval.robust_radius" in err
 
 
 # ------------------------------------------------------------------- real fine-tuning runs
@@ -287,8 +294,8 @@ def _records(run_dir: Path) -> list[dict]:
 def test_alum_finetune_from_export_on_two_ranks(tmp_path: Path, pretrained) -> None:
     out = tmp_path / "ft"
     r = run(deepspeed_cmd(f"--master_port={free_port()}", str(ROOT / "launch" / "finetune.py"),
-                          "--checkpoint", str(pretrained["export"]), "--cache-dir",
-                          str(pretrained["cache"]), f"--run.dir={out}",
+                          "--checkpoint", str(pretrained["export"]),
+                          f"--task.cache_dir={pretrained['cache']}", f"--run.dir={out}",
                           "--schedule.micro_batch_size=8", *FT), ROOT, ONE_THREAD)
     log = r.stdout + r.stderr
     assert r.returncode == 0, log[-4000:]
@@ -312,8 +319,8 @@ def test_alum_finetune_from_export_on_two_ranks(tmp_path: Path, pretrained) -> N
 def test_plain_finetune_from_deepspeed_run_in_one_process(tmp_path: Path, pretrained) -> None:
     out = tmp_path / "ft"
     r = run([sys.executable, "-m", "alum_ds.cli", "finetune", "--checkpoint", str(pretrained["run"]),
-             "--cache-dir", str(pretrained["cache"]), f"--run.dir={out}", "--alum.alpha=0",
-             "--no-save-model", *FT], ROOT, {"MASTER_PORT": free_port(), **ONE_THREAD})
+             f"--task.cache_dir={pretrained['cache']}", f"--run.dir={out}", "--alum.alpha=0",
+             "--run.save_model=false", *FT], ROOT, {"MASTER_PORT": free_port(), **ONE_THREAD})
     log = r.stdout + r.stderr
     assert r.returncode == 0, log[-4000:]
     assert "1 rank(s)" in log and "ALUM off" in log and "consolidated to fp32" in log
@@ -326,6 +333,6 @@ def test_plain_finetune_from_deepspeed_run_in_one_process(tmp_path: Path, pretra
 
 @pytest.mark.distributed
 def test_deepspeed_run_with_another_vocabulary_is_refused(tmp_path: Path, capsys, pretrained) -> None:
-    err = _fails(capsys, "--checkpoint", str(pretrained["run"]), "--tokenizer",
-                 str(_other_tokenizer(tmp_path)), "--cache-dir", str(pretrained["cache"]))
+    err = _fails(capsys, "--checkpoint", str(pretrained["run"]),
+                 f"--task.tokenizer={_other_tokenizer(tmp_path)}", f"--task.cache_dir={pretrained['cache']}")
     assert "DeepSpeed checkpoint" in err and "has a vocabulary of" in err

@@ -30,14 +30,16 @@ ZERO2 = str(ROOT / "ds_configs" / "zero2.json")
 def test_polynomial_and_linear_decay() -> None:
     cfg = load_config(None, ["--schedule.warmup_steps=10", "--schedule.decay=polynomial",
                              "--schedule.power=2"])
-    f = lr_lambda(cfg, 110)
+    f = lr_lambda(cfg.schedule, 110)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
     assert f(10) == pytest.approx(1.0) and f(60) == pytest.approx(0.25) and f(110) == 0.0
-    lin = lr_lambda(load_config(None, ["--schedule.warmup_steps=10"]), 110)
+    lin = lr_lambda(load_config(None, ["--schedule.warmup_steps=10"]).schedule, 110)
     assert lin(60) == pytest.approx(0.5) and lin(200) == 0.0
-    one = lr_lambda(load_config(None, ["--schedule.warmup_steps=10", "--schedule.decay=polynomial"]), 110)
+    one = lr_lambda(load_config(None, ["--schedule.warmup_steps=10", "--schedule.decay=polynomial"]).schedule,
+                    110)
     assert one(60) == pytest.approx(lin(60))  # power 1 is linear
-    const = lr_lambda(load_config(None, ["--schedule.decay=constant", "--schedule.warmup_steps=0"]), 5)
+    const = lr_lambda(load_config(None, ["--schedule.decay=constant",
+                                         "--schedule.warmup_steps=0"]).schedule, 5)
     assert const(0) == const(4) == 1.0
 
 
@@ -122,10 +124,10 @@ def test_step_window_weights_by_tokens() -> None:
     import torch
 
     w = StepWindow(torch.device("cpu"))
-    w.add({"mlm_sum": torch.tensor(10.0), "masked_tokens": 5, "adv_sum": torch.tensor(1.0)})
-    w.add({"mlm_sum": torch.tensor(30.0), "masked_tokens": 5})
+    w.add({"task_sum": torch.tensor(10.0), "rows": 5, "adv_sum": torch.tensor(1.0)})
+    w.add({"task_sum": torch.tensor(30.0), "rows": 5})
     r = w.reduce(lambda t, op: t, world=1, alpha=10.0)
-    assert r["mlm_loss"] == 4.0 and r["loss"] == 5.0 and float(w.sum.sum()) == 0.0
+    assert r["task_loss"] == 4.0 and r["loss"] == 5.0 and r["rows"] == 10 and float(w.sum.sum()) == 0.0
 
 
 def test_wandb_gets_the_numeric_values(tmp_path: Path, monkeypatch) -> None:

@@ -112,6 +112,10 @@ def test_check_vocab(damaged: Path) -> None:
     with pytest.raises(DataError) as e:
         check_vocab(damaged, 50265)
     _one_line(e, damaged, VOCAB, 50265, "--tokenizer")
+    check_vocab(damaged, VOCAB + 128, padded_rows=256)  # a table rounded up past the tokenizer
+    for model_vocab in (VOCAB + 257, VOCAB - 1):
+        with pytest.raises(DataError):
+            check_vocab(damaged, model_vocab, padded_rows=256)
     tok_json = damaged / "tokenizer" / "tokenizer.json"
     t = json.loads(tok_json.read_text())
     t["model"]["vocab"] = dict(list(t["model"]["vocab"].items())[:-3])

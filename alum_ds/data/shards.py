@@ -187,9 +187,10 @@ def _tokenizer_size(tok_json: Path) -> int:
     return len(ids)
 
 
-def check_vocab(data_dir: str | Path, model_vocab_size: int) -> None:
+def check_vocab(data_dir: str | Path, model_vocab_size: int, padded_rows: int = 0) -> None:
     """Refuse data whose tokenizer does not match a model's vocabulary (token ids would index
-    the wrong embeddings, or past the end)."""
+    the wrong embeddings, or past the end). ``padded_rows``: how many rows the model's table may
+    have beyond the tokenizer (DeBERTa-v3 and ModernBERT round theirs up; ids never reach them)."""
     d = Path(data_dir)
     m = read_manifest(d)
     vocab = int(m["tokenizer"]["vocab_size"])
@@ -200,7 +201,7 @@ def check_vocab(data_dir: str | Path, model_vocab_size: int) -> None:
     if size != vocab:
         raise DataError(f"{tok_json} holds {size} tokens, the manifest says {vocab}: the tokenizer "
                         f"was replaced after prepare; rerun `alum-ds prepare` for {d}")
-    if vocab != model_vocab_size:
+    if not 0 <= model_vocab_size - vocab <= padded_rows:
         raise DataError(
             f"{d}: the data's tokenizer has {vocab} tokens, the model's vocabulary {model_vocab_size}: "
             f"prepare the data with the model's tokenizer (`alum-ds prepare INPUT --tokenizer "

@@ -2,8 +2,8 @@
 
 Sources: CSV/TSV (a header row names the columns), JSON lines (or a JSON array of objects), and
 folders written by Hugging Face ``datasets`` (``save_to_disk``: a Dataset, or a DatasetDict whose
-split is chosen by role or named as ``FOLDER@split``). Texts are single (``--text-column``) or pairs
-(``--text-pair-column``: premise/hypothesis, MNLI/ANLI style). Every problem is a one-line
+split is chosen by role or named as ``FOLDER@split``). Texts are single (``task.text_column``) or pairs
+(``task.text_pair_column``: premise/hypothesis, MNLI/ANLI style). Every problem is a one-line
 ``DataError`` naming the file, the row and the option that fixes it.
 """
 
@@ -133,7 +133,7 @@ def _records_hf(path: Path, split: str, role: str) -> tuple[list[str], list[tupl
 
 def read_examples(spec: str, cols: Columns, role: str) -> Examples:
     """Read one data source (see the module docstring); ``role`` picks a DatasetDict split."""
-    option = {"adversarial": "--adv-eval"}.get(role, f"--{role}")
+    option = {"adversarial": "task.adv_eval"}.get(role, f"task.{role}")
     path, split = Path(spec), ""
     if not path.exists() and "@" in spec:
         base, _, split = spec.rpartition("@")
@@ -152,8 +152,8 @@ def read_examples(spec: str, cols: Columns, role: str) -> Examples:
                         "folder saved by datasets' save_to_disk)")
     if not rows:
         raise DataError(f"{option} {spec}: no examples")
-    for name, flag in ((cols.text, "--text-column"), (cols.pair, "--text-pair-column"),
-                       (cols.label, "--label-column")):
+    for name, flag in ((cols.text, "task.text_column"), (cols.pair, "task.text_pair_column"),
+                       (cols.label, "task.label_column")):
         if name and name not in columns:
             raise DataError(f"{spec} has no column {name!r} (columns: {', '.join(columns)}); "
                             f"choose one with {flag}")
@@ -177,7 +177,7 @@ def read_examples(spec: str, cols: Columns, role: str) -> Examples:
 
 
 class LabelSet:
-    """Labels <-> ids. Given explicitly (``--labels a,b,c``: ids in that order) or taken from the
+    """Labels <-> ids. Given explicitly (``task.labels=a,b,c``: ids in that order) or taken from the
     training data (sorted; numerically when every label is an integer)."""
 
     def __init__(self, names: list[str]) -> None:
@@ -201,7 +201,7 @@ class LabelSet:
             if label not in self.index:
                 shown = ", ".join(self.names[:10]) + (", ..." if len(self.names) > 10 else "")
                 raise DataError(f"{ex.rows[i]}: label {label!r} is not in the label set ({shown}); "
-                                "set the label set with --labels")
+                                "set the label set with task.labels")
             out[i] = self.index[label]
         return out
 
@@ -222,11 +222,15 @@ class Encoded:
     labels: np.ndarray
     source: str
     pairs: bool = False
+    token_types: list[list[int]] | None = None
+    """Segment ids per example, where the tokenizer gives them (BERT-style pairs); None else."""
 
     def __len__(self) -> int:
         return len(self.ids)
 
-    def batch(self, index: np.ndarray | list[int], pad_id: int) -> tuple[np.ndarray, ...]:
+    def batch(self, index: np.ndarray | list[int], pad_id: int) -> dict[str, np.ndarray]:
+        """``input_ids``, ``attention_mask``, ``labels`` (and ``token_type_ids`` where the
+        examples have them): the keyword arguments of the classifier objective."""
         rows = [self.ids[i] for i in index]
         width = max(len(r) for r in rows)
         x = np.full((len(rows), width), pad_id, dtype=np.int64)
@@ -234,7 +238,13 @@ class Encoded:
         for j, r in enumerate(rows):
             x[j, : len(r)] = r
             mask[j, : len(r)] = 1
-        return x, mask, self.labels[np.asarray(index)]
+        out = {"input_ids": x, "attention_mask": mask, "labels": self.labels[np.asarray(index)]}
+        if self.token_types is not None:
+            tt = np.zeros((len(rows), width), dtype=np.int64)
+            for j, i in enumerate(index):
+                tt[j, : len(self.token_types[i])] = self.token_types[i]
+            out["token_type_ids"] = tt
+        return out
 
 
 def encode(ex: Examples, labels: LabelSet, tokenizer: Any, max_length: int) -> Encoded:
@@ -242,15 +252,17 @@ def encode(ex: Examples, labels: LabelSet, tokenizer: Any, max_length: int) -> E
     longer text first to ``max_length`` tokens."""
     y = labels.ids(ex)
     enc = tokenizer(ex.texts, ex.pairs, truncation=True, max_length=max_length)
-    return Encoded([list(r) for r in enc["input_ids"]], y, ex.source, ex.pairs is not None)
+    types = enc.get("token_type_ids") if ex.pairs is not None else None
+    return Encoded([list(r) for r in enc["input_ids"]], y, ex.source, ex.pairs is not None,
+                   [list(r) for r in types] if types is not None else None)
 
 
 def train_batch_indices(n: int, *, step: int, micro: int, accum: int, rank: int, world: int,
-                        seed: int) -> list[np.ndarray]:
-    """The micro-batches of optimizer ``step`` for ``rank``: consecutive slices of a seeded
-    permutation per epoch, the same on every rank, each rank taking its own part. Batches have
-    equal size everywhere (the order wraps across epochs), so DeepSpeed's gradient mean over ranks
-    is the mean over the global batch."""
+                        seed: int) -> list[tuple[int, np.ndarray]]:
+    """The micro-batches of optimizer ``step`` for ``rank`` as (global position of the first
+    example, example indices): consecutive slices of a seeded permutation per epoch, the same on
+    every rank, each rank taking its own part. Batches have equal size everywhere (the order wraps
+    across epochs), so DeepSpeed's gradient mean over ranks is the mean over the global batch."""
     per_step = micro * accum * world
     start = step * per_step
     out = []
@@ -263,5 +275,5 @@ def train_batch_indices(n: int, *, step: int, micro: int, accum: int, rank: int,
             perm = np.random.default_rng([seed, int(e)]).permutation(n)
             sel = epochs == e
             idx[sel] = perm[pos[sel] % n]
-        out.append(idx)
+        out.append((int(lo), idx))
     return out

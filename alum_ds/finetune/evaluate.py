@@ -52,13 +52,14 @@ def evaluate(engine: Any, data: Encoded, *, num_labels: int, pad_id: int, batch:
     for i in range(n_max):
         real = i < len(batches)
         idx = batches[i] if real else (batches[0] if batches else np.arange(min(1, len(data))))
-        x, mask, y = (torch.from_numpy(a).to(device) for a in data.batch(idx, pad_id))
-        logits, _ = engine(x, mask, y, mode="predict")
+        batch = {k: torch.from_numpy(a).to(device) for k, a in data.batch(idx, pad_id).items()}
+        y = batch["labels"]
+        logits, _ = engine(**batch, mode="predict")
         if real:
             pred = logits.argmax(-1).cpu()
             np.add.at(confusion.numpy(), (y.cpu().numpy(), pred.numpy()), 1)
         for j, r in enumerate(robust_radii):
-            correct, _ = engine(x, mask, y, mode="robust", radius=r, steps=pgd_steps)
+            correct, _ = engine(**batch, mode="robust", radius=r, steps=pgd_steps)
             if real:
                 robust[j] += float(correct.sum())
     if was_training:

@@ -1,7 +1,8 @@
 """Where the pretrained weights come from, and the classifier built on them.
 
-``--checkpoint`` is a Hugging Face folder (``alum-ds export`` output, or any local RoBERTa folder
-with a tokenizer), an alum-ds run folder, or one of its checkpoint folders. DeepSpeed checkpoints
+``task.checkpoint`` is a Hugging Face folder (``alum-ds export`` output, or any local folder of a
+family ``alum_ds.arch`` supports, with a tokenizer), an alum-ds run folder, its checkpoints/
+folder, or one of its checkpoint folders. DeepSpeed checkpoints
 are consolidated to fp32 with ``alum_ds.export`` into a private temporary folder per process (no
 rank waits for another, and no shared file is written); the folder is removed once the model is
 built. DeepSpeed checkpoints are pickles: fine-tune only from your own runs.
@@ -28,6 +29,8 @@ class ModelSource:
     config: dict[str, Any] = field(default_factory=dict)
     temporary: Path | None = None
     """A temporary folder to remove once the model is built."""
+    max_positions: int | None = None
+    """Longest sequence the model's position table holds (None: no limit)."""
 
     def cleanup(self) -> None:
         if self.temporary is not None:
@@ -35,8 +38,9 @@ class ModelSource:
 
 
 def _is_deepspeed(p: Path) -> bool:
-    """A run folder, or a checkpoint folder inside one (what ``alum_ds.export`` accepts)."""
-    return (p / "checkpoints").is_dir() or (p.is_dir() and (
+    """A run folder, its checkpoints/ folder, or a checkpoint folder (what ``alum_ds.export``
+    accepts)."""
+    return (p / "checkpoints").is_dir() or (p / "latest").is_file() or (p.is_dir() and (
         p.parent.name == "checkpoints" or (p.parent / "latest").is_file() or p.name.startswith("step")))
 
 
@@ -44,7 +48,7 @@ def resolve_source(checkpoint: str, tokenizer: str = "") -> ModelSource:
     """A ModelSource for ``checkpoint``; raise DataError (one line) when it is none of the three."""
     p = Path(checkpoint)
     if not p.exists():
-        raise DataError(f"--checkpoint {checkpoint}: no such folder (give an alum-ds run folder, a "
+        raise DataError(f"task.checkpoint {checkpoint}: no such folder (give an alum-ds run folder, a "
                         "checkpoint folder or an exported Hugging Face folder)")
     if (p / "config.json").is_file():
         src = ModelSource(p, Path(tokenizer) if tokenizer else p, f"Hugging Face folder {p}")
@@ -56,21 +60,28 @@ def resolve_source(checkpoint: str, tokenizer: str = "") -> ModelSource:
             out = export(str(p), str(tmp / "model"))
         except (FileNotFoundError, KeyError, ValueError, json.JSONDecodeError) as e:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise DataError(f"--checkpoint {checkpoint}: cannot read the DeepSpeed checkpoint: "
+            raise DataError(f"task.checkpoint {checkpoint}: cannot read the DeepSpeed checkpoint: "
                             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
         src = ModelSource(out, Path(tokenizer) if tokenizer else out,
                           f"DeepSpeed checkpoint {p} (consolidated to fp32)", temporary=tmp)
     else:
-        raise DataError(f"--checkpoint {checkpoint} is neither a Hugging Face model folder "
+        raise DataError(f"task.checkpoint {checkpoint} is neither a Hugging Face model folder "
                         "(config.json) nor an alum-ds run or checkpoint folder")
     try:
         try:
             src.config = json.loads((src.folder / "config.json").read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise DataError(f"{src.folder / 'config.json'} does not load: {e}") from None
-        if src.config.get("model_type") != "roberta":
-            raise DataError(f"--checkpoint {checkpoint} is a {src.config.get('model_type')!r} model; "
-                            "alum-ds fine-tunes RoBERTa models")
+        from alum_ds.arch import adapter_for
+
+        try:
+            adapter = adapter_for(src.config, where=f"task.checkpoint {checkpoint}")
+        except ValueError as e:
+            raise DataError(str(e)) from None
+        if "max_position_embeddings" in src.config:
+            from transformers import AutoConfig
+
+            src.max_positions = adapter.max_positions(AutoConfig.from_pretrained(str(src.folder)))
     except DataError:
         src.cleanup()
         raise
@@ -84,7 +95,7 @@ def load_checked_tokenizer(src: ModelSource) -> Any:
     if not (src.tokenizer_dir / "tokenizer.json").is_file() and not (
         src.tokenizer_dir / "tokenizer_config.json"
     ).is_file():
-        raise DataError(f"{src.tokenizer_dir} holds no tokenizer: pass --tokenizer DIR (the tokenizer "
+        raise DataError(f"{src.tokenizer_dir} holds no tokenizer: set task.tokenizer=DIR (the tokenizer "
                         "the model was pretrained with)")
     tok = load_tokenizer(src.tokenizer_dir)
     vocab = int(src.config.get("vocab_size", -1))
@@ -99,13 +110,15 @@ def load_checked_tokenizer(src: ModelSource) -> Any:
     return tok
 
 
-def build_classifier(src: ModelSource, labels: list[str], *, dropout: float) -> Any:
-    """RobertaForSequenceClassification with the pretrained encoder and a fresh classifier head
-    (or the folder's own head when it was fine-tuned on the same labels)."""
+def build_classifier(src: ModelSource, labels: list[str], *, dropout: float,
+                     activation_checkpointing: bool = False) -> Any:
+    """The family's ``AutoModelForSequenceClassification`` with the pretrained encoder and a
+    fresh classifier head (or the folder's own head when it was fine-tuned on the same labels);
+    the backbone's dropout set under the family's names."""
     import transformers
-    from transformers import RobertaForSequenceClassification
+    from transformers import AutoModelForSequenceClassification
 
-    from alum_ds import cpu_fastpath
+    from alum_ds.arch import adapter_for
 
     same_head = src.config.get("id2label") and [
         src.config["id2label"][str(i)] for i in range(len(src.config["id2label"]))
@@ -114,15 +127,18 @@ def build_classifier(src: ModelSource, labels: list[str], *, dropout: float) -> 
     # "Some weights were not initialized" is the expected news for a new classification head.
     transformers.logging.set_verbosity_error()
     try:
-        model = RobertaForSequenceClassification.from_pretrained(
+        model = AutoModelForSequenceClassification.from_pretrained(
             str(src.folder),
+            local_files_only=True,
             num_labels=len(labels),
             id2label=dict(enumerate(labels)),
             label2id={n: i for i, n in enumerate(labels)},
-            hidden_dropout_prob=dropout,
-            attention_probs_dropout_prob=dropout,
             ignore_mismatched_sizes=not same_head,
+            **adapter_for(src.config).dropout_kwargs(dropout),
         )
     finally:
         transformers.logging.set_verbosity(verbosity)
-    return cpu_fastpath.install(model)
+    if activation_checkpointing:
+        # Non-reentrant: reentrant checkpointing does not support the ascent's autograd.grad.
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    return model
