@@ -44,6 +44,14 @@ def checkpoint_dir(run_dir: Path) -> Path:
     return run_dir / "checkpoints"
 
 
+def root_of(path: Path) -> Path | None:
+    """The checkpoint root that ``path`` names: a run folder's checkpoints/, or that folder itself
+    (DeepSpeed's save folder, holding ``latest``); None for anything else."""
+    if (path / "checkpoints").is_dir():
+        return path / "checkpoints"
+    return path if (path / "latest").is_file() else None
+
+
 def read_latest(ckpt_root: Path) -> str | None:
     p = ckpt_root / "latest"
     if not p.is_file():
@@ -161,11 +169,12 @@ def find_resume(run_dir: Path, resume: str = "") -> ResumePoint | None:
     run folder's ``latest``; None for a fresh run."""
     if resume:
         p = Path(resume)
-        if (p / "checkpoints").is_dir():
-            tag = read_latest(p / "checkpoints")
+        root = root_of(p)
+        if root is not None:
+            tag = read_latest(root)
             if tag is None:
-                raise ConfigError(f"--resume {resume}: the run folder has no valid checkpoints/latest")
-            return _point(p / "checkpoints", tag, f"--resume {resume}")
+                raise ConfigError(f"--resume {resume}: no valid 'latest' checkpoint in {root}")
+            return _point(root, tag, f"--resume {resume}")
         if not p.is_dir():
             raise ConfigError(f"--resume {resume}: no such checkpoint folder")
         return _point(p.parent, p.name, f"--resume {resume}")

@@ -4,9 +4,9 @@ ZeRO shards are consolidated to fp32 with DeepSpeed's own reader; the objective 
 (``model.``) is stripped so the folder loads with ``AutoModelForMaskedLM.from_pretrained`` as the
 architecture's own MaskedLM class. The model is built on the meta device (``with
 torch.device("meta")``: a context for this thread's tensor creation, no process-wide patch) only
-to check the consolidated tensors against its parameter names and shapes and to let
-``save_pretrained`` write them (``state_dict=``, tied weights stored once); the export holds one
-copy of the weights.
+to check the consolidated tensors against its parameter names and shapes; they are written as
+``model.safetensors`` beside the config (tied weights once), so the export holds one copy of the
+weights.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 
-from alum_ds.checkpoint import STATE_FILE, read_latest, read_state
+from alum_ds.checkpoint import STATE_FILE, read_latest, read_state, root_of
 from alum_ds.config import ConfigError, config_from_dict
 
 
@@ -26,7 +27,7 @@ def locate(checkpoint: str) -> tuple[Path, str, Path]:
     """(checkpoint root, tag, run folder) from a run folder, its checkpoints/ folder (where
     DeepSpeed saves: ``latest`` and ``zero_to_fp32.py``) or a checkpoint (tag) folder."""
     p = Path(checkpoint)
-    root = p / "checkpoints" if (p / "checkpoints").is_dir() else p if (p / "latest").is_file() else None
+    root = root_of(p)
     if root is not None:
         tag = read_latest(root)
         if tag is None:
@@ -66,18 +67,17 @@ def export(checkpoint: str, out_dir: str) -> Path:
         model = AutoModelForMaskedLM.from_config(mcfg)
     weights = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
     weights = {k.split(".", 1)[1]: v for k, v in weights.items()}  # the objective's prefix
-    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    tied = {k for k in want if k not in weights and _tied_to(model, k) in weights}
-    missing = [k for k in want if k not in weights and k not in tied]
-    unexpected = [k for k in weights if k not in want]
-    wrong = [k for k in want if k in weights and tuple(weights[k].shape) != want[k]]
-    if missing or unexpected or wrong:
-        raise ConfigError(f"checkpoint {root / tag} does not match the model: missing {missing[:3]}, "
-                          f"unexpected {unexpected[:3]}, other shapes {wrong[:3]}")
+    weights = _checked(model, weights, f"checkpoint {root / tag}")
     out = Path(out_dir)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp), state_dict=weights, safe_serialization=True)
+    tmp.mkdir(parents=True)
+    # Written here rather than by save_pretrained, which writes nothing on a rank other than 0
+    # once a process group exists (fine-tuning exports a checkpoint on every rank).
+    mcfg.architectures = [type(model).__name__]
+    mcfg.save_pretrained(str(tmp))
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"),
+              metadata={"format": "pt"})
     del weights
     AutoTokenizer.from_pretrained(str(data_dir / "tokenizer")).save_pretrained(str(tmp))
     (tmp / "alum_ds_export.json").write_text(json.dumps(
@@ -89,11 +89,24 @@ def export(checkpoint: str, out_dir: str) -> Path:
     return out
 
 
-def _tied_to(model: torch.nn.Module, key: str) -> str:
-    """The parameter name ``key`` shares its tensor with in ``model`` (``key`` if none)."""
-    params = dict(model.named_parameters(remove_duplicate=False))
-    target = params.get(key)
-    for name, p in model.named_parameters():
-        if p is target and name != key:
-            return name
-    return key
+def _checked(model: torch.nn.Module, weights: dict[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
+    """``weights`` for ``model``'s state dict, each shared (tied) tensor under its first name only
+    (``from_pretrained`` ties the others); a ConfigError names what does not match."""
+    names = {id(p): n for n, p in reversed(list(model.named_parameters(remove_duplicate=False)))}
+    first = {n: names[id(p)] for n, p in model.named_parameters(remove_duplicate=False)}
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    out: dict[str, torch.Tensor] = {}
+    for k in want:
+        key = first.get(k, k)
+        if key in out:
+            continue
+        have = weights.get(key, weights.get(k))
+        if have is not None:
+            out[key] = have
+    missing = [k for k in want if first.get(k, k) not in out]
+    unexpected = [k for k in weights if k not in want]
+    wrong = [k for k, v in out.items() if tuple(v.shape) != want[k]]
+    if missing or unexpected or wrong:
+        raise ConfigError(f"{what} does not match the model: missing {missing[:3]}, unexpected "
+                          f"{unexpected[:3]}, other shapes {wrong[:3]}")
+    return out

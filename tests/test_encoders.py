@@ -41,29 +41,32 @@ LAYERS = {"vocab_size": V, "hidden_size": H, "num_hidden_layers": 2, "num_attent
 NO_DROP = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
 
 
-def _config(family: str):
+def _config(family: str, vocab: int = V, positions: int = T):
+    """A tiny config of ``family`` (``vocab`` tokens, ``positions`` tokens per sequence)."""
+    layers = {**LAYERS, "vocab_size": vocab}
+    T = positions  # noqa: N806 - the same name as the module's default
     if family == "bert":
-        return BertConfig(**LAYERS, **NO_DROP, max_position_embeddings=T, type_vocab_size=2, pad_token_id=PAD)
+        return BertConfig(**layers, **NO_DROP, max_position_embeddings=T, type_vocab_size=2, pad_token_id=PAD)
     if family in ("roberta", "xlm-roberta"):
         cls = RobertaConfig if family == "roberta" else XLMRobertaConfig
-        return cls(**LAYERS, **NO_DROP, max_position_embeddings=T + 2, pad_token_id=1, bos_token_id=0,
+        return cls(**layers, **NO_DROP, max_position_embeddings=T + 2, pad_token_id=1, bos_token_id=0,
                    eos_token_id=2, type_vocab_size=1)
     if family == "electra":  # a generator whose embeddings are narrower than its hidden size
-        return ElectraConfig(**LAYERS, **NO_DROP, embedding_size=8, max_position_embeddings=T,
+        return ElectraConfig(**layers, **NO_DROP, embedding_size=8, max_position_embeddings=T,
                              type_vocab_size=2, pad_token_id=PAD)
     if family == "deberta-v2":  # absolute + relative positions, token types, conv, embed_proj, legacy head
-        return DebertaV2Config(**LAYERS, **NO_DROP, max_position_embeddings=T, type_vocab_size=2,
+        return DebertaV2Config(**layers, **NO_DROP, max_position_embeddings=T, type_vocab_size=2,
                                position_biased_input=True, relative_attention=True,
                                pos_att_type="p2c|c2p", conv_kernel_size=3, embedding_size=8,
                                pooler_dropout=0.0, pooler_hidden_size=H, pad_token_id=PAD)
     if family == "deberta-v3":  # v3's shape: relative only, buckets, shared keys, LN'd rel. embeddings
-        return DebertaV2Config(**LAYERS, **NO_DROP, max_position_embeddings=T, type_vocab_size=0,
+        return DebertaV2Config(**layers, **NO_DROP, max_position_embeddings=T, type_vocab_size=0,
                                position_biased_input=False, relative_attention=True,
                                pos_att_type="c2p|p2c", norm_rel_ebd="layer_norm", share_att_key=True,
                                position_buckets=8, max_relative_positions=-1, legacy=False,
                                pooler_dropout=0.0, pooler_hidden_size=H, pad_token_id=PAD)
     if family.startswith("modernbert"):  # layers: global, local, local; window 4 < T
-        return ModernBertConfig(**{**LAYERS, "num_hidden_layers": 3}, max_position_embeddings=64,
+        return ModernBertConfig(**{**layers, "num_hidden_layers": 3}, max_position_embeddings=max(64, T),
                                 local_attention=4, pad_token_id=PAD, bos_token_id=1, eos_token_id=2,
                                 cls_token_id=1, sep_token_id=2, embedding_dropout=0.0,
                                 attention_dropout=0.0, mlp_dropout=0.0, classifier_dropout=0.0)
