@@ -122,9 +122,13 @@ def plan_run(cfg: RunConfig, ds_path: str, *, resume: str, world: int, on_gpu: b
     if cfg.logging.wandb and importlib.util.find_spec("wandb") is None:
         raise ConfigError("logging.wandb=true needs the wandb package (pip install wandb), which "
                           "is not installed")
-    if cfg.model.pretrained and not (Path(cfg.model.pretrained) / "config.json").is_file():
-        raise ConfigError(f"model.pretrained {cfg.model.pretrained}: no config.json (not a Hugging "
-                          f"Face model folder)")
+    if cfg.model.pretrained:
+        from alum_ds.arch import check_mlm_folder
+
+        try:  # a supported family with an MLM head, from config.json alone
+            check_mlm_folder(cfg.model.pretrained)
+        except ValueError as e:
+            raise ConfigError(f"model.pretrained {e}") from None
     gb = ecfg.schedule.micro_batch_size * ecfg.schedule.grad_accum * world
     return Plan(ecfg, ds, world, run_dir, point, universal, gb, planned_steps(cfg, gb))
 

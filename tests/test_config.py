@@ -159,3 +159,33 @@ def test_entry_points_tear_the_process_group_down(monkeypatch: pytest.MonkeyPatc
     finally:
         os.environ.clear()
         os.environ.update(saved)
+
+
+def test_a_bare_ds_config_name_is_a_shipped_config_from_any_folder(tmp_path: Path, monkeypatch) -> None:
+    from alum_ds.ds_config import SHIPPED, read_ds_json, resolve_ds_path
+
+    monkeypatch.chdir(tmp_path)
+    assert resolve_ds_path("zero2.json") == SHIPPED / "zero2.json"
+    assert resolve_ds_path("zero3_offload") == SHIPPED / "zero3_offload.json"
+    assert read_ds_json("zero1.json")["zero_optimization"]["stage"] == 1
+    (tmp_path / "zero2.json").write_text('{"zero_optimization": {"stage": 0}}')
+    assert resolve_ds_path("zero2.json") == Path("zero2.json")  # a file of that name wins
+    with pytest.raises(ConfigError, match="nested/zero2.json not found"):
+        resolve_ds_path("nested/zero2.json")  # a path is a path: not looked up among the shipped
+
+
+def test_finetune_config_sections_defaults_and_alternatives() -> None:
+    from alum_ds.finetune.config import FinetuneConfig
+
+    cfg = load_config(None, [], cls=FinetuneConfig)
+    assert cfg.alum.alpha == 1.0 and cfg.optim.lr == 1e-3 and cfg.run.dir == "runs/finetune"
+    assert cfg.schedule.warmup_for(300) == 30  # 10% by default
+    cfg = load_config(None, ["--schedule.warmup_steps=7", "--eval.robust_radius=0.01,0.02",
+                             "--task.labels=a, b"], cls=FinetuneConfig)
+    assert cfg.schedule.warmup_for(300) == 7 and cfg.schedule.warmup_fraction == 0.0
+    assert cfg.eval.robust_radius == [0.01, 0.02] and cfg.task.labels == ["a", "b"]
+    assert load_config(None, ["--schedule.warmup_fraction=0.2"]).schedule.warmup_for(100) == 20
+    with pytest.raises(ConfigError, match="set one of the two"):
+        load_config(None, ["--schedule.warmup_fraction=0.2", "--schedule.warmup_steps=3"])
+    with pytest.raises(ConfigError, match="unknown config key 'task.train'"):
+        load_config(None, ["--task.train=x.csv"])  # a fine-tuning section, not pretraining's

@@ -203,7 +203,8 @@ def _refused(capsys, args: list[str], needle: str) -> None:
 
 
 @pytest.mark.parametrize("case", ["shape", "config", "other_run", "missing_tag", "incomplete",
-                                  "global_batch", "wandb", "pretrained"])
+                                  "global_batch", "wandb", "pretrained", "unsupported", "discriminator",
+                                  "classifier", "ds_name"])
 def test_bad_input_is_refused_before_anything_changes(case: str, tmp_path: Path, capsys,
                                                       monkeypatch) -> None:
     monkeypatch.delenv("WORLD_SIZE", raising=False)  # one rank, no process group is started
@@ -218,6 +219,10 @@ def test_bad_input_is_refused_before_anything_changes(case: str, tmp_path: Path,
         "global_batch": "schedule.global_batch_size=10 is not a multiple of schedule.micro_batch_size=4 x 1",
         "wandb": "logging.wandb=true needs the wandb package",
         "pretrained": "no config.json",
+        "unsupported": "model_type 'gpt2' is not supported by alum_ds (supported: bert, roberta",
+        "discriminator": "ElectraForPreTraining is ELECTRA's discriminator, which has no MLM head",
+        "classifier": "RobertaForSequenceClassification has no MLM head",
+        "ds_name": "zero9.json not found (a file, or one of the shipped configs: zero0.json",
     }[case]
     if case == "shape":
         _fake_checkpoint(run_dir, 4, ["--model.preset=small"])
@@ -240,7 +245,20 @@ def test_bad_input_is_refused_before_anything_changes(case: str, tmp_path: Path,
         args.append("--logging.wandb=true")
     elif case == "pretrained":
         args.append(f"--model.pretrained={tmp_path}")
+    elif case in ("unsupported", "discriminator", "classifier"):
+        folder = tmp_path / "model"
+        folder.mkdir()
+        config = {"unsupported": {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]},
+                  "discriminator": {"model_type": "electra", "architectures": ["ElectraForPreTraining"]},
+                  "classifier": {"model_type": "roberta",
+                                 "architectures": ["RobertaForSequenceClassification"]}}[case]
+        (folder / "config.json").write_text(json.dumps(config))
+        args.append(f"--model.pretrained={folder}")
     before = _tree(tmp_path)
+    if case == "ds_name":
+        assert train_main(["--ds_config", "zero9.json", *args]) == 2
+        assert needle in capsys.readouterr().err
+        return
     _refused(capsys, args, needle)
     assert _tree(tmp_path) == before
 
