@@ -267,7 +267,19 @@ def adversarial_loss(
     ok = torch.ones((), dtype=torch.bool, device=h.device)
     grad_norm = torch.zeros((), device=h.device)
     kl_before = torch.full((), float("nan"), device=h.device)
+    if cfg.perturbation == "random" and first_logits is not None:
+        raise ValueError("the random-perturbation control takes no ascent pass to fuse")
     for step in range(cfg.ascent_steps):
+        if cfg.perturbation == "random":
+            # The control arm: the ascent's direction replaced by Gaussian noise, then normalised
+            # and projected exactly as an ascent step, so delta has ALUM's radius; no pass runs
+            # and no gradient is taken.
+            noise = torch.randn(delta.shape, dtype=torch.float32, device=h.device, generator=generator)
+            with torch.no_grad():
+                moved = delta.detach() + cfg.eta * normalize(noise, cfg.norm)
+                delta = project(moved, cfg.epsilon, cfg.norm) if cfg.update == "project" else \
+                    normalize(moved, cfg.norm)
+            continue
         fused = step == 0 and first_logits is not None
         if not fused:
             delta.requires_grad_(True)

@@ -123,7 +123,8 @@ class MaskingConfig(Section):
 @dataclass
 class AlumConfig(Section):
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"norm": ("linf", "l2"),
-                                                     "update": ("project", "normalize")}
+                                                     "update": ("project", "normalize"),
+                                                     "perturbation": ("adversarial", "random")}
     enabled: bool = True
     """False: plain MLM through the same code path."""
     alpha: float = 10.0
@@ -145,6 +146,10 @@ class AlumConfig(Section):
     min_surviving_fraction: float = 0.5
     """Precision guard: the fraction of the intended perturbation norm that must survive the cast
     to the model's dtype; below it the step stops with a message naming a radius that survives."""
+    perturbation: str = "adversarial"
+    """``adversarial`` (ALUM: delta ascends the KL) or ``random``: a control that replaces each
+    ascent direction by Gaussian noise, normalised and projected the same way (delta of the same
+    radius, no ascent pass): tells whether the adversarial direction matters or any noise does."""
     fused_first_pass: bool = False
     """Run the clean pass and the first perturbed pass as one forward over a doubled batch (they
     are independent: delta_0 is random). Same loss and gradients, but the ascent's backward and
@@ -159,7 +164,9 @@ class AlumConfig(Section):
                 ("alum.eta", self.eta > 0, "must be > 0"),
                 ("alum.epsilon", self.epsilon > 0, "must be > 0"),
                 ("alum.ascent_steps", self.ascent_steps >= 1, "must be >= 1"),
-                ("alum.start_step", self.start_step >= 0, "must be >= 0")]
+                ("alum.start_step", self.start_step >= 0, "must be >= 0"),
+                ("alum.fused_first_pass", not (self.fused_first_pass and self.perturbation == "random"),
+                 "fuses the ascent's first pass, which alum.perturbation=random does not run")]
 
 
 @dataclass

@@ -339,7 +339,8 @@ class Loop:
         r = self.window.reduce(D.all_reduce, self.world, cfg.alum.alpha)
         mem = D.all_reduce(torch.tensor(MT.peak_memory_gb(self.on_gpu), device=self.device), "max").tolist()
         tps = self.plan.global_batch * cfg.data.seq_len * steps / max(seconds, 1e-9)
-        passes = MT.forward_equivalents(alum_on, cfg.alum.ascent_steps)
+        ascents = 0 if cfg.alum.perturbation == "random" else cfg.alum.ascent_steps  # no pass in the control
+        passes = MT.forward_equivalents(alum_on, ascents)
         values = MT.window_values(r, task="mlm", alum_on=alum_on, engine=self.engine,
                                   skipped_total=self.objective.skipped_total)
         values.update({
