@@ -247,10 +247,14 @@ class EvalConfig(Section):
     run always evaluates at its end. 0: only at the end."""
     max_sequences: int = 512
     """Held-out sequences per evaluation (0: all of them)."""
+    fill_mask: int = 3
+    """At its end the run exports its model and shows this many held-out sentences with one word
+    masked, the model's top-3 fill-ins beside the true word (0: none)."""
 
     def checks(self) -> list[Check]:
         return [("eval.every", self.every >= 0, "must be >= 0"),
-                ("eval.max_sequences", self.max_sequences >= 0, "must be >= 0")]
+                ("eval.max_sequences", self.max_sequences >= 0, "must be >= 0"),
+                ("eval.fill_mask", self.fill_mask >= 0, "must be >= 0")]
 
 
 @dataclass

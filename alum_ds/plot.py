@@ -12,14 +12,15 @@ from typing import Any
 from alum_ds.config import ConfigError
 
 
-def read_metrics(run_dir: str | Path) -> tuple[dict[int, dict[str, Any]], dict[int, float]]:
-    """(training record per step, eval loss per step); a step logged twice (a resumed run that
-    repeated it) keeps its last record."""
+def read_metrics(run_dir: str | Path) -> tuple[dict[int, dict[str, Any]], dict[int, float], float | None]:
+    """(training record per step, eval loss per step, the unigram line or None); a step logged
+    twice (a resumed run that repeated it) keeps its last record."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found (is {run_dir} a run folder?)")
     train: dict[int, dict[str, Any]] = {}
     evals: dict[int, float] = {}
+    unigram = None
     for line in path.read_text().splitlines():
         try:
             rec = json.loads(line)
@@ -29,7 +30,9 @@ def read_metrics(run_dir: str | Path) -> tuple[dict[int, dict[str, Any]], dict[i
             train[int(rec["step"])] = rec
         if "eval_loss" in rec:
             evals[int(rec["step"])] = float(rec["eval_loss"])
-    return train, evals
+        if rec.get("unigram_loss") is not None:
+            unigram = float(rec["unigram_loss"])
+    return train, evals, unigram
 
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
@@ -41,7 +44,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
         import matplotlib.pyplot as plt
     except ImportError:
         raise ConfigError("alum-ds plot needs matplotlib: pip install 'alum_ds[plot]'") from None
-    train, evals = read_metrics(run_dir)
+    train, evals, unigram = read_metrics(run_dir)
     if not train:
         raise ConfigError(f"{Path(run_dir) / 'metrics.jsonl'} holds no training steps yet")
     steps = sorted(train)
@@ -51,6 +54,9 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     if evals:
         es = sorted(evals)
         ax_loss.plot(es, [evals[s] for s in es], "o-", label="eval masked-LM loss")
+    if unigram is not None and unigram == unigram:
+        ax_loss.axhline(unigram, color="grey", linestyle="--",
+                        label=f"unigram line {unigram:.2f} (token frequencies alone)")
     ax_loss.set_ylabel("loss")
     ax_loss.legend()
     ax_lr.plot(steps, [train[s]["lr"] for s in steps])

@@ -8,10 +8,13 @@ any) loaded, and ``Loop`` runs the steps with the cadence of logging, evaluation
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import json
 import math
 import os
+import shutil
 import signal
 import time
 from dataclasses import dataclass
@@ -265,6 +268,7 @@ class Loop:
         self.fpt, self.peak = flops_per_token, peak
         self.rank, self.world = rt.rank, rt.world
         self.window = MT.StepWindow(rt.device)
+        self._unigram: float | None = None
 
     def run(self, step: int) -> Path:
         cfg, last = self.cfg, self.plan.last_step
@@ -299,6 +303,8 @@ class Loop:
                 self.log.message(f"token budget of {cfg.schedule.max_tokens:,} reached at step {last}")
             ev = self.evaluate_and_log(step)
             _write_summary(self.plan.run_dir, self.rank, step, ev, self.engine)
+            if self.cfg.eval.fill_mask and self.rank == 0:
+                self.show_what_it_learned()
             self.log.message(f"run folder: {self.plan.run_dir.resolve()}")
             return self.plan.run_dir
         except Preempted:
@@ -359,9 +365,46 @@ class Loop:
         ev = evaluate(self.engine, self.cfg, self.data_dir, self.device, self.rank, self.world,
                       max_sequences=self.cfg.eval.max_sequences)
         ppl = math.exp(min(ev, 50))
-        self.log.log(step, {"eval_loss": ev, "eval_perplexity": ppl})
-        self.log.message(f"eval at step {step}: masked-LM loss {ev:.4f}, perplexity {ppl:.2f}")
+        line = self.unigram_line()
+        self.log.log(step, {"eval_loss": ev, "eval_perplexity": ppl, "unigram_loss": line})
+        gap = line - ev
+        self.log.message(f"eval at step {step}: masked-LM loss {ev:.4f}, perplexity {ppl:.2f}; a model "
+                         f"of token frequencies alone: {line:.4f} (the run is {abs(gap):.2f} nats "
+                         f"{'below' if gap >= 0 else 'above'} it)")
         return ev
+
+    def unigram_line(self) -> float:
+        """The eval loss a model of token frequencies alone reaches on the same targets (rank 0
+        computes it once: counting the training tokens is a bincount over the shards)."""
+        if self._unigram is None and self.rank == 0:
+            from alum_ds.data.unigram import unigram_line
+
+            self._unigram = unigram_line(self.data_dir, seq_len=self.cfg.data.seq_len,
+                                         seed=self.cfg.data.seed, masking=self.cfg.masking,
+                                         max_sequences=self.cfg.eval.max_sequences).eval_nats
+        return self._unigram if self._unigram is not None else math.nan
+
+    def show_what_it_learned(self) -> None:
+        """Rank 0: export the run's last checkpoint (as ``alum-ds export`` does) into a scratch
+        folder and print the fill-mask answers for ``eval.fill_mask`` held-out sentences."""
+        from alum_ds import showcase
+        from alum_ds.data.tokenizer import load_tokenizer
+        from alum_ds.export import export
+
+        examples = showcase.masked_examples(self.data_dir, load_tokenizer(self.data_dir / "tokenizer"),
+                                            self.cfg.eval.fill_mask)
+        if not examples:
+            return
+        scratch = self.plan.run_dir / "fill_mask.tmp"
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed's consolidation prints
+                folder = export(str(self.plan.run_dir), str(scratch))
+            results = showcase.fill_mask(folder, examples)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        (self.plan.run_dir / "fill_mask.json").write_text(json.dumps(results, indent=1))
+        self.log.message("held-out sentences, one word masked (fill-mask on the exported model):\n"
+                         + "\n".join(showcase.lines(results)))
 
     def save(self, step: int) -> None:
         cfg, stream = self.user_cfg, self.stream

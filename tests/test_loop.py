@@ -154,14 +154,21 @@ def test_wandb_gets_the_numeric_values(tmp_path: Path, monkeypatch) -> None:
 def _fake_run(run_dir: Path) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     recs = [{"step": s, "loss": 9 - s / 10, "mlm_loss": 9 - s / 10, "lr": 1e-3, "tokens_per_s": 1e4}
-            for s in range(1, 21)] + [{"step": 10, "eval_loss": 8.1}, {"step": 20, "eval_loss": 7.9}]
+            for s in range(1, 21)] + [{"step": 10, "eval_loss": 8.1, "unigram_loss": 8.5},
+                                      {"step": 20, "eval_loss": 7.9, "unigram_loss": 8.5}]
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
 
 
-def test_plot_writes_curves(tmp_path: Path, capsys) -> None:
+def test_plot_writes_curves(tmp_path: Path, capsys, monkeypatch) -> None:
     pytest.importorskip("matplotlib")
+    from matplotlib.axes import Axes
+
+    lines = []
+    real = Axes.axhline
+    monkeypatch.setattr(Axes, "axhline", lambda self, y, **kw: lines.append((y, kw)) or real(self, y, **kw))
     _fake_run(tmp_path / "run")
     assert main(["plot", str(tmp_path / "run")]) == 0
+    assert lines and lines[0][0] == 8.5 and "unigram line" in lines[0][1]["label"]
     png = tmp_path / "run" / "curves.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     assert f"wrote {png}" in capsys.readouterr().out

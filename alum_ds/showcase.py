@@ -1,0 +1,85 @@
+"""What a pretrained model has learned, in words: held-out sentences with one word masked, and
+the model's top fill-ins beside the true word.
+
+The examples come from the validation split of the run's own data (documents no step trained
+on), and the model is asked through transformers' fill-mask pipeline on an exported folder: the
+path a user takes after ``alum-ds export``. A model of token frequencies alone answers the same
+words for every sentence; one that has learned context does not.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from alum_ds.data.shards import open_split
+
+_SENTENCE = re.compile(r"(?<=[.!?])\s+")
+_PLAIN_WORD = re.compile(r"^[A-Za-z][A-Za-z'-]*[,;:]?$")
+_CANDIDATE = re.compile(r"^[a-z]{3,}$")
+# Words every model of frequencies guesses: masking one shows little.
+_COMMON = frozenset("the and for that with are this not was can its has have from but".split())
+
+
+@dataclass(frozen=True)
+class Example:
+    text: str
+    """The sentence with the tokenizer's mask token in place of ``word``."""
+    word: str
+
+
+def masked_examples(data_dir: str | Path, tokenizer: Any, n: int = 3, *, max_documents: int = 400,
+                    ) -> list[Example]:
+    """Up to ``n`` prose sentences (8 to 30 plain words, ending in a full stop) from different
+    validation documents, each with its middle-most lower-case word that is one token of
+    ``tokenizer`` replaced by the mask token. Deterministic for a prepared folder."""
+    out: list[Example] = []
+    for shard in open_split(data_dir, "validation"):
+        for d in range(min(shard.offsets.size - 1, max_documents)):
+            ids = shard.tokens[shard.offsets[d]: shard.offsets[d + 1]]
+            example = _from_document(tokenizer.decode(ids.tolist()), tokenizer)
+            if example is not None:
+                out.append(example)
+                if len(out) == n:
+                    return out
+    return out
+
+
+def _from_document(text: str, tokenizer: Any) -> Example | None:
+    for sentence in _SENTENCE.split(" ".join(text.split())):
+        words = sentence.split(" ")
+        if not (8 <= len(words) <= 30 and sentence.endswith(".") and sentence[0].isupper()):
+            continue
+        if not all(_PLAIN_WORD.match(w.rstrip(".")) for w in words):
+            continue
+        middle = len(words) // 2
+        for i in sorted(range(1, len(words) - 1), key=lambda i: abs(i - middle)):
+            w = words[i]
+            if _CANDIDATE.match(w) and w not in _COMMON and len(tokenizer.tokenize(" " + w)) == 1:
+                masked = " ".join([*words[:i], tokenizer.mask_token, *words[i + 1:]])
+                return Example(masked, w)
+    return None
+
+
+def fill_mask(model_dir: str | Path, examples: list[Example], top_k: int = 3) -> list[dict[str, Any]]:
+    """The fill-mask pipeline's ``top_k`` answers for each example (on the CPU)."""
+    from transformers import logging, pipeline
+
+    bar = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()  # a bar for loading a few tensors would bury the answers
+    try:
+        fill = pipeline("fill-mask", model=str(model_dir), tokenizer=str(model_dir), device="cpu")
+    finally:
+        if bar:
+            logging.enable_progress_bar()
+    return [{"text": e.text, "word": e.word,
+             "top": [(g["token_str"].strip(), round(float(g["score"]), 4))
+                     for g in fill(e.text, top_k=top_k)]} for e in examples]
+
+
+def lines(results: list[dict[str, Any]]) -> list[str]:
+    """One line per example: the sentence, the true word, the model's guesses."""
+    return [f"  {r['text']}\n    true: {r['word']!r}; model: "
+            + ", ".join(f"{w!r} {p:.2f}" for w, p in r["top"]) for r in results]
