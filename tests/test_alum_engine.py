@@ -17,7 +17,8 @@ from tests.conftest import ROOT, deepspeed_cmd, free_port, run
 
 pytestmark = pytest.mark.distributed
 
-QUICK = ["--schedule.steps=6", "--schedule.warmup_steps=1", "--optim.lr=3e-3", "--logging.every=1",
+QUICK = ["--eval.fill_mask=0", "--schedule.steps=6", "--schedule.warmup_steps=1", "--optim.lr=3e-3",
+         "--logging.every=1",
          "--schedule.micro_batch_size=4", "--model.dropout=0", "--checkpoint.every=3"]
 
 

@@ -28,7 +28,8 @@ from tests.conftest import ROOT, deepspeed_cmd, free_port, run
 pytestmark = pytest.mark.distributed
 
 STEPS = 8
-ARGS = ["--schedule.steps=100", f"--schedule.max_tokens={STEPS * 8 * 128}",  # the budget ends it
+ARGS = ["--eval.fill_mask=0", "--schedule.steps=100",
+        f"--schedule.max_tokens={STEPS * 8 * 128}",  # the budget ends it
         "--schedule.global_batch_size=8", "--schedule.micro_batch_size=4",
         "--schedule.warmup_steps=2", "--schedule.decay=polynomial", "--schedule.power=2",
         "--optim.lr=5e-3", "--logging.every=1", "--model.dropout=0.1", "--checkpoint.every=2",

@@ -13,7 +13,7 @@ from tests.conftest import ROOT, deepspeed_cmd, free_port, run
 
 pytestmark = pytest.mark.distributed
 
-QUICK = ["--schedule.steps=8", "--schedule.warmup_steps=1", "--optim.lr=3e-3",
+QUICK = ["--eval.fill_mask=0", "--schedule.steps=8", "--schedule.warmup_steps=1", "--optim.lr=3e-3",
          "--logging.every=1", "--schedule.micro_batch_size=4", "--model.dropout=0"]
 
 
@@ -98,6 +98,11 @@ def test_readme_main_job_runs_in_a_fresh_folder(tmp_path: Path) -> None:
     assert losses[-1] < losses[0] - 1.0, losses
     assert (run_dir / "checkpoints" / "latest").is_file()
     assert list((tmp_path / "cache").glob("embedded-*/manifest.json"))
+    assert "(DeepSpeed config " in log and "a model of token frequencies alone" in log
+    # What it learned, shown at the end: fill-mask on held-out sentences through an export.
+    assert "held-out sentences, one word masked" in log and not (run_dir / "fill_mask.tmp").exists()
+    shown = json.loads((run_dir / "fill_mask.json").read_text())
+    assert len(shown) == 3 and all(len(x["top"]) == 3 and x["word"] in log for x in shown)
 
 
 def test_bf16_precision_guard_through_the_engine(tmp_path: Path, cache_dir: Path) -> None:
