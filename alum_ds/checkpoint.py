@@ -197,16 +197,20 @@ def _shape_keys(cfg: dict[str, Any]) -> dict[str, Any]:
     return keys
 
 
-def check_resume(point: ResumePoint, cfg: RunConfig, *, world: int, zero_stage: int) -> bool:
-    """Refuse (ConfigError, one line) a checkpoint this run cannot continue; return whether it
-    must be loaded as a universal checkpoint (saved with another world size)."""
+def check_resume(point: ResumePoint, cfg: RunConfig, *, world: int, zero_stage: int,
+                 branch: bool = False) -> bool:
+    """Refuse (ConfigError, one line) a checkpoint this run cannot continue (with ``branch``:
+    start from, ``run.branch_from``); return whether it must be loaded as a universal checkpoint
+    (saved with another world size)."""
     theirs, ours = _shape_keys(point.state.get("config", {})), _shape_keys(cfg.to_dict())
     if theirs != ours:
         diff = ", ".join(f"{k}={theirs.get(k)!r} (this run {ours.get(k)!r})"
                          for k in ours if theirs.get(k) != ours.get(k))
         raise ConfigError(f"checkpoint {point.path} holds another model shape: {diff}; "
                           f"use a new --run.dir")
-    if point.state.get("config_hash") != cfg.fingerprint():
+    if branch:
+        _check_branch(point, cfg)
+    elif point.state.get("config_hash") != cfg.fingerprint():
         raise ConfigError(
             f"checkpoint {point.path} was written with another config (hash "
             f"{point.state.get('config_hash')}, this run {cfg.fingerprint()}): use a new --run.dir"
@@ -216,6 +220,26 @@ def check_resume(point: ResumePoint, cfg: RunConfig, *, world: int, zero_stage: 
                           f"run uses ZeRO-{zero_stage}: resume with the same stage")
     # ZeRO-0 keeps the whole optimizer state in the model file: any world size loads it.
     return point.zero_stage > 0 and (point.world_size != world or point.zero_stage != zero_stage)
+
+
+def _alum_off_until(alum: dict[str, Any], step: int) -> bool:
+    return not alum.get("enabled", True) or int(alum.get("start_step", 0)) >= step
+
+
+def _check_branch(point: ResumePoint, cfg: RunConfig) -> None:
+    """A branch must compute what a run from scratch with ``cfg`` would: the checkpoint's run had
+    the same settings but for ``alum``, and neither run had ALUM on before the checkpoint."""
+    from alum_ds.config import config_from_dict
+
+    theirs = config_from_dict(point.state.get("config", {}))
+    if theirs.fingerprint(without=("alum",)) != cfg.fingerprint(without=("alum",)):
+        raise ConfigError(f"run.branch_from {point.path}: that run's settings differ from this run's "
+                          "in more than the alum section; a branch may change only alum.*")
+    for who, alum in (("that run", theirs.to_dict()["alum"]), ("this run", cfg.to_dict()["alum"])):
+        if not _alum_off_until(alum, point.step):
+            raise ConfigError(f"run.branch_from {point.path}: {who} has ALUM on before step "
+                              f"{point.step}; a branch needs plain MLM up to its checkpoint "
+                              f"(alum.start_step >= {point.step} or alum.enabled=false)")
 
 
 def convert_to_universal(point: ResumePoint, run_dir: Path) -> Path:

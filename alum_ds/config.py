@@ -53,6 +53,12 @@ class RunSection(RunBase):
     stop_after: int = 0
     """Stop, after saving, once this invocation has trained N steps (0: run to the end); for
     time-sliced allocations. Rerunning the command continues the same run."""
+    branch_from: str = ""
+    """Start this run from another run's checkpoint (weights, optimizer, schedule and data
+    position) when its own folder has none: arms of an experiment that differ only in their
+    ``alum`` settings share the plain-MLM steps before ``alum.start_step`` (the paper's
+    curriculum). Refused unless every other setting is the same and ALUM was off in both up to
+    the checkpoint's step, so the branch computes what a run from scratch with its config would."""
 
     def checks(self) -> list[Check]:
         return [("run.stop_after", self.stop_after >= 0, "must be >= 0")]
@@ -309,9 +315,12 @@ class RunConfig(Config):
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
-    def fingerprint(self) -> str:
-        """Hash of the values that change what a run computes (not where it writes)."""
+    def fingerprint(self, *, without: tuple[str, ...] = ()) -> str:
+        """Hash of the values that change what a run computes (not where it writes); ``without``
+        leaves further sections out (``run.branch_from`` compares configs without ``alum``)."""
         d = self.to_dict()
+        for section in without:
+            d.pop(section, None)
         d.pop("run", None)
         d.pop("logging", None)
         d.pop("checkpoint", None)

@@ -105,6 +105,8 @@ class Plan:
     universal: bool
     global_batch: int
     last_step: int
+    branch: bool = False
+    """``point`` is another run's checkpoint this run starts from (``run.branch_from``)."""
 
 
 def plan_run(cfg: RunConfig, ds_path: str, *, resume: str, world: int, on_gpu: bool,
@@ -116,7 +118,11 @@ def plan_run(cfg: RunConfig, ds_path: str, *, resume: str, world: int, on_gpu: b
     ecfg = for_world(cfg, world)
     ds = resolve_ds_config(ds_path, ecfg, world_size=world, bf16_supported=bf16_supported, on_gpu=on_gpu)
     point = C.find_resume(run_dir, resume)
-    universal = point is not None and C.check_resume(point, cfg, world=world, zero_stage=zero_stage_of(ds))
+    branch = point is None and bool(cfg.run.branch_from)
+    if branch:
+        point = C.find_resume(run_dir, cfg.run.branch_from)
+    universal = point is not None and C.check_resume(point, cfg, world=world, zero_stage=zero_stage_of(ds),
+                                                     branch=branch)
     if universal:
         section = ds.setdefault("checkpoint", {})
         if not isinstance(section, dict):
@@ -133,7 +139,7 @@ def plan_run(cfg: RunConfig, ds_path: str, *, resume: str, world: int, on_gpu: b
         except ValueError as e:
             raise ConfigError(f"model.pretrained {e}") from None
     gb = ecfg.schedule.micro_batch_size * ecfg.schedule.grad_accum * world
-    return Plan(ecfg, ds, world, run_dir, point, universal, gb, planned_steps(cfg, gb))
+    return Plan(ecfg, ds, world, run_dir, point, universal, gb, planned_steps(cfg, gb), branch)
 
 
 def train(cfg: RunConfig, ds_path: str, *, resume: str = "") -> Path:
@@ -231,7 +237,7 @@ def _report_resume(plan: Plan, log: MT.MetricsLogger) -> None:
     if p is None:
         return
     how = f" (universal: saved by {p.world_size} rank(s), now {plan.world})" if plan.universal else ""
-    log.message(f"resumed from {p.path} at step {p.step}{how}")
+    log.message(f"{'branched' if plan.branch else 'resumed'} from {p.path} at step {p.step}{how}")
     if plan.universal and 3 in (p.zero_stage, zero_stage_of(plan.ds)):
         log.message("warning: DeepSpeed's universal load under ZeRO-3 restores the optimizer only "
                     "approximately (measured: the loss drifts ~1e-3 relative within 2 steps); "

@@ -144,3 +144,31 @@ def test_alum_ds_train_runs_without_a_launcher(tmp_path: Path, cache_dir: Path) 
              "--schedule.steps=2", "--logging.every=1"], tmp_path, timeout=300)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     assert "1 rank(s)" in r.stderr and (run_dir / "checkpoints" / "latest").is_file()
+
+
+def test_a_branch_from_a_plain_prefix_equals_the_run_from_scratch(tmp_path: Path, cache_dir: Path) -> None:
+    """run.branch_from: ALUM arms that share a plain-MLM prefix (the paper's curriculum) start
+    from its checkpoint and compute what their run from scratch computes; a branch that changes
+    more than alum.*, or had ALUM on before the checkpoint, is refused."""
+    common = [f"--data.cache_dir={cache_dir}", "--schedule.steps=8", "--schedule.warmup_steps=1",
+              "--logging.every=1", "--schedule.micro_batch_size=4", "--eval.fill_mask=0",
+              "--eval.max_sequences=16", "--logging.tensorboard=false"]
+
+    def train(name: str, *extra: str, ok: bool = True) -> str:
+        r = run(["alum-ds", "train", f"--run.dir={tmp_path / name}", *common, *extra], tmp_path,
+                {"MASTER_PORT": free_port()}, timeout=300)
+        assert (r.returncode == 0) == ok, (r.stdout + r.stderr)[-3000:]
+        return r.stderr
+
+    train("scratch", "--alum.start_step=4")
+    train("prefix", "--alum.enabled=false", "--run.stop_after=4")
+    tag = tmp_path / "prefix" / "checkpoints" / "step00000004"
+    log = train("branch", "--alum.start_step=4", f"--run.branch_from={tag}")
+    assert f"branched from {tag} at step 4" in log
+    scratch, branch = _losses(tmp_path / "scratch"), _losses(tmp_path / "branch")
+    assert len(scratch) == 8 and len(branch) == 4
+    assert branch == pytest.approx(scratch[4:], rel=1e-6), (scratch, branch)
+    err = train("other_lr", "--alum.start_step=4", "--optim.lr=1e-3", f"--run.branch_from={tag}", ok=False)
+    assert "differ from this run's in more than the alum section" in err
+    err = train("early", "--alum.start_step=2", f"--run.branch_from={tag}", ok=False)
+    assert "this run has ALUM on before step 4" in err
