@@ -239,6 +239,7 @@ def adversarial_loss(
     delta0: torch.Tensor | None = None,
     first_logits: torch.Tensor | None = None,
     clean_target: Target | None = None,
+    ascent_f: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> AdvResult:
     """ALUM's regulariser (without alpha). ``f`` must be deterministic in its parameters apart from
     dropout; ``any_rank`` turns a local skip flag into a global one so every rank runs the same
@@ -255,7 +256,9 @@ def adversarial_loss(
     precision guard are combined on the device and read in one transfer; ``any_rank`` adds the
     collective one. Nothing else leaves the device.
 
-    ``clean_target`` is ``Target.of(clean_logits)`` if the caller has it already.
+    ``clean_target`` is ``Target.of(clean_logits)`` if the caller has it already. ``ascent_f``
+    computes the same function as ``f`` for the ascent's passes (e.g. with parameters frozen, so
+    that a compiled graph returns the input gradient only); default ``f``.
     """
     h = h0.detach()
     target = clean_target if clean_target is not None else Target.of(clean_logits)
@@ -283,7 +286,7 @@ def adversarial_loss(
         fused = step == 0 and first_logits is not None
         if not fused:
             delta.requires_grad_(True)
-        adv = first_logits if fused else f(add_perturbation(h, delta))
+        adv = first_logits if fused else (ascent_f or f)(add_perturbation(h, delta))
         kl = kl_to_target(target, adv)
         if step == 0:
             kl_before = kl.detach()

@@ -57,10 +57,13 @@ def _run(argv: list[str], parser: argparse.ArgumentParser, cls: type[Config],
     except (ConfigError, DataError) as e:
         return _fail(str(e))
     except RuntimeError as e:
+        from alum_ds import compiling
         from alum_ds.adversarial import PrecisionError
 
-        if isinstance(e, PrecisionError):  # a clear message, not a traceback from the step
+        if isinstance(e, (PrecisionError, compiling.CompileError)):  # not a traceback from the step
             return _fail(str(e))
+        if compiling.failure(e):
+            return _fail(compiling.failure(e))
         raise
     return 0
 

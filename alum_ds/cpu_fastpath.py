@@ -38,29 +38,30 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 ATTENTION = "alum_ds_cpu"
 
 
-class _Dropout(torch.autograd.Function):
-    """Inverted dropout: ``x * noise`` with ``noise`` in {0, 1/(1-p)} (in ``x``'s dtype, saved for
-    the backward, as ``F.dropout`` does: a bool mask would save memory, but multiplying by one
-    costs twice a same-dtype product, in the backward too)."""
+@torch.library.custom_op("alum_ds::dropout_scale", mutates_args=(),
+                         tags=(torch.Tag.nondeterministic_seeded,))
+def dropout_scale(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Inverted dropout's multiplier for ``x``: 0 or 1/(1-p) per element (in ``x``'s dtype), from
+    int32 draws of torch's default generator. An opaque op (a custom op) so that torch.compile
+    keeps it whole instead of breaking its graph at ``random_``; tagged nondeterministic_seeded so
+    that compiled activation checkpointing replays the generator for it as for torch's own
+    random ops (untagged, the recomputed mask differed from the forward's)."""
+    keep = torch.empty(x.shape, dtype=torch.int32).random_() >= round(p * 2**31)
+    return keep.to(x.dtype).mul_(1.0 / (1.0 - p))
 
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:
-        keep = torch.empty(x.shape, dtype=torch.int32).random_() >= round(p * 2**31)
-        noise = keep.to(x.dtype).mul_(1.0 / (1.0 - p))
-        ctx.save_for_backward(noise)
-        return x * noise
 
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        (noise,) = ctx.saved_tensors
-        return grad * noise, None
+@dropout_scale.register_fake
+def _(x: torch.Tensor, p: float) -> torch.Tensor:
+    return torch.empty_like(x)
 
 
 def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
-    """``F.dropout(x, p, training)``: the int32-mask form for CPU tensors, the stock one else."""
+    """``F.dropout(x, p, training)``: the int32-mask form for CPU tensors, the stock one else. The
+    multiplier is saved for the backward (as ``F.dropout`` does: a bool mask would save memory,
+    but multiplying by one costs twice a same-dtype product, in the backward too)."""
     if not training or p == 0.0 or p == 1.0 or x.device.type != "cpu":
         return F.dropout(x, p, training)
-    return _Dropout.apply(x, p)
+    return x * dropout_scale(x.detach(), p)
 
 
 class FastDropout(nn.Dropout):

@@ -136,6 +136,7 @@ def resolve_ds_config(
         raise ConfigError(f"DeepSpeed config {path} enables bf16, which this device lacks")
     # Step logging is ours (metrics); DeepSpeed's own per-step prints would interleave with it.
     ds.setdefault("steps_per_print", 1 << 30)
+    compile_setting(ds)
     return ds
 
 
@@ -146,6 +147,23 @@ def precision_of(ds: dict[str, Any]) -> str:
     if ds.get("fp16", {}).get("enabled"):
         return "fp16"
     return "fp32"
+
+
+def compile_setting(ds: dict[str, Any]) -> object:
+    """The JSON's ``"torch_compile": {"enabled": "auto" | true | false}`` (absent: "auto"). A
+    systems setting, so it lives in the DeepSpeed JSON beside precision and ZeRO: it changes how
+    the model is computed, not what (compiled and eager agree to fp32 rounding, tested), and
+    whether it pays depends on the hardware (``alum_ds.compiling``)."""
+    sec = ds.get("torch_compile", {"enabled": "auto"})
+    if not isinstance(sec, dict) or sec.get("enabled", "auto") not in (True, False, "auto"):
+        raise ConfigError('DeepSpeed config: torch_compile must be {"enabled": true, false or "auto"}')
+    return sec.get("enabled", "auto")
+
+
+def offloaded(ds: dict[str, Any]) -> bool:
+    zero = ds.get("zero_optimization", {})
+    return any(zero.get(k, {}).get("device") in ("cpu", "nvme")
+               for k in ("offload_optimizer", "offload_param"))
 
 
 def zero_stage_of(ds: dict[str, Any]) -> int:

@@ -25,6 +25,7 @@ from torch import nn
 
 from alum_ds import model as M
 from alum_ds.adversarial import Target, add_perturbation, adversarial_loss, init_delta
+from alum_ds.compiling import frozen
 from alum_ds.config import AlumConfig, ConfigError
 
 
@@ -81,11 +82,16 @@ class AdversarialObjective(nn.Module):
     """The task loss's name in the statistics (``{task}_loss``)."""
 
     def __init__(self, model: nn.Module, alum: AlumConfig, *,
-                 any_rank: Callable[[bool], bool] = lambda flag: flag) -> None:
+                 any_rank: Callable[[bool], bool] = lambda flag: flag, freeze_ascent: bool = False) -> None:
         super().__init__()
         self.model = model
         self.alum = alum
         self.any_rank = any_rank
+        self.freeze_ascent = freeze_ascent
+        """Run the ascent's passes with frozen parameters (``compiling.frozen``): for compiled
+        models, whose backward would otherwise compute every weight gradient. Not with activation
+        checkpointing, whose recomputation (with parameters live again) must save what the
+        forward saved."""
         self.skipped_total = 0
         self.generator: torch.Generator | None = None
         """Source of delta_0's noise (None: torch's global generator, seeded per micro-step)."""
@@ -135,7 +141,8 @@ class AdversarialObjective(nn.Module):
             return task_loss * scale, stats
         adv = adversarial_loss(lambda h: self.logits(h, b), h0, clean, self.alum,
                                any_rank=self.any_rank, generator=self.generator, delta0=delta0,
-                               first_logits=first, clean_target=clean_target)
+                               first_logits=first, clean_target=clean_target,
+                               ascent_f=self._frozen_logits(b) if self.freeze_ascent else None)
         if adv.skipped:
             self.skipped_total += 1
             if first is not None:
@@ -152,6 +159,13 @@ class AdversarialObjective(nn.Module):
         stats.update(adv_loss=adv_d, adv_sum=adv_d * n, delta_norm=adv.delta_norm,
                      ascent_grad_norm=adv.grad_norm, adv_skipped=int(adv.skipped))
         return loss * scale, stats
+
+    def _frozen_logits(self, b: Batch) -> Callable[[torch.Tensor], torch.Tensor]:
+        def run(h: torch.Tensor) -> torch.Tensor:
+            with frozen(self.model):
+                return self.logits(h, b)
+
+        return run
 
     def _task_stats(self, stats: dict[str, torch.Tensor | int], task_loss: torch.Tensor, n: int) -> None:
         d = task_loss.detach()

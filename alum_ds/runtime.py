@@ -124,6 +124,30 @@ def adapt_model(rt: Runtime, model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def compile_plan(ds: dict[str, Any], on_gpu: bool) -> tuple[bool, str]:
+    """Whether this run compiles its model (the DeepSpeed JSON's ``torch_compile``, decided by
+    ``compiling.decide``: "auto" compiles on CUDA only, where it pays) and a note to log."""
+    from alum_ds import compiling
+    from alum_ds.ds_config import compile_setting, offloaded, zero_stage_of
+
+    return compiling.decide(compile_setting(ds), on_gpu=on_gpu, zero_stage=zero_stage_of(ds),
+                            offload=offloaded(ds))
+
+
+def compile_model(model: torch.nn.Module, ds: dict[str, Any], cache: Path) -> None:
+    """Compile ``model``'s pieces in place, kernels cached in ``cache`` for later runs; under
+    "auto" a compilation that fails falls back to eager (dynamo's ``suppress_errors``), under
+    ``true`` it is an error."""
+    import torch._dynamo
+
+    from alum_ds import compiling
+    from alum_ds.ds_config import compile_setting
+
+    torch._dynamo.config.suppress_errors = compile_setting(ds) == "auto"
+    compiling.use_cache(cache / "inductor")
+    compiling.compile_model(model)
+
+
 def seed_micro_step(seed: int, position: int) -> None:
     """Seed dropout and the perturbation noise of one micro-step from the global position of its
     first sample (sequence or example), so a resumed run draws the same random numbers as the

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from alum_ds import checkpoint as C
+from alum_ds import compiling
 from alum_ds import distributed as D
 from alum_ds import metrics as MT
 from alum_ds import runtime as R
@@ -107,6 +108,8 @@ class Plan:
     last_step: int
     branch: bool = False
     """``point`` is another run's checkpoint this run starts from (``run.branch_from``)."""
+    compile: bool = False
+    compile_note: str = ""
 
 
 def plan_run(cfg: RunConfig, ds_path: str, *, resume: str, world: int, on_gpu: bool,
@@ -139,7 +142,9 @@ def plan_run(cfg: RunConfig, ds_path: str, *, resume: str, world: int, on_gpu: b
         except ValueError as e:
             raise ConfigError(f"model.pretrained {e}") from None
     gb = ecfg.schedule.micro_batch_size * ecfg.schedule.grad_accum * world
-    return Plan(ecfg, ds, world, run_dir, point, universal, gb, planned_steps(cfg, gb), branch)
+    compiled, note = R.compile_plan(ds, on_gpu)
+    return Plan(ecfg, ds, world, run_dir, point, universal, gb, planned_steps(cfg, gb), branch,
+                compiled, note)
 
 
 def train(cfg: RunConfig, ds_path: str, *, resume: str = "") -> Path:
@@ -162,6 +167,8 @@ def train(cfg: RunConfig, ds_path: str, *, resume: str = "") -> Path:
     except ValueError as e:  # a pretrained model that does not fit the data
         raise ConfigError(str(e)) from None
     R.adapt_model(rt, mlm)
+    if plan.compile:
+        R.compile_model(mlm, plan.ds, R.cache_dir(cfg.data.cache_dir))
     check_vocab(data_dir, mlm.config.vocab_size,
                 padded_rows=PADDED_VOCAB_ROWS if cfg.model.pretrained else 0)
     shape = model_shape(mlm)
@@ -171,7 +178,8 @@ def train(cfg: RunConfig, ds_path: str, *, resume: str = "") -> Path:
     if plan.point and plan.point.state.get("model_shape") not in (None, shape):
         raise ConfigError(f"checkpoint {plan.point.path} holds a model of shape "
                           f"{plan.point.state['model_shape']}, this run builds {shape}")
-    objective = AlumObjective(mlm, cfg.alum, any_rank=rt.any_rank())
+    objective = AlumObjective(mlm, cfg.alum, any_rank=rt.any_rank(),
+                              freeze_ascent=plan.compile and not cfg.model.activation_checkpointing)
     load_root = _universal_root(plan, rt) if plan.universal else None
     engine = R.build_engine(objective, optim=cfg.optim, schedule=plan.cfg.schedule, ds=plan.ds,
                             total_steps=plan.last_step, on_gpu=rt.on_gpu)
@@ -193,7 +201,8 @@ def train(cfg: RunConfig, ds_path: str, *, resume: str = "") -> Path:
     sc = plan.cfg.schedule
     log.message(
         f"alum_ds: {rt.world} rank(s) on {dev.name}, ZeRO-{zero_stage_of(plan.ds)}, "
-        f"{precision_of(plan.ds)} (DeepSpeed config {resolve_ds_path(ds_path)}), model "
+        f"{precision_of(plan.ds)}{', compiled' if plan.compile else ''} (DeepSpeed config "
+        f"{resolve_ds_path(ds_path)}), model "
         f"{cfg.model.pretrained or cfg.model.arch + ' ' + cfg.model.preset} "
         f"({n_params / 1e6:.2f}M params), "
         f"ALUM {'on' if cfg.alum.enabled else 'off'}, global batch {plan.global_batch} "
@@ -201,6 +210,8 @@ def train(cfg: RunConfig, ds_path: str, *, resume: str = "") -> Path:
         f"({len(stream.seqs)} sequences/epoch), run {plan.run_dir}"
     )
     _report_resume(plan, log)
+    if plan.compile_note:
+        log.message(plan.compile_note)
     _check_tokenizer(cfg, manifest, log)
     loop = Loop(plan=plan, user_cfg=cfg, engine=engine, objective=objective, stream=stream, log=log,
                 rt=rt, data_dir=data_dir, shape=shape, flops_per_token=fpt,
@@ -275,6 +286,7 @@ class Loop:
         self.rank, self.world = rt.rank, rt.world
         self.window = MT.StepWindow(rt.device)
         self._unigram: float | None = None
+        self.compile_clock = compiling.Clock() if plan.compile else None
 
     def run(self, step: int) -> Path:
         cfg, last = self.cfg, self.plan.last_step
@@ -293,7 +305,7 @@ class Loop:
                     raise Preempted()
                 step, since = step + 1, since + 1
                 if step % cfg.logging.every == 0 or step == last:
-                    self.log_step(step, alum_on, since, time.time() - t_last)
+                    self.log_step(step, alum_on, since, time.time() - t_last - self.compile_time(step))
                     t_last, since = time.time(), 0
                 if cfg.eval.every and step % cfg.eval.every == 0 and step < last:
                     self.evaluate_and_log(step)
@@ -345,6 +357,17 @@ class Loop:
                         alum_on, weight), {})
             for position, (x, y) in batches))
         return True
+
+    def compile_time(self, step: int) -> float:
+        """Seconds compiled since the last window, reported on their own line (and as
+        ``compile_seconds``, ``graphs_compiled``), left out of the window's step times."""
+        spent = self.compile_clock.take() if self.compile_clock is not None else 0.0
+        if spent:
+            graphs = compiling.graphs_compiled()
+            self.log.log(step, {"compile_seconds": spent, "graphs_compiled": graphs})
+            self.log.message(f"compiled {graphs} graph(s) so far, {spent:.1f} s before step {step} "
+                             "(not counted in step times)")
+        return spent
 
     def log_step(self, step: int, alum_on: bool, steps: int, seconds: float) -> None:
         cfg = self.cfg

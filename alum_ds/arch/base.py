@@ -56,6 +56,10 @@ class Adapter:
         inner = getattr(model, self.base, None)
         return inner if isinstance(inner, nn.Module) else model
 
+    def layers(self, model: nn.Module) -> nn.ModuleList:
+        """The encoder's layers, in order (what ``alum_ds.compiling`` compiles one by one)."""
+        return self.backbone(model).encoder.layer
+
     @property
     def embeddings_prefix(self) -> str:
         """Name prefix of the embedding module's parameters in the task model (the FLOP model

@@ -202,6 +202,9 @@ class ModernBertAdapter(Adapter):
             raise ValueError("ModernBERT has no token type embeddings: pass token_type_ids=None")
         return self.backbone(model).embeddings(input_ids=input_ids)
 
+    def layers(self, model: nn.Module) -> nn.ModuleList:
+        return self.backbone(model).layers
+
     def encode(self, model: nn.Module, hidden: torch.Tensor,
                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         base = self.backbone(model)

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from alum_ds import compiling
 from alum_ds import distributed as D
 from alum_ds import metrics as MT
 from alum_ds import runtime as R
@@ -119,14 +120,18 @@ def finetune(cfg: FinetuneConfig, ds_path: str) -> dict[str, Any]:
         ds = resolve_ds_config(ds_path, cfg, world_size=rt.world, bf16_supported=dev.bf16_supported,
                                on_gpu=rt.on_gpu)
         R.tune_host(rt, ds)
+        compiled, compile_note = R.compile_plan(ds, rt.on_gpu)
         torch.manual_seed(cfg.run.seed)  # the same classifier head on every rank
         model = build_classifier(prep.source, prep.labels.names, dropout=cfg.model.dropout,
                                  activation_checkpointing=cfg.model.activation_checkpointing)
         R.adapt_model(rt, model)
+        if compiled:
+            R.compile_model(model, ds, R.cache_dir(cfg.task.cache_dir))
     finally:
         prep.source.cleanup()
     n_params = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
-    objective = ClassifierObjective(model, cfg.alum, any_rank=rt.any_rank())
+    objective = ClassifierObjective(model, cfg.alum, any_rank=rt.any_rank(),
+                                    freeze_ascent=compiled and not cfg.model.activation_checkpointing)
     engine = R.build_engine(objective, optim=cfg.optim, schedule=cfg.schedule, ds=ds,
                             total_steps=cfg.schedule.steps, on_gpu=rt.on_gpu)
     if rt.rank == 0:
@@ -138,12 +143,16 @@ def finetune(cfg: FinetuneConfig, ds_path: str) -> dict[str, Any]:
     pair = " (text pairs)" if prep.train.pairs else ""
     log.message(
         f"alum_ds finetune: {rt.world} rank(s) on {dev.name}, ZeRO-{zero_stage_of(ds)}, "
-        f"{precision_of(ds)} (DeepSpeed config {resolve_ds_path(ds_path)}), model from "
+        f"{precision_of(ds)}{', compiled' if compiled else ''} (DeepSpeed config "
+        f"{resolve_ds_path(ds_path)}), model from "
         f"{prep.source.description} ({n_params / 1e6:.2f}M params), "
         f"ALUM {'on (alpha=' + format(cfg.alum.alpha, 'g') + ')' if alum_on else 'off'}, "
         f"task {prep.task}{pair}: {len(prep.train)} training / {len(prep.validation)} validation "
         f"examples, labels {', '.join(prep.labels.names)}")
 
+    if compile_note:
+        log.message(compile_note)
+    clock = compiling.Clock() if compiled else None
     pad = int(prep.tokenizer.pad_token_id)
     eval_kw = dict(num_labels=len(prep.labels.names), pad_id=pad, batch=cfg.eval.batch, device=rt.device)
     mb, accum = cfg.schedule.micro_batch_size, cfg.schedule.grad_accum
@@ -162,6 +171,11 @@ def finetune(cfg: FinetuneConfig, ds_path: str) -> dict[str, Any]:
         steps_since += 1
         if done % cfg.logging.every == 0 or done == cfg.schedule.steps:
             now = time.time()
+            spent = clock.take() if clock is not None else 0.0
+            if spent:
+                log.message(f"compiled {compiling.graphs_compiled()} graph(s) so far, {spent:.1f} s "
+                            f"before step {done} (not counted in step times)")
+            t_last += spent
             r = window.reduce(D.all_reduce, rt.world, cfg.alum.alpha)
             values = MT.window_values(r, task="ce", alum_on=alum_on, engine=engine,
                                       skipped_total=objective.skipped_total)
