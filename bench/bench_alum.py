@@ -13,6 +13,10 @@ interleaved step by step so that load drift on a shared machine hits them alike:
 - ``plain``: masked-LM loss only (``AlumObjective`` with ALUM off).
 - ``alum``: this project's ALUM step, K = 1 (masked-only head and KL, delta-only ascent).
 - ``alum_fused``: the same with ``alum.fused_first_pass`` (clean + first perturbed pass batched).
+- ``plain_compiled``, ``alum_compiled`` (with ``--compile``): ``plain`` and ``alum`` with the
+  model's pieces compiled (``alum_ds.compiling``: each encoder layer, the embeddings, the head;
+  the ascent with frozen parameters). One model, engine and optimizer for all: the eager variants
+  run under ``torch.compiler.set_stance("force_eager")``. Compile time is reported on its own.
 - ``baseline``: ALUM written the straightforward way, as the published code does: full-vocabulary
   logits at every position, an ascent gradient taken w.r.t. delta *and* every parameter (then
   discarded; through the wrapped module, so ZeRO's hooks do not fire), the symmetric KL over
@@ -75,6 +79,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first")
     p.add_argument("--mem-steps", type=int, default=2, help="memory steps per variant")
     p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--compile", action="store_true",
+                   help="add plain_compiled and alum_compiled (torch.compile of the model's pieces)")
     p.add_argument("--master_port", type=int, default=0, help="0: a random port")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "alum.json"))
     p.add_argument("--phase", choices=("all", "time", "memory"), default="all", help=argparse.SUPPRESS)
@@ -101,7 +107,8 @@ def launch(args: argparse.Namespace) -> int:
         opts = [f"--preset={args.preset}", f"--vocab={args.vocab}", f"--seq-len={args.seq_len}",
                 f"--micro-batch={args.micro_batch}", f"--ranks={args.ranks}", f"--ds={args.ds}",
                 f"--steps={args.steps}", f"--warmup={args.warmup}", f"--mem-steps={args.mem_steps}",
-                f"--variants={args.variants}", f"--phase={phase}", f"--raw={raw_path}"]
+                f"--variants={args.variants}", f"--phase={phase}", f"--raw={raw_path}",
+                *(["--compile"] if args.compile else [])]
         port = args.master_port or random.randint(20000, 45000)
         cmd = [sys.executable, "-u", "-c", "from deepspeed.launcher.runner import main; main()",
                f"--num_gpus={args.ranks}", f"--master_port={port}", str(Path(__file__).resolve()),
@@ -150,6 +157,11 @@ def summarise(raw: dict, *, quick: bool) -> dict:
                 ratios[f"{v}_vs_baseline_objective_memory"] = (vs[v]["objective_peak_growth_mb"]
                                                                / base["objective_peak_growth_mb"])
                 ratios[f"{v}_vs_baseline_peak_memory"] = vs[v]["peak_mb"] / base["peak_mb"]
+    if "plain_compiled" in vs:
+        ratios["plain_compiled_vs_plain"] = vs["plain_compiled"]["step_s"] / plain["step_s"]
+        ratios["alum_compiled_vs_alum"] = vs["alum_compiled"]["step_s"] / vs["alum"]["step_s"]
+        ratios["alum_compiled_vs_plain_compiled"] = (vs["alum_compiled"]["step_s"]
+                                                     / vs["plain_compiled"]["step_s"])
     if "alum" in vs:
         ratios["alum_vs_flop_model"] = ratios["alum_vs_plain"] / flop
         ratios["alum_compute_vs_flop_model"] = ratios["alum_compute_vs_plain"] / flop
@@ -198,11 +210,11 @@ def table(res: dict) -> str:
     lines = [f"{s['device']}, {s['ranks']} ranks, ZeRO-{s['zero_stage']}, {s['precision']}, preset "
              f"{s['preset']}, seq {s['seq_len']}, micro-batch {s['micro_batch']}, median of "
              f"{s['steps']} steps (load avg {res['load_avg_1m'][0]} -> {res['load_avg_1m'][1]})",
-             f"{'variant':<11} {'step s':>7} {'fwd s':>7} {'bwd s':>7} {'opt s':>7} {'x plain':>7} "
+             f"{'variant':<15} {'step s':>7} {'fwd s':>7} {'bwd s':>7} {'opt s':>7} {'x plain':>7} "
              f"{'peak MB':>8} {'+step MB':>8} {'+obj MB':>8}"]
     plain = res["variants"]["plain"]["step_s"]
     for name, v in res["variants"].items():
-        lines.append(f"{name:<11} {v['step_s']:7.3f} {v['forward_s']:7.3f} {v['backward_s']:7.3f} "
+        lines.append(f"{name:<15} {v['step_s']:7.3f} {v['forward_s']:7.3f} {v['backward_s']:7.3f} "
                      f"{v['optimizer_s']:7.3f} {v['step_s'] / plain:7.2f} {v['peak_mb']:8.0f} "
                      f"{v['peak_growth_mb']:8.0f} {v['objective_peak_growth_mb']:8.0f}")
     lines.append("ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in res["ratios"].items()))
@@ -240,6 +252,8 @@ def baseline_loss(mlm, input_ids, labels, cfg):
 
 
 def bench_module(mlm, alum, any_rank):
+    import contextlib
+
     import torch
 
     from alum_ds.objective import AlumObjective
@@ -252,10 +266,14 @@ def bench_module(mlm, alum, any_rank):
             self.objective = AlumObjective(mlm, alum, any_rank=any_rank)
 
         def forward(self, input_ids, labels, variant: str):
-            if variant == "baseline":
-                return baseline_loss(self.objective.mlm, input_ids, labels, alum)
-            alum.fused_first_pass = variant == "alum_fused"
-            loss, _ = self.objective(input_ids, labels, variant != "plain")
+            compiled = variant.endswith("_compiled")
+            eager = contextlib.nullcontext() if compiled else torch.compiler.set_stance("force_eager")
+            with eager:
+                if variant == "baseline":
+                    return baseline_loss(self.objective.mlm, input_ids, labels, alum)
+                alum.fused_first_pass = variant == "alum_fused"
+                self.objective.freeze_ascent = compiled
+                loss, _ = self.objective(input_ids, labels, not variant.startswith("plain"))
             return loss
 
     return BenchModule()
@@ -301,6 +319,7 @@ def rank_main(args: argparse.Namespace) -> None:
     import deepspeed
     import torch
 
+    from alum_ds import compiling
     from alum_ds import distributed as D
     from alum_ds import runtime as R
     from alum_ds.config import AlumConfig, RunConfig
@@ -334,6 +353,12 @@ def rank_main(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     mlm = R.adapt_model(rt, build_model(preset=args.preset, vocab_size=args.vocab,
                                         seq_len=args.seq_len, dropout=cfg.model.dropout))
+    if args.compile:
+        if stage == 3:
+            raise SystemExit("bench_alum --compile: not under ZeRO-3 (alum_ds.compiling refuses it)")
+        compiling.use_cache(R.cache_dir() / "inductor")
+        compiling.compile_model(mlm)
+        variants += ["plain_compiled", "alum_compiled"]
     module = bench_module(mlm, alum, rt.any_rank())
     opt = make_optimizer(list(module.named_parameters()), cfg.optim, ds, on_gpu)
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt, config=ds)
@@ -380,6 +405,7 @@ def rank_main(args: argparse.Namespace) -> None:
     for _ in range(args.warmup):
         for v in variants:
             step(v)
+    compile_s = compiling.compile_seconds() if args.compile else 0.0  # all in the warm-up
     out: dict[str, dict] = {v: {} for v in variants}
     if args.phase in ("all", "time"):
         times: dict[str, list[tuple[float, float, float]]] = {v: [] for v in variants}
@@ -416,6 +442,8 @@ def rank_main(args: argparse.Namespace) -> None:
                     "vocab": args.vocab, "seq_len": args.seq_len, "micro_batch": args.micro_batch,
                     "steps": args.steps, "warmup": args.warmup, "mem_steps": args.mem_steps,
                     "ds_config": args.ds, "alum": alum_settings, "memory_measure": meter.mode,
+                    "compile_seconds_rank0": round(compile_s, 1),
+                    "graphs_compiled_rank0": compiling.graphs_compiled() if args.compile else 0,
                     "torch": torch.__version__, "deepspeed": deepspeed.__version__},
         f"load_avg_1m_{args.phase}": [round(load0[0], 2), round(os.getloadavg()[0], 2)],
         "variants": out,

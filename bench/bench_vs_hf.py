@@ -101,11 +101,23 @@ def hf_worker(args: argparse.Namespace) -> None:
     D.shutdown()  # an orderly teardown, as alum_ds's own entry points do
 
 
-def run_alum_ds(args: argparse.Namespace, work: Path, port: int, data_dir: Path, alum: bool) -> list[float]:
-    """Mean step time per logged window (each record covers the `window` steps since the last)."""
-    run_dir = work / f"alum_ds-{'alum' if alum else 'plain'}-{data_dir.name}"
+def _compiled_ds(args: argparse.Namespace, work: Path) -> Path:
+    """The same DeepSpeed config with torch.compile on."""
+    ds = json.loads((ROOT / args.ds).read_text())
+    ds["torch_compile"] = {"enabled": True}
+    path = work / "compiled.json"
+    path.write_text(json.dumps(ds))
+    return path
+
+
+def run_alum_ds(args: argparse.Namespace, work: Path, port: int, data_dir: Path, alum: bool,
+                compiled: bool = False) -> tuple[list[float], dict]:
+    """Mean step time per logged window (each record covers the `window` steps since the last;
+    compilation is left out of it by the trainer), and the compile figures when compiled."""
+    run_dir = work / f"alum_ds-{'alum' if alum else 'plain'}{'-compiled' if compiled else ''}-{data_dir.name}"
+    ds = _compiled_ds(args, work) if compiled else ROOT / args.ds
     cmd = _launcher(args.ranks, port) + [
-        str(ROOT / "launch" / "pretrain.py"), "--ds_config", str(ROOT / args.ds),
+        str(ROOT / "launch" / "pretrain.py"), "--ds_config", str(ds), "--eval.fill_mask=0",
         f"--model.preset={args.preset}", f"--schedule.steps={args.steps}",
         f"--schedule.warmup_steps={max(1, args.steps // 10)}", f"--logging.every={args.window}",
         f"--alum.enabled={str(alum).lower()}", f"--run.dir={run_dir}", f"--data.seq_len={args.seq_len}",
@@ -115,7 +127,9 @@ def run_alum_ds(args: argparse.Namespace, work: Path, port: int, data_dir: Path,
     subprocess.run(cmd, check=True, cwd=work, stdout=subprocess.DEVNULL,
                    env={**os.environ, "ALUM_DS_CPU_RANKS": "1"})
     recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["step_time_s"] for r in recs if "step_time_s" in r]
+    comp = {"compile_seconds": sum(r["compile_seconds"] for r in recs if "compile_seconds" in r),
+            "graphs_compiled": max((r["graphs_compiled"] for r in recs if "graphs_compiled" in r), default=0)}
+    return [r["step_time_s"] for r in recs if "step_time_s" in r], comp
 
 
 def run_hf(args: argparse.Namespace, work: Path, port: int, data_dir: Path) -> list[float]:
@@ -170,9 +184,9 @@ def measure(vocab: str, args: argparse.Namespace, work: Path, port: int) -> dict
 
     data_dir = data_for(vocab, args)
     skip = -(-args.warmup // args.window)  # windows that hold a warm-up step
-    plain = run_alum_ds(args, work, port, data_dir, alum=False)[skip:]
+    plain = run_alum_ds(args, work, port, data_dir, alum=False)[0][skip:]
     hf = run_hf(args, work, port + 1, data_dir)[skip:]
-    alum = run_alum_ds(args, work, port + 2, data_dir, alum=True)[skip:] if args.alum else []
+    alum = run_alum_ds(args, work, port + 2, data_dir, alum=True)[0][skip:] if args.alum else []
     tokens = args.ranks * args.micro_batch * args.seq_len
     fpt, vocab_size = flops_per_token(args.preset, data_dir, args.seq_len)
     res: dict = {"vocab_size": vocab_size, "windows_measured": len(plain),
@@ -193,6 +207,17 @@ def measure(vocab: str, args: argparse.Namespace, work: Path, port: int) -> dict
         # (1.0 = the same efficiency; docs/ALUM.md's "efficiency parity").
         res["alum_efficiency_vs_plain"] = passes / res["alum_vs_plain_step"]
         res["alum_model_gflops_per_s"] = res["alum_tokens_per_s"] * fpt * passes / 1e9
+    if args.compile:  # the same runs with torch.compile (alum_ds.compiling), in this script
+        for name, alum_on in [("plain", False)] + ([("alum", True)] if args.alum else []):
+            steps, comp = run_alum_ds(args, work, port + 5, data_dir, alum=alum_on, compiled=True)
+            res[f"compiled_{name}_step_s"] = statistics.median(steps[skip:])
+            res[f"compiled_{name}_compile_seconds"] = comp["compile_seconds"]
+            res[f"compiled_{name}_graphs"] = comp["graphs_compiled"]
+        res["compiled_speedup"] = res["hf_trainer_step_s"] / res["compiled_plain_step_s"]
+        res["compiled_vs_eager_plain"] = res["alum_ds_step_s"] / res["compiled_plain_step_s"]
+        if args.alum:
+            res["compiled_alum_vs_plain_step"] = res["compiled_alum_step_s"] / res["compiled_plain_step_s"]
+            res["compiled_vs_eager_alum"] = res["alum_step_s"] / res["compiled_alum_step_s"]
     return res
 
 
@@ -211,6 +236,8 @@ def main() -> None:
     p.add_argument("--ds", default="ds_configs/zero2.json")
     p.add_argument("--cache", default="")
     p.add_argument("--no-alum", dest="alum", action="store_false", help="skip the ALUM run")
+    p.add_argument("--compile", action="store_true",
+                   help="also run alum_ds with torch.compile (plain and ALUM), same shapes")
     p.add_argument("--quick", action="store_true", help="tiny preset, few steps, embedded (smoke test)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "vs_hf.json"))
     p.add_argument("--hf-worker", action="store_true", help=argparse.SUPPRESS)
