@@ -512,7 +512,7 @@ def ensure_embedded(cache_dir: str | Path, *, vocab_size: int, seed: int) -> Pat
     tmp = out.with_name(f"{out.name}.partial-{socket.gethostname()}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     prepare(documents=docs, out_dir=tmp, vocab_size=vocab_size, seed=seed,
-            source={"inputs": ["embedded:pydoc_data.topics"]}, progress=False)
+            source={"inputs": ["embedded:pydoc_data.topics", "embedded:stdlib-docstrings"]}, progress=False)
     try:
         tmp.rename(out)
     except OSError:
