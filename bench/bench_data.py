@@ -82,7 +82,8 @@ def _child_baseline(files: list[str], tokenizer: str, out: str, num_proc: int = 
     from transformers import AutoTokenizer
 
     datasets.disable_progress_bars()
-    tok = AutoTokenizer.from_pretrained(tokenizer)
+    # Text that spells a special token ("<s>" in a C docstring) is text, as prepare encodes it.
+    tok = AutoTokenizer.from_pretrained(tokenizer, split_special_tokens=True)
     cache = str(Path(out).parent / "hf-cache")
     t0, c0 = time.perf_counter(), _cpu_seconds()
     ds = datasets.load_dataset("text", data_files=files, sample_by="paragraph", split="train",
