@@ -164,20 +164,20 @@ def _point(root: Path, tag: str, what: str) -> ResumePoint:
     return ResumePoint(root, tag, state)
 
 
-def find_resume(run_dir: Path, resume: str = "") -> ResumePoint | None:
+def find_resume(run_dir: Path, resume: str = "", *, option: str = "--resume") -> ResumePoint | None:
     """The checkpoint to resume from: ``resume`` (a checkpoint folder or a run folder), else the
-    run folder's ``latest``; None for a fresh run."""
+    run folder's ``latest``; None for a fresh run. ``option`` names the setting in errors."""
     if resume:
         p = Path(resume)
         root = root_of(p)
         if root is not None:
             tag = read_latest(root)
             if tag is None:
-                raise ConfigError(f"--resume {resume}: no valid 'latest' checkpoint in {root}")
-            return _point(root, tag, f"--resume {resume}")
+                raise ConfigError(f"{option} {resume}: no valid 'latest' checkpoint in {root}")
+            return _point(root, tag, f"{option} {resume}")
         if not p.is_dir():
-            raise ConfigError(f"--resume {resume}: no such checkpoint folder")
-        return _point(p.parent, p.name, f"--resume {resume}")
+            raise ConfigError(f"{option} {resume}: no such checkpoint folder")
+        return _point(p.parent, p.name, f"{option} {resume}")
     root = checkpoint_dir(run_dir)
     if not (root / "latest").is_file():
         return None
@@ -198,10 +198,10 @@ def _shape_keys(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def check_resume(point: ResumePoint, cfg: RunConfig, *, world: int, zero_stage: int,
-                 branch: bool = False) -> bool:
+                 branch: bool = False, total_steps: int = 0) -> bool:
     """Refuse (ConfigError, one line) a checkpoint this run cannot continue (with ``branch``:
-    start from, ``run.branch_from``); return whether it must be loaded as a universal checkpoint
-    (saved with another world size)."""
+    start from, ``run.branch_from``, in a run of ``total_steps``); return whether it must be
+    loaded as a universal checkpoint (saved with another world size)."""
     theirs, ours = _shape_keys(point.state.get("config", {})), _shape_keys(cfg.to_dict())
     if theirs != ours:
         diff = ", ".join(f"{k}={theirs.get(k)!r} (this run {ours.get(k)!r})"
@@ -209,7 +209,7 @@ def check_resume(point: ResumePoint, cfg: RunConfig, *, world: int, zero_stage: 
         raise ConfigError(f"checkpoint {point.path} holds another model shape: {diff}; "
                           f"use a new --run.dir")
     if branch:
-        _check_branch(point, cfg)
+        _check_branch(point, cfg, total_steps)
     elif point.state.get("config_hash") != cfg.fingerprint():
         raise ConfigError(
             f"checkpoint {point.path} was written with another config (hash "
@@ -222,11 +222,7 @@ def check_resume(point: ResumePoint, cfg: RunConfig, *, world: int, zero_stage: 
     return point.zero_stage > 0 and (point.world_size != world or point.zero_stage != zero_stage)
 
 
-def _alum_off_until(alum: dict[str, Any], step: int) -> bool:
-    return not alum.get("enabled", True) or int(alum.get("start_step", 0)) >= step
-
-
-def _check_branch(point: ResumePoint, cfg: RunConfig) -> None:
+def _check_branch(point: ResumePoint, cfg: RunConfig, total_steps: int) -> None:
     """A branch must compute what a run from scratch with ``cfg`` would: the checkpoint's run had
     the same settings but for ``alum``, and neither run had ALUM on before the checkpoint."""
     from alum_ds.config import config_from_dict
@@ -235,11 +231,14 @@ def _check_branch(point: ResumePoint, cfg: RunConfig) -> None:
     if theirs.fingerprint(without=("alum",)) != cfg.fingerprint(without=("alum",)):
         raise ConfigError(f"run.branch_from {point.path}: that run's settings differ from this run's "
                           "in more than the alum section; a branch may change only alum.*")
-    for who, alum in (("that run", theirs.to_dict()["alum"]), ("this run", cfg.to_dict()["alum"])):
-        if not _alum_off_until(alum, point.step):
-            raise ConfigError(f"run.branch_from {point.path}: {who} has ALUM on before step "
+    # Equal settings but for alum: that run planned the same number of steps as this one.
+    for who, alum in (("that run", theirs.alum), ("this run", cfg.alum)):
+        if alum.enabled and alum.start_for(total_steps) < point.step:
+            raise ConfigError(f"run.branch_from {point.path}: {who} has ALUM on from step "
+                              f"{alum.start_for(total_steps)}, before the checkpoint's step "
                               f"{point.step}; a branch needs plain MLM up to its checkpoint "
-                              f"(alum.start_step >= {point.step} or alum.enabled=false)")
+                              f"(alum.start_step >= {point.step}, a later alum.start_fraction, "
+                              "or alum.enabled=false)")
 
 
 def convert_to_universal(point: ResumePoint, run_dir: Path) -> Path:

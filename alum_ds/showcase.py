@@ -31,15 +31,16 @@ class Example:
 
 
 def masked_examples(data_dir: str | Path, tokenizer: Any, n: int = 3, *, max_documents: int = 400,
-                    ) -> list[Example]:
-    """Up to ``n`` prose sentences (8 to 30 plain words, ending in a full stop) from different
+                    seq_len: int = 512) -> list[Example]:
+    """Up to ``n`` prose sentences (8 to 30 plain words, ending in a full stop, at most
+    ``seq_len`` tokens with <s> and </s>: what the model was trained on) from different
     validation documents, each with its middle-most lower-case word that is one token of
     ``tokenizer`` replaced by the mask token. Deterministic for a prepared folder."""
     out: list[Example] = []
     for shard in open_split(data_dir, "validation"):
         for d in range(min(shard.offsets.size - 1, max_documents)):
             ids = shard.tokens[shard.offsets[d]: shard.offsets[d + 1]]
-            example = _from_document(tokenizer.decode(ids.tolist()), tokenizer)
+            example = _from_document(tokenizer.decode(ids.tolist()), tokenizer, seq_len)
             if example is not None:
                 out.append(example)
                 if len(out) == n:
@@ -47,10 +48,12 @@ def masked_examples(data_dir: str | Path, tokenizer: Any, n: int = 3, *, max_doc
     return out
 
 
-def _from_document(text: str, tokenizer: Any) -> Example | None:
+def _from_document(text: str, tokenizer: Any, seq_len: int) -> Example | None:
     for sentence in _SENTENCE.split(" ".join(text.split())):
         words = sentence.split(" ")
         if not (8 <= len(words) <= 30 and sentence.endswith(".") and sentence[0].isupper()):
+            continue
+        if len(tokenizer(sentence)["input_ids"]) > seq_len:  # longer than anything it saw
             continue
         if not all(_PLAIN_WORD.match(w.rstrip(".")) for w in words):
             continue
@@ -75,7 +78,7 @@ def fill_mask(model_dir: str | Path, examples: list[Example], top_k: int = 3) ->
         if bar:
             logging.enable_progress_bar()
     return [{"text": e.text, "word": e.word,
-             "top": [(g["token_str"].strip(), round(float(g["score"]), 4))
+             "top": [(g["token_str"].strip() or g["token_str"], round(float(g["score"]), 4))
                      for g in fill(e.text, top_k=top_k)]} for e in examples]
 
 

@@ -28,7 +28,7 @@ from alum_ds import compiling
 from alum_ds import distributed as D
 from alum_ds import metrics as MT
 from alum_ds import runtime as R
-from alum_ds.config import ConfigError, RunConfig, for_world
+from alum_ds.config import AlumConfig, ConfigError, RunConfig, for_world
 from alum_ds.data.prepare import ensure_embedded
 from alum_ds.data.shards import check_vocab, read_manifest, sha256_file
 from alum_ds.data.stream import TrainStream, validation_batches
@@ -120,12 +120,14 @@ def plan_run(cfg: RunConfig, ds_path: str, *, resume: str, world: int, on_gpu: b
     _check_run_dir(run_dir, cfg)
     ecfg = for_world(cfg, world)
     ds = resolve_ds_config(ds_path, ecfg, world_size=world, bf16_supported=bf16_supported, on_gpu=on_gpu)
+    gb = ecfg.schedule.micro_batch_size * ecfg.schedule.grad_accum * world
+    total = planned_steps(cfg, gb)
     point = C.find_resume(run_dir, resume)
     branch = point is None and bool(cfg.run.branch_from)
     if branch:
-        point = C.find_resume(run_dir, cfg.run.branch_from)
+        point = C.find_resume(run_dir, cfg.run.branch_from, option="run.branch_from")
     universal = point is not None and C.check_resume(point, cfg, world=world, zero_stage=zero_stage_of(ds),
-                                                     branch=branch)
+                                                     branch=branch, total_steps=total)
     if universal:
         section = ds.setdefault("checkpoint", {})
         if not isinstance(section, dict):
@@ -141,10 +143,16 @@ def plan_run(cfg: RunConfig, ds_path: str, *, resume: str, world: int, on_gpu: b
             check_mlm_folder(cfg.model.pretrained)
         except ValueError as e:
             raise ConfigError(f"model.pretrained {e}") from None
-    gb = ecfg.schedule.micro_batch_size * ecfg.schedule.grad_accum * world
     compiled, note = R.compile_plan(ds, on_gpu)
-    return Plan(ecfg, ds, world, run_dir, point, universal, gb, planned_steps(cfg, gb), branch,
+    return Plan(ecfg, ds, world, run_dir, point, universal, gb, total, branch,
                 compiled, note)
+
+
+def _alum_words(alum: AlumConfig, total: int) -> str:
+    start = alum.start_for(total)
+    if not alum.enabled or start >= total:
+        return "ALUM off" if not alum.enabled else f"ALUM never on (starts at step {start} of {total})"
+    return "ALUM on" if start == 0 else f"plain MLM to step {start}, then ALUM (of {total} steps)"
 
 
 def train(cfg: RunConfig, ds_path: str, *, resume: str = "") -> Path:
@@ -205,7 +213,7 @@ def train(cfg: RunConfig, ds_path: str, *, resume: str = "") -> Path:
         f"{resolve_ds_path(ds_path)}), model "
         f"{cfg.model.pretrained or cfg.model.arch + ' ' + cfg.model.preset} "
         f"({n_params / 1e6:.2f}M params), "
-        f"ALUM {'on' if cfg.alum.enabled else 'off'}, global batch {plan.global_batch} "
+        f"{_alum_words(cfg.alum, plan.last_step)}, global batch {plan.global_batch} "
         f"({sc.micro_batch_size} x {sc.grad_accum} accumulation x {rt.world}), data {data_dir} "
         f"({len(stream.seqs)} sequences/epoch), run {plan.run_dir}"
     )
@@ -290,6 +298,7 @@ class Loop:
 
     def run(self, step: int) -> Path:
         cfg, last = self.cfg, self.plan.last_step
+        alum_start = cfg.alum.start_for(last)
         first = step
         signals = Signals()
         t_last, since = time.time(), 0
@@ -297,7 +306,7 @@ class Loop:
         self.engine.train()
         try:
             while step < last:
-                alum_on = cfg.alum.enabled and step >= cfg.alum.start_step
+                alum_on = cfg.alum.enabled and step >= alum_start
                 if not self.train_step(alum_on, signals.requested):
                     self.save(step)
                     self.log.message(f"stopped by signal after saving step {step}; rerun to resume "
@@ -421,12 +430,13 @@ class Loop:
         from alum_ds.export import export
 
         examples = showcase.masked_examples(self.data_dir, load_tokenizer(self.data_dir / "tokenizer"),
-                                            self.cfg.eval.fill_mask)
+                                            self.cfg.eval.fill_mask, seq_len=self.cfg.data.seq_len)
         if not examples:
             return
         scratch = self.plan.run_dir / "fill_mask.tmp"
         try:
-            with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed's consolidation prints
+            # DeepSpeed's consolidation prints, and draws a bar for two shards.
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
                 folder = export(str(self.plan.run_dir), str(scratch))
             results = showcase.fill_mask(folder, examples)
         finally:

@@ -1,18 +1,34 @@
-"""The paper's experiment in miniature: does ALUM pretraining (and ALUM fine-tuning) change clean
-and robust accuracy?
+"""The paper's experiment in miniature, powered: does ALUM pretraining change what a language
+model learns, its robustness, and what fine-tuning gets from it, beyond the seed-to-seed spread?
 
-1. Pretrain the same tiny RoBERTa twice through the real launcher, from the same initial weights
-   on the same data in the same order: plain MLM (``--alum.enabled=false``) and ALUM (the paper's
-   curriculum: plain MLM for the first half, ALUM for the second, ``--alum.start_step``). Both runs
-   are identical up to that step.
-2. Fine-tune each on the embedded topic task (4 classes, chance 25%), plainly (``--alum.alpha=0``)
-   and with ALUM (alpha = 1), with several fine-tuning seeds.
-3. Report validation accuracy, macro F1, accuracy under an L-inf PGD attack on the embedding output
-   and accuracy on the distractor (adversarial) set, mean and spread over seeds.
+    python bench/experiment_mini_alum.py [--seeds 3] [--ft-seeds 2] [--workers 2] [--scale gpu]
 
-    python bench/experiment_mini_alum.py            # ~10 minutes on a quiet 2-core CPU machine
+For each pretraining seed (initial weights, dropout and noise; the data and its order are the
+embedded corpus's, the same for every seed) four arms are pretrained from the same initial
+weights on the same data in the same order:
 
-Prints the table and writes bench/results/mini_alum.json and bench/results/mini_alum.md.
+- ``plain``: masked-LM only;
+- ``alum``: the paper's defaults with its curriculum (plain MLM first, ALUM for the last part:
+  alpha 10, K = 1, sigma 1e-5, eta = epsilon = 1e-3, L-inf);
+- ``random``: the control: delta of ALUM's radius in a random direction, no ascent step
+  (``alum.perturbation=random``): does the adversarial direction matter, or any noise?
+- ``alum_k2``: ALUM with K = 2 ascent steps.
+
+The arms are identical up to ``alum.start_step``: that plain-MLM prefix is trained once per seed
+and the ALUM arms branch from its checkpoint (``run.branch_from``, refused unless a branch
+computes what its run from scratch would); ``plain`` branches from it too (alum off). Measured per
+pretrained model: the MLM eval loss (and the unigram line it is judged against) and the MLM loss
+under a PGD attack on the embedding output at two radii (``AlumObjective`` mode ``pgd``: the loss
+at the last of K L-inf steps). Each pretrained model is then fine-tuned on the embedded task
+plainly and with ALUM (alpha 1), ``--ft-seeds`` seeds each: accuracy, macro F1, robust accuracy at
+two radii, distractor-set accuracy.
+
+Comparisons are paired: for each seed, arm minus plain (fine-tuning: the same fine-tuning mode
+and seed, averaged over fine-tuning seeds first), then the mean over pretraining seeds with a 95%
+percentile bootstrap interval over seeds (bench/_stats.py). Runs go to ``--workers`` processes of
+one rank and one thread each (on 2 cores, 2 single-rank jobs at once use the machine better than
+one 2-rank job: no gradient all-reduce). Writes ``bench/results/mini_alum.json``, ``.md`` and
+``.png``; nothing is asserted.
 """
 
 from __future__ import annotations
@@ -20,164 +36,274 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import shutil
-import socket
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
+from _stats import paired_bootstrap
+
 ROOT = Path(__file__).resolve().parent.parent
+ARMS = ("plain", "alum", "random", "alum_k2")
+ARM_FLAGS = {"plain": [], "alum": [], "random": ["--alum.perturbation=random"],
+             "alum_k2": ["--alum.ascent_steps=2"]}
+PRETRAIN_METRICS = ("eval_loss", "pgd_loss_r1", "pgd_loss_r2")
+FT_METRICS = ("accuracy", "macro_f1", "robust_r1", "robust_r2", "distractor_accuracy")
+# Pretraining per scale: run-config overrides and the ALUM start step (the curriculum's switch).
+SCALES = {
+    # The main job's recipe (the run-config defaults: tiny preset, seq 32, vocabulary 2,048, lr 3e-3,
+    # dropout 0) on one rank with the main job's global batch of 64, and longer: 3,600 steps reach
+    # more than 1 nat below the unigram line before ALUM starts at 80%.
+    "cpu": {"steps": 3600, "start": 2880, "overrides": ["--schedule.micro_batch_size=64"]},
+    "smoke": {"steps": 24, "start": 16, "overrides": ["--schedule.micro_batch_size=8",
+                                                      "--schedule.warmup_steps=4"]},  # plumbing only
+    "gpu": {"steps": 20000, "start": 16000, "overrides": [
+        "--model.preset=base", "--optim.lr=6e-4", "--schedule.warmup_steps=1000", "--model.dropout=0.1",
+        "--schedule.micro_batch_size=32", "--data.seq_len=128", "--data.vocab_size=8192"]},
+}
 
 
-def free_port() -> int:
-    while True:
-        port = random.randint(20000, 45000)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
+# ------------------------------------------------------------------ jobs (run in worker processes)
 
 
-def launcher(ranks: int) -> list[str]:
-    """The ``deepspeed`` command (its runner, from this interpreter) with an explicit port."""
-    return [sys.executable, "-u", "-c", "from deepspeed.launcher.runner import main; main()",
-            f"--num_gpus={ranks}", f"--master_port={free_port()}"]
+def _worker_init(threads: int) -> None:
+    import torch
+
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
 
 
-def sh(cmd: list[str], log: Path) -> float:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    env.pop("ALUM_DS_RESPAWNED", None)
-    t = time.time()
-    with open(log, "w") as f:
-        rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
-    if rc != 0:
-        tail = log.read_text()[-3000:]
-        raise SystemExit(f"command failed (exit {rc}): {' '.join(cmd)}\n--- {log} ---\n{tail}")
-    return time.time() - t
+def pretrain_job(argv: list[str], ds: str) -> None:
+    from alum_ds.config import load_config
+    from alum_ds.trainer import train
+
+    train(load_config(None, argv), ds)
 
 
-def pretrain(work: Path, name: str, alum: bool, a: argparse.Namespace) -> dict:
-    run_dir = work / f"pretrain-{name}"
-    cmd = [*launcher(a.ranks), "launch/pretrain.py", "--ds_config", "ds_configs/zero2.json",
-           f"--alum.enabled={str(alum).lower()}", f"--run.dir={run_dir}",
-           f"--schedule.steps={a.pretrain_steps}", f"--logging.every={max(1, a.pretrain_steps // 10)}"]
-    if alum:
-        cmd.append(f"--alum.start_step={a.pretrain_steps // 2}")
-    if a.cache_dir:
-        cmd.append(f"--data.cache_dir={a.cache_dir}")
-    print(f"pretraining {name}: {' '.join(cmd[5:])}", flush=True)
-    seconds = sh(cmd, work / f"pretrain-{name}.log")
-    recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    evals = [r["eval_loss"] for r in recs if "eval_loss" in r]
-    out = {"seconds": round(seconds, 1), "eval_mlm_loss": evals[-1] if evals else None}
-    if a.work:  # a temporary work folder is gone by the end
-        out["run_dir"] = str(run_dir)
+def measure_job(run_dir: str, radii: list[float], pgd_steps: int, max_sequences: int) -> dict:
+    """MLM eval loss, the unigram line, and the MLM loss under PGD at each radius, from the
+    run's exported model on its validation batches."""
+    import torch
+    from transformers import AutoModelForMaskedLM
+
+    from alum_ds.config import RunConfig, config_from_dict
+    from alum_ds.data.stream import validation_batches
+    from alum_ds.data.unigram import unigram_line
+    from alum_ds.export import export
+    from alum_ds.objective import AlumObjective
+
+    run = Path(run_dir)
+    resolved = json.loads((run / "config.resolved.json").read_text())
+    cfg: RunConfig = config_from_dict(resolved["config"])
+    data = Path(resolved["data_dir"])
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    eval_loss = [r["eval_loss"] for r in recs if "eval_loss" in r][-1]
+    folder = export(str(run), str(run / "hf"))
+    model = AutoModelForMaskedLM.from_pretrained(folder).eval()
+    obj = AlumObjective(model, cfg.alum).eval()
+    batches = validation_batches(data, seq_len=cfg.data.seq_len, seed=cfg.data.seed, masking=cfg.masking,
+                                 batch=16, rank=0, world=1, max_sequences=max_sequences)
+    out = {"eval_loss": eval_loss,
+           "unigram_line": unigram_line(data, seq_len=cfg.data.seq_len, seed=cfg.data.seed,
+                                        masking=cfg.masking, max_sequences=cfg.eval.max_sequences).eval_nats}
+    for i, r in enumerate(radii, 1):
+        total = rows = 0.0
+        for x, y in batches:
+            sums, st = obj(torch.from_numpy(x), torch.from_numpy(y), mode="pgd", radius=r, steps=pgd_steps)
+            total += float(sums[-1])
+            rows += st["rows"]
+        out[f"pgd_loss_r{i}"] = total / rows
+    shutil.rmtree(run / "hf", ignore_errors=True)
     return out
 
 
-def finetune(work: Path, pre: str, alum: bool, seed: int, a: argparse.Namespace) -> dict:
-    out = work / f"ft-{pre}-{'alum' if alum else 'plain'}-s{seed}"
-    cmd = [*launcher(a.ranks), "launch/finetune.py", "--checkpoint", str(work / f"pretrain-{pre}"),
-           f"--run.dir={out}", f"--run.seed={seed}", f"--alum.alpha={1 if alum else 0}",
-           f"--schedule.steps={a.finetune_steps}", f"--schedule.micro_batch_size={16 // a.ranks}",
-           f"--optim.lr={a.lr}", f"--task.max_length={a.max_length}", f"--eval.robust_radius={a.radii}",
-           f"--eval.pgd_steps={a.pgd_steps}", "--run.save_model=false", "--logging.every=50"]
-    if a.cache_dir:
-        cmd.append(f"--task.cache_dir={a.cache_dir}")
-    seconds = sh(cmd, out.with_suffix(".log"))
-    res = json.loads((out / "results.json").read_text())
+def finetune_job(argv: list[str], ds: str) -> dict:
+    from alum_ds.config import load_config
+    from alum_ds.finetune.config import FinetuneConfig
+    from alum_ds.finetune.loop import finetune
+
+    res = finetune(load_config(None, argv, cls=FinetuneConfig), ds)
     v = res["validation"]
     (adv,) = res["adversarial"].values()
-    row = {"pretraining": pre, "finetuning": "ALUM" if alum else "plain", "seed": seed,
-           "accuracy": v["accuracy"], "macro_f1": v["macro_f1"],
-           "distractor_accuracy": adv["accuracy"], "seconds": round(seconds, 1)}
-    row.update({k: x for k, x in v.items() if k.startswith("robust_accuracy@")})
-    print(f"  {pre:>5} pretraining, {row['finetuning']:>5} fine-tuning, seed {seed}: accuracy "
-          f"{row['accuracy']:.3f}, " + ", ".join(f"{k} {x:.3f}" for k, x in row.items()
-                                                if k.startswith("robust")) +
-          f", distractor set {row['distractor_accuracy']:.3f} ({seconds:.0f}s)", flush=True)
-    return row
+    robust = [v[k] for k in sorted(k for k in v if k.startswith("robust_accuracy@"))]
+    return {"accuracy": v["accuracy"], "macro_f1": v["macro_f1"], "robust_r1": robust[0],
+            "robust_r2": robust[1], "distractor_accuracy": adv["accuracy"]}
 
 
-def summarise(rows: list[dict], metrics: list[str]) -> list[dict]:
-    table = []
-    for pre in ("plain", "ALUM"):
-        for ft in ("plain", "ALUM"):
-            sel = [r for r in rows if r["pretraining"] == pre.lower() and r["finetuning"] == ft]
-            entry = {"pretraining": pre, "finetuning": ft, "runs": len(sel)}
-            for m in metrics:
-                xs = [r[m] for r in sel]
-                entry[m] = {"mean": statistics.fmean(xs), "min": min(xs), "max": max(xs)}
-            table.append(entry)
-    return table
-
-
-def markdown(table: list[dict], metrics: list[str], pre: dict) -> str:
-    names = {"accuracy": "accuracy", "macro_f1": "macro F1",
-             "distractor_accuracy": "distractor-set acc."}
-    head = ["pretraining (MLM eval loss)", "fine-tuning"] + [
-        names[m] if m in names else "robust acc. r=" + m.split("@")[1] for m in metrics]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for e in table:
-        loss = pre[e["pretraining"].lower()]["eval_mlm_loss"]
-        cells = [f"{e['pretraining']} ({loss:.3f})" if loss is not None else e["pretraining"],
-                 e["finetuning"]]
-        for m in metrics:
-            s = e[m]
-            cells.append(f"{s['mean']:.3f} ({s['min']:.3f}-{s['max']:.3f})")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+# ------------------------------------------------------------------ the driver
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--pretrain-steps", type=int, default=300)
+    p.add_argument("--seeds", type=int, default=3, help="pretraining seeds (the unit of comparison)")
+    p.add_argument("--ft-seeds", type=int, default=2, help="fine-tuning seeds per model and mode")
+    p.add_argument("--scale", choices=tuple(SCALES), default="cpu",
+                   help="gpu: the base preset and 20k steps (for a GPU machine); smoke: seconds, "
+                   "to check the plumbing")
+    p.add_argument("--workers", type=int, default=2, help="parallel single-rank jobs")
     p.add_argument("--finetune-steps", type=int, default=200)
-    p.add_argument("--seeds", type=int, default=2, help="fine-tuning seeds per condition")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--max-length", type=int, default=64)
-    p.add_argument("--radii", default="0.01,0.02", help="PGD radii (L-inf, embedding output)")
+    p.add_argument("--ft-radii", default="0.01,0.02", help="PGD radii of robust accuracy")
+    p.add_argument("--mlm-radii", default="0.01,0.03", help="PGD radii of the MLM loss")
     p.add_argument("--pgd-steps", type=int, default=5)
-    p.add_argument("--ranks", type=int, default=2)
     p.add_argument("--cache-dir", default="", help="data cache (default: $ALUM_DS_CACHE or ~/.cache)")
     p.add_argument("--work", default="", help="keep the runs here (default: a temporary folder)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "mini_alum.json"))
     a = p.parse_args()
+    scale = SCALES[a.scale]
     work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="alum_mini_"))
     work.mkdir(parents=True, exist_ok=True)
+    cache = a.cache_dir or str(Path(os.environ.get("ALUM_DS_CACHE", Path.home() / ".cache" / "alum_ds")))
+    ds = "zero2.json"
+    threads = max(1, (os.cpu_count() or 1) // a.workers)
     t0 = time.time()
+    common = [*scale["overrides"], f"--schedule.steps={scale['steps']}", f"--data.cache_dir={cache}",
+              "--logging.every=50", "--logging.tensorboard=false", "--eval.fill_mask=0",
+              "--checkpoint.keep=1"]
+    seeds = list(range(1, a.seeds + 1))
+
+    def run_dir(seed: int, arm: str) -> Path:
+        return work / f"s{seed}-{arm}"
+
     try:
-        pre = {name: pretrain(work, name, name == "alum", a) for name in ("plain", "alum")}
-        rows = [finetune(work, name, alum, seed, a) for name in ("plain", "alum")
-                for alum in (False, True) for seed in range(1, a.seeds + 1)]
+        with ProcessPoolExecutor(a.workers, initializer=_worker_init, initargs=(threads,)) as pool:
+            # 1. The shared plain prefix per seed (plain MLM stopped at the curriculum's switch).
+            prefix = {s: pool.submit(pretrain_job, [*common, f"--run.seed={s}", "--alum.enabled=false",
+                                                    f"--run.stop_after={scale['start']}",
+                                                    f"--run.dir={run_dir(s, 'prefix')}"], ds) for s in seeds}
+            # 2. Every arm branches from the prefix into its own folder (plain too: the prefix's
+            # checkpoint must outlive all four branches). A seed's arms queue as soon as its prefix
+            # is done, behind the prefixes still queued: no worker waits for the last prefix.
+            arms = {}
+            for s in seeds:
+                prefix[s].result()
+                print(f"seed {s}: plain prefix done ({time.time() - t0:.0f} s)", flush=True)
+                tag = run_dir(s, "prefix") / "checkpoints" / f"step{scale['start']:08d}"
+                for arm in ARMS:
+                    argv = [*common, f"--run.seed={s}", f"--run.dir={run_dir(s, arm)}",
+                            f"--run.branch_from={tag}"]
+                    if arm == "plain":
+                        argv.append("--alum.enabled=false")
+                    else:
+                        argv += [f"--alum.start_step={scale['start']}", *ARM_FLAGS[arm]]
+                    arms[s, arm] = pool.submit(pretrain_job, argv, ds)
+            # 3. Measures per pretrained model, and fine-tuning: queued as each model is done.
+            radii = [float(r) for r in a.mlm_radii.split(",")]
+            meas, fts = {}, {}
+            key_of = {f: k for k, f in arms.items()}
+            for f in as_completed(key_of):
+                f.result()
+                s, arm = key_of[f]
+                print(f"seed {s} {arm}: pretrained ({time.time() - t0:.0f} s)", flush=True)
+                meas[s, arm] = pool.submit(measure_job, str(run_dir(s, arm)), radii, a.pgd_steps, 256)
+                for mode in ("plain", "alum"):
+                    for fs in range(1, a.ft_seeds + 1):
+                        fts[s, arm, mode, fs] = pool.submit(finetune_job, [
+                            f"--task.checkpoint={run_dir(s, arm)}", f"--task.cache_dir={cache}",
+                            f"--run.dir={work / f'ft-s{s}-{arm}-{mode}-{fs}'}", f"--run.seed={fs}",
+                            f"--alum.alpha={1 if mode == 'alum' else 0}", "--run.save_model=false",
+                            f"--schedule.steps={a.finetune_steps}", "--task.max_length=64",
+                            f"--eval.robust_radius={a.ft_radii}", f"--eval.pgd_steps={a.pgd_steps}",
+                            "--logging.every=100", "--logging.tensorboard=false"], ds)
+            pre = {f"s{k[0]}-{k[1]}": f.result() for k, f in meas.items()}
+            ft = [{"seed": k[0], "arm": k[1], "finetuning": k[2], "ft_seed": k[3], **f.result()}
+                  for k, f in fts.items()]
     finally:
         if not a.work:
             shutil.rmtree(work, ignore_errors=True)
-    radii = [f"robust_accuracy@{float(r):g}" for r in a.radii.split(",") if float(r) > 0]
-    metrics = ["accuracy", "macro_f1", *radii, "distractor_accuracy"]
-    table = summarise(rows, metrics)
-    md = markdown(table, metrics, pre)
-    result = {
-        "settings": {k: v for k, v in vars(a).items() if k not in ("work", "out")},
-        "pretraining": pre, "runs": rows, "table": table, "markdown": md,
-        "seconds": round(time.time() - t0, 1),
-        "notes": "mean (min-max) over fine-tuning seeds; chance accuracy 0.25; ALUM pretraining "
-                 f"= plain MLM for steps 0-{a.pretrain_steps // 2 - 1}, ALUM (alpha 10) after",
-    }
+    result = summarise(pre, ft, seeds, a, time.time() - t0)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    out.with_suffix(".md").write_text(md + "\n")
-    print("\n" + md)
-    print(f"\n{len(rows)} fine-tuning runs, {result['seconds'] / 60:.1f} minutes; wrote {out} and "
-          f"{out.with_suffix('.md')}")
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    out.with_suffix(".md").write_text(result["markdown"] + "\n")
+    chart(result, out.with_suffix(".png"))
+    print("\n" + result["markdown"])
+    print(f"\n{result['seconds'] / 60:.1f} minutes; wrote {out}, {out.with_suffix('.md')}, "
+          f"{out.with_suffix('.png')}")
     return 0
+
+
+def _ft_mean(ft: list[dict], seed: int, arm: str, mode: str, metric: str) -> float:
+    """A pretrained model's figure for one fine-tuning mode, averaged over fine-tuning seeds."""
+    xs = [r[metric] for r in ft if r["seed"] == seed and r["arm"] == arm and r["finetuning"] == mode]
+    return sum(xs) / len(xs)
+
+
+def summarise(pre: dict, ft: list[dict], seeds: list[int], a: argparse.Namespace, seconds: float) -> dict:
+    """Paired differences against plain: per seed, then bootstrap over seeds."""
+    comparisons: dict[str, dict] = {}
+    for arm in ARMS[1:]:
+        for m in PRETRAIN_METRICS:
+            diffs = [pre[f"s{s}-{arm}"][m] - pre[f"s{s}-plain"][m] for s in seeds]
+            comparisons[f"pretrain/{m}/{arm}"] = paired_bootstrap(diffs)
+        for mode in ("plain", "alum"):
+            for m in FT_METRICS:
+                diffs = [_ft_mean(ft, s, arm, mode, m) - _ft_mean(ft, s, "plain", mode, m) for s in seeds]
+                comparisons[f"finetune-{mode}/{m}/{arm}"] = paired_bootstrap(diffs)
+    means = {arm: {m: sum(pre[f"s{s}-{arm}"][m] for s in seeds) / len(seeds)
+                   for m in (*PRETRAIN_METRICS, "unigram_line")} for arm in ARMS}
+    return {"settings": {k: v for k, v in vars(a).items() if k not in ("work", "out")},
+            "scale": SCALES[a.scale], "seeds": seeds, "pretraining": pre, "finetuning": ft,
+            "pretraining_means": means, "comparisons": comparisons, "seconds": round(seconds, 1),
+            "markdown": markdown(comparisons, means)}
+
+
+def _fmt(c: dict, digits: int = 3) -> str:
+    star = " *" if c["excludes_zero"] else ""
+    return f"{c['mean']:+.{digits}f} [{c['lo']:+.{digits}f}, {c['hi']:+.{digits}f}]{star}"
+
+
+def markdown(comparisons: dict, means: dict) -> str:
+    names = {"eval_loss": "MLM eval loss", "pgd_loss_r1": "MLM loss, PGD r1",
+             "pgd_loss_r2": "MLM loss, PGD r2",
+             "accuracy": "accuracy", "macro_f1": "macro F1", "robust_r1": "robust acc. r1",
+             "robust_r2": "robust acc. r2", "distractor_accuracy": "distractor acc."}
+    lines = ["Mean over pretraining seeds (MLM losses in nats):", "",
+             "| arm | MLM eval loss | unigram line | PGD r1 | PGD r2 |", "|---|---|---|---|---|"]
+    for arm, m in means.items():
+        lines.append(f"| {arm} | {m['eval_loss']:.3f} | {m['unigram_line']:.3f} | {m['pgd_loss_r1']:.3f} | "
+                     f"{m['pgd_loss_r2']:.3f} |")
+    lines += ["", "Paired difference against plain, mean [95% bootstrap interval over seeds]; * the "
+              "interval excludes 0:", "", "| measure | " + " | ".join(ARMS[1:]) + " |",
+              "|---|" + "---|" * len(ARMS[1:])]
+    keys = sorted({k.rsplit("/", 1)[0] for k in comparisons}, key=lambda k: (not k.startswith("pre"), k))
+    for k in keys:
+        group, metric = k.split("/")
+        label = names[metric] if group == "pretrain" else \
+            f"{names[metric]} ({group.split('-')[1]} fine-tuning)"
+        lines.append(f"| {label} | " + " | ".join(_fmt(comparisons[f'{k}/{arm}']) for arm in ARMS[1:]) + " |")
+    return "\n".join(lines)
+
+
+def chart(result: dict, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("experiment_mini_alum: no chart (pip install matplotlib)", file=sys.stderr)
+        return
+    comps = result["comparisons"]
+    keys = sorted({k.rsplit("/", 1)[0] for k in comps}, key=lambda k: (not k.startswith("pre"), k))
+    fig, axes = plt.subplots(1, len(ARMS) - 1, figsize=(15, 0.42 * len(keys) + 1.5), sharey=True)
+    for ax, arm in zip(axes, ARMS[1:]):
+        for i, k in enumerate(keys):
+            c = comps[f"{k}/{arm}"]
+            ax.errorbar(c["mean"], i, xerr=[[c["mean"] - c["lo"]], [c["hi"] - c["mean"]]], fmt="o",
+                        color="C3" if c["excludes_zero"] else "C0", capsize=3)
+        ax.axvline(0, color="grey", lw=0.8)
+        ax.set_title(f"{arm} - plain")
+        ax.grid(alpha=0.3)
+    axes[0].set_yticks(range(len(keys)))
+    axes[0].set_yticklabels(keys)
+    axes[0].invert_yaxis()
+    fig.suptitle(f"paired differences against plain MLM, 95% bootstrap intervals over "
+                 f"{len(result['seeds'])} pretraining seeds (red: excludes 0)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -81,7 +81,7 @@ def _resolve(ds: dict, tmp_path: Path, overrides=(), world=2, on_gpu=False) -> d
 
 
 def test_ds_json_contradicting_run_config(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="train_micro_batch_size_per_gpu=4.*schedule.micro_batch_size=8"):
+    with pytest.raises(ConfigError, match="train_micro_batch_size_per_gpu=4.*schedule.micro_batch_size=32"):
         _resolve({"train_micro_batch_size_per_gpu": 4}, tmp_path)
     with pytest.raises(ConfigError, match="gradient_clipping"):
         _resolve({"gradient_clipping": 5.0}, tmp_path)
@@ -96,8 +96,8 @@ def test_ds_json_contradicting_run_config(tmp_path: Path) -> None:
 
 
 def test_ds_json_agreeing_values_and_auto_precision(tmp_path: Path) -> None:
-    ds = _resolve({"train_micro_batch_size_per_gpu": 8, "bf16": {"enabled": "auto"}}, tmp_path)
-    assert ds["train_batch_size"] == 16 and ds["gradient_accumulation_steps"] == 1
+    ds = _resolve({"train_micro_batch_size_per_gpu": 32, "bf16": {"enabled": "auto"}}, tmp_path)
+    assert ds["train_batch_size"] == 64 and ds["gradient_accumulation_steps"] == 1
     assert ds["bf16"]["enabled"] is False  # auto: fp32 on the CPU
     # On a GPU, auto is bf16 only when ALUM's radius survives bf16 (docs/ALUM.md trap 4).
     ds = _resolve({"bf16": {"enabled": "auto"}}, tmp_path, on_gpu=True)

@@ -115,7 +115,7 @@ def test_embedded_documents_real_stdlib() -> None:
     sysconfig.get_paths()  # loads _sysconfigdata_* once: where the standard library is
 
     before = set(sys.modules)
-    a = C.embedded_documents()
+    a = list(C._embedded.__wrapped__())  # the extraction itself, not the per-process copy
     assert set(sys.modules) == before, sorted(set(sys.modules) - before)[:10]
     b = C.embedded_documents()
     assert a == b and C.documents_fingerprint(a) == C.documents_fingerprint(b)
@@ -127,3 +127,14 @@ def test_embedded_documents_real_stdlib() -> None:
     assert not any(h.startswith(("Module test.", "Module idlelib.idle_test", "Module lib2to3.tests"))
                    for h in heads)
     assert sum(len(d) for d in stdlib) > 1_000_000
+
+
+def test_embedded_fingerprint_keys_the_cache_without_parsing(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The prepared corpus is found by this key on every run: it must not cost the extraction.
+    first = C.embedded_fingerprint()
+
+    def no_parse(*a: object, **k: object) -> None:
+        raise AssertionError("the fingerprint parsed a source file")
+
+    monkeypatch.setattr(C.ast, "parse", no_parse)
+    assert C.embedded_fingerprint.__wrapped__() == first and len(first) == 16

@@ -11,11 +11,16 @@ Two parts, both present wherever Python is, so the default run needs no download
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import os
 import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
+
+RULES_VERSION = 1
+"""Bumped whenever the extraction rules below change what the same Python yields: it is part of
+``embedded_fingerprint``, the cache key of the prepared default corpus."""
 
 MIN_DOCSTRING_CHARS = 40
 """Shorter docstrings ("Return self.", "Not implemented.") are left out."""
@@ -145,8 +150,34 @@ def embedded_documents() -> list[str]:
     """The embedded default corpus: Python's help topics (``pydoc_data.topics``, split into
     sections; first, in topic order) then the standard library's docstrings (one document per
     module, see ``stdlib_docstring_documents``): real English technical prose that needs no
-    download. It depends on the Python installation; ``documents_fingerprint`` keys the cache."""
-    return _topic_documents() + stdlib_docstring_documents()
+    download. It depends on the Python installation; ``embedded_fingerprint`` keys the cache."""
+    return list(_embedded())
+
+
+@functools.cache
+def _embedded() -> tuple[str, ...]:
+    # Parsing the library takes seconds: once per process.
+    return tuple(_topic_documents() + stdlib_docstring_documents())
+
+
+@functools.cache
+def embedded_fingerprint() -> str:
+    """What ``embedded_documents`` depends on, hashed without parsing anything (milliseconds, not
+    the seconds of the extraction): the rules' version, the help topics' text and every source
+    file's path and bytes. Equal fingerprints mean equal documents."""
+    from pydoc_data.topics import topics
+
+    h = hashlib.sha256(f"rules {RULES_VERSION}\0".encode())
+    for name in sorted(topics):
+        h.update(f"{name}\0{topics[name]}\0".encode("utf-8", "surrogatepass"))
+    base = Path(sysconfig.get_paths()["stdlib"])
+    for path in stdlib_sources(base):
+        h.update(f"{path.relative_to(base).as_posix()}\0".encode("utf-8", "surrogateescape"))
+        try:
+            h.update(hashlib.sha256(path.read_bytes()).digest())
+        except OSError:
+            h.update(b"unreadable")  # skipped by the extraction too
+    return h.hexdigest()[:16]
 
 
 def documents_fingerprint(docs: list[str]) -> str:

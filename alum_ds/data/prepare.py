@@ -35,7 +35,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from alum_ds.data import shards as S
-from alum_ds.data.corpus import documents_fingerprint, embedded_documents
+from alum_ds.data.corpus import embedded_documents, embedded_fingerprint
 from alum_ds.data.encoding import Batch, EncoderPool, default_workers, encoding_backend, in_thread
 from alum_ds.data.progress import Progress, background
 from alum_ds.data.sources import Chunk, Corpus, DocumentList, Position, decode_utf8, expand_inputs
@@ -503,11 +503,11 @@ def prepare_inputs(inputs: list[str], out_dir: str, **kwargs: Any) -> dict[str, 
 
 def ensure_embedded(cache_dir: str | Path, *, vocab_size: int, seed: int) -> Path:
     """Prepare the embedded default corpus once per (corpus, options) and reuse it after."""
-    docs = embedded_documents()
-    key = f"{documents_fingerprint(docs)}-v{vocab_size}-s{seed}-f{S.VERSION}"
+    key = f"{embedded_fingerprint()}-v{vocab_size}-s{seed}-f{S.VERSION}"
     out = Path(cache_dir) / f"embedded-{key}"
     if (out / S.MANIFEST).is_file():
         return out
+    docs = embedded_documents()
     # A private scratch name: nodes sharing a cache folder must not delete each other's work.
     tmp = out.with_name(f"{out.name}.partial-{socket.gethostname()}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -88,7 +88,7 @@ class FinetuneConfig(Config):
     run: FinetuneRun = field(default_factory=FinetuneRun)
     task: TaskConfig = field(default_factory=TaskConfig)
     model: ModelBase = field(default_factory=ModelBase)
-    alum: AlumConfig = field(default_factory=lambda: AlumConfig(alpha=1.0))
+    alum: AlumConfig = field(default_factory=lambda: AlumConfig(alpha=1.0, start_fraction=0.0))
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3))
     schedule: ScheduleBase = field(default_factory=lambda: ScheduleBase(
         warmup_steps=0, warmup_fraction=0.1, micro_batch_size=16))
