@@ -13,6 +13,7 @@ to the family's adapter by ``config.model_type``. Nothing here knows about ranks
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import BertConfig, BertForMaskedLM, PreTrainedConfig, RobertaConfig, RobertaForMaskedLM
@@ -36,21 +37,22 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+def _shape(preset: str, vocab_size: int, dropout: float) -> dict[str, Any]:
+    """The config keys a preset sets alike in every from-scratch architecture."""
+    p = _preset(preset)
+    return {"vocab_size": vocab_size, "hidden_size": p.hidden, "num_hidden_layers": p.layers,
+            "num_attention_heads": p.heads, "intermediate_size": p.intermediate,
+            "hidden_dropout_prob": dropout, "attention_probs_dropout_prob": dropout}
+
+
 def roberta_config(
     preset: str, *, vocab_size: int, seq_len: int, dropout: float, pad_token_id: int = 1
 ) -> RobertaConfig:
     """A RobertaConfig for ``preset``; position table sized for ``seq_len`` (+2, RoBERTa's offset)."""
-    p = _preset(preset)
     return RobertaConfig(
-        vocab_size=vocab_size,
-        hidden_size=p.hidden,
-        num_hidden_layers=p.layers,
-        num_attention_heads=p.heads,
-        intermediate_size=p.intermediate,
+        **_shape(preset, vocab_size, dropout),
         max_position_embeddings=seq_len + 2,
         type_vocab_size=1,
-        hidden_dropout_prob=dropout,
-        attention_probs_dropout_prob=dropout,
         pad_token_id=pad_token_id,
         bos_token_id=0,
         eos_token_id=2,
@@ -66,17 +68,10 @@ def bert_config(
     (BERT's positions have no offset). Two token types as in BERT (packed pretraining uses type
     0 only; sentence pairs in fine-tuning use both). ``pad_token_id`` 0 is the WordPiece
     tokenizer's [PAD] (``alum-ds prepare --tokenizer-kind wordpiece``)."""
-    p = _preset(preset)
     return BertConfig(
-        vocab_size=vocab_size,
-        hidden_size=p.hidden,
-        num_hidden_layers=p.layers,
-        num_attention_heads=p.heads,
-        intermediate_size=p.intermediate,
+        **_shape(preset, vocab_size, dropout),
         max_position_embeddings=seq_len,
         type_vocab_size=type_vocab_size,
-        hidden_dropout_prob=dropout,
-        attention_probs_dropout_prob=dropout,
         pad_token_id=pad_token_id,
         layer_norm_eps=1e-12,
     )

@@ -19,7 +19,8 @@ pytestmark = pytest.mark.distributed
 
 QUICK = ["--eval.fill_mask=0", "--schedule.steps=6", "--schedule.warmup_steps=1", "--optim.lr=3e-3",
          "--logging.every=1",
-         "--schedule.micro_batch_size=4", "--model.dropout=0", "--checkpoint.every=3"]
+         "--schedule.micro_batch_size=4", "--model.dropout=0", "--checkpoint.every=3",
+         "--alum.start_step=0"]  # ALUM on every step: what these tests pin
 
 
 def _train(run_dir: Path, cache: Path, ds: str, extra: list[str] = (), *, num_gpus: int = 2,

@@ -29,11 +29,11 @@ pytestmark = pytest.mark.distributed
 
 STEPS = 8
 ARGS = ["--eval.fill_mask=0", "--schedule.steps=100",
-        f"--schedule.max_tokens={STEPS * 8 * 128}",  # the budget ends it
+        f"--schedule.max_tokens={STEPS * 8 * 32}",  # the budget ends it
         "--schedule.global_batch_size=8", "--schedule.micro_batch_size=4",
         "--schedule.warmup_steps=2", "--schedule.decay=polynomial", "--schedule.power=2",
         "--optim.lr=5e-3", "--logging.every=1", "--model.dropout=0.1", "--checkpoint.every=2",
-        "--eval.every=4", "--eval.max_sequences=64"]
+        "--eval.every=4", "--eval.max_sequences=64", "--alum.start_step=0"]
 
 
 def _train(run_dir: Path, cache: Path, *extra: str, ranks: int = 2, ok: bool = True,
@@ -62,7 +62,7 @@ def _by_step(run_dir: Path, key: str) -> dict[int, float]:
 def reference(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
     run_dir = tmp_path_factory.mktemp("reference") / "run"
     log = _train(run_dir, cache_dir)
-    assert f"token budget of {STEPS * 8 * 128:,} reached at step {STEPS}" in log
+    assert f"token budget of {STEPS * 8 * 32:,} reached at step {STEPS}" in log
     return run_dir
 
 
@@ -76,7 +76,7 @@ def test_reference_run_schedule_budget_and_eval(reference: Path) -> None:
         assert value == pytest.approx(want, rel=1e-6, abs=1e-12), (step, value, want)
     assert sorted(_by_step(reference, "eval_loss")) == [4, STEPS]
     recs = [r for r in _records(reference) if "loss" in r]
-    assert all(r["peak_rss_gb"] > 0.05 and r["consumed_tokens"] == r["step"] * 8 * 128 for r in recs)
+    assert all(r["peak_rss_gb"] > 0.05 and r["consumed_tokens"] == r["step"] * 8 * 32 for r in recs)
     state = json.loads((reference / "checkpoints" / "step00000008" / "alum_state.json").read_text())
     assert state["world_size"] == 2 and state["stream"]["consumed"] == 64 and state["step"] == 8
 
@@ -148,7 +148,7 @@ def test_export_equals_engine_and_continual_pretraining(reference: Path, tmp_pat
     # The exported model's masked-LM loss on the run's validation batches is the run's final
     # evaluation (the engine's numbers), to fp32 precision.
     data_dir = Path(json.loads((reference / "config.resolved.json").read_text())["data_dir"])
-    val = validation_batches(data_dir, seq_len=128, seed=1234, masking=MaskingConfig(), batch=16,
+    val = validation_batches(data_dir, seq_len=32, seed=1234, masking=MaskingConfig(), batch=16,
                              rank=0, world=1, max_sequences=64)
     final_eval = _by_step(reference, "eval_loss")[STEPS]
     assert _mlm_loss(model, val) == pytest.approx(final_eval, abs=1e-4)
@@ -171,7 +171,7 @@ def test_export_equals_engine_and_continual_pretraining(reference: Path, tmp_pat
                  "--schedule.micro_batch_size=16", ranks=1)
     assert f"model {out}" in log and "warning: the data's tokenizer" not in log
     first = _by_step(tmp_path / "continual", "mlm_loss")[1]
-    stream = TrainStream(data2, seq_len=128, seed=1234, masking=MaskingConfig())
+    stream = TrainStream(data2, seq_len=32, seed=1234, masking=MaskingConfig())
     assert first == pytest.approx(_mlm_loss(model, [stream.batch_at(0, 16)]), abs=1e-4)
     fresh = _by_step(reference, "mlm_loss")[1]
     assert first < fresh - 0.5 and first < math.log(model.config.vocab_size) - 0.5, (first, fresh)

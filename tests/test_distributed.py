@@ -14,7 +14,8 @@ from tests.conftest import ROOT, deepspeed_cmd, free_port, run
 pytestmark = pytest.mark.distributed
 
 QUICK = ["--eval.fill_mask=0", "--schedule.steps=8", "--schedule.warmup_steps=1", "--optim.lr=3e-3",
-         "--logging.every=1", "--schedule.micro_batch_size=4", "--model.dropout=0"]
+         "--logging.every=1", "--schedule.micro_batch_size=4", "--model.dropout=0",
+         "--alum.start_step=0"]  # ALUM on every step: what these tests pin
 
 
 def _train(tmp_path: Path, cache: Path, ds: str, extra: list[str] = ()) -> tuple[Path, str]:

@@ -46,8 +46,9 @@ def test_zero3_release_between_passes_matches_zero0_and_exports(
     out = tmp_path / "hf"
     assert main(["export", str(run_dir), str(out)]) == 0
     model = AutoModelForMaskedLM.from_pretrained(out).eval()
-    data_dir = Path(json.loads((run_dir / "config.resolved.json").read_text())["data_dir"])
-    val = validation_batches(data_dir, seq_len=128, seed=1234, masking=MaskingConfig(), batch=16,
+    resolved = json.loads((run_dir / "config.resolved.json").read_text())
+    data_dir, seq_len = Path(resolved["data_dir"]), resolved["config"]["data"]["seq_len"]
+    val = validation_batches(data_dir, seq_len=seq_len, seed=1234, masking=MaskingConfig(), batch=16,
                              rank=0, world=1, max_sequences=64)
     recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     final_eval = [r["eval_loss"] for r in recs if "eval_loss" in r][-1]

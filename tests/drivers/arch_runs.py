@@ -23,7 +23,7 @@ spec = json.loads(Path(sys.argv[-1]).read_text())
 out, ds = Path(spec["out"]), spec["ds_config"]
 common = ["--schedule.steps=5", "--schedule.warmup_steps=1", "--schedule.micro_batch_size=2",
           "--optim.lr=3e-3", "--logging.every=1", "--model.dropout=0.1", "--data.seq_len=32",
-          "--eval.max_sequences=16", "--logging.tensorboard=false"]
+          "--eval.max_sequences=16", "--logging.tensorboard=false", "--alum.start_step=0"]
 for family, folder in spec["families"].items():
     run = out / family
     base = [*common, f"--model.pretrained={folder}", f"--data.dir={spec['data']}"]
