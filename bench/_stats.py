@@ -1,11 +1,17 @@
-"""Paired comparisons for the experiments: the mean of paired differences and its percentile
-bootstrap confidence interval.
+"""Paired comparisons for the experiments: the mean of paired differences, its percentile
+bootstrap confidence interval, and an exact sign-flip test.
 
 The unit resampled is whatever the caller pairs: in bench/experiment_mini_alum.py a pretraining
 seed (each arm starts from the same weights, data and order as plain MLM for that seed), with the
 fine-tuning seeds of a unit averaged first, so the interval reflects the between-seed spread of
 the effect. With few units (n <= EXACT_MAX) the bootstrap distribution is computed exactly,
 enumerating every resample as a multiset with its multinomial weight; beyond, it is sampled.
+
+With very few units the percentile interval is too narrow to read as a test: with 3 units it
+excludes 0 whenever the three differences share a sign, which pure noise does one time in four.
+The sign-flip (paired randomisation) test says so in its p-value: under "no effect" each unit's
+difference is as likely negated, and its smallest attainable p is 2 / 2**n (0.25 for 3 units,
+below 0.05 only from 6 units on). A claim needs both: an interval that excludes 0 and p < 0.05.
 """
 
 from __future__ import annotations
@@ -39,10 +45,30 @@ def _quantile(values: np.ndarray, weights: np.ndarray, q: float) -> float:
     return float(values[order][min(np.searchsorted(cdf, q - 1e-12), len(cdf) - 1)])
 
 
+SIGN_FLIP_EXACT_MAX = 20
+"""Largest number of units whose 2**n sign assignments are enumerated."""
+
+
+def sign_flip_p(diffs: Sequence[float], *, n_flips: int = 100000, seed: int = 0) -> float:
+    """Two-sided p-value of the paired sign-flip test: the share of sign assignments whose mean
+    is at least as far from 0 as the observed one (exact up to SIGN_FLIP_EXACT_MAX units)."""
+    x = np.asarray(diffs, dtype=np.float64)
+    if x.size == 0 or not np.isfinite(x).all():
+        raise ValueError("sign_flip_p needs at least one finite difference")
+    if x.size <= SIGN_FLIP_EXACT_MAX:
+        signs = np.array(list(itertools.product((1.0, -1.0), repeat=x.size)))
+    else:
+        signs = np.random.default_rng(seed).choice((1.0, -1.0), size=(n_flips, x.size))
+    observed = abs(x.mean())
+    # A relative tolerance: the assignment equal to the observed one must count despite rounding.
+    return float(np.mean(np.abs(signs @ x / x.size) >= observed * (1 - 1e-12)))
+
+
 def paired_bootstrap(diffs: Sequence[float], *, level: float = 0.95, n_boot: int = 20000,
                      seed: int = 0) -> dict[str, float | int | bool]:
     """``mean`` of the paired differences, the percentile bootstrap interval ``lo``-``hi`` at
-    ``level``, ``n`` units, and ``excludes_zero`` (the interval lies wholly on one side of 0)."""
+    ``level``, ``n`` units, ``excludes_zero`` (the interval lies wholly on one side of 0) and
+    ``p_sign_flip`` (``sign_flip_p``)."""
     x = np.asarray(diffs, dtype=np.float64)
     if x.size == 0 or not np.isfinite(x).all():
         raise ValueError("paired_bootstrap needs at least one finite difference")
@@ -54,4 +80,4 @@ def paired_bootstrap(diffs: Sequence[float], *, level: float = 0.95, n_boot: int
     tail = (1 - level) / 2
     lo, hi = _quantile(means, weights, tail), _quantile(means, weights, 1 - tail)
     return {"mean": float(x.mean()), "lo": lo, "hi": hi, "n": int(x.size),
-            "excludes_zero": bool(lo > 0 or hi < 0)}
+            "excludes_zero": bool(lo > 0 or hi < 0), "p_sign_flip": sign_flip_p(x)}

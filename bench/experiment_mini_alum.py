@@ -150,7 +150,17 @@ def main() -> int:
     p.add_argument("--cache-dir", default="", help="data cache (default: $ALUM_DS_CACHE or ~/.cache)")
     p.add_argument("--work", default="", help="keep the runs here (default: a temporary folder)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "mini_alum.json"))
+    p.add_argument("--from-json", default="", metavar="PATH",
+                   help="recompute the summary, tables and chart from a saved results file (no runs)")
     a = p.parse_args()
+    if a.from_json:
+        saved = json.loads(Path(a.from_json).read_text())
+        settings = argparse.Namespace(**saved["settings"])
+        settings.from_json = ""
+        result = summarise(saved["pretraining"], saved["finetuning"], saved["seeds"], settings,
+                           saved["seconds"])
+        write(result, Path(a.out))
+        return 0
     scale = SCALES[a.scale]
     work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="alum_mini_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -212,8 +222,11 @@ def main() -> int:
     finally:
         if not a.work:
             shutil.rmtree(work, ignore_errors=True)
-    result = summarise(pre, ft, seeds, a, time.time() - t0)
-    out = Path(a.out)
+    write(summarise(pre, ft, seeds, a, time.time() - t0), Path(a.out))
+    return 0
+
+
+def write(result: dict, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     out.with_suffix(".md").write_text(result["markdown"] + "\n")
@@ -221,7 +234,6 @@ def main() -> int:
     print("\n" + result["markdown"])
     print(f"\n{result['seconds'] / 60:.1f} minutes; wrote {out}, {out.with_suffix('.md')}, "
           f"{out.with_suffix('.png')}")
-    return 0
 
 
 def _ft_mean(ft: list[dict], seed: int, arm: str, mode: str, metric: str) -> float:
@@ -243,15 +255,20 @@ def summarise(pre: dict, ft: list[dict], seeds: list[int], a: argparse.Namespace
                 comparisons[f"finetune-{mode}/{m}/{arm}"] = paired_bootstrap(diffs)
     means = {arm: {m: sum(pre[f"s{s}-{arm}"][m] for s in seeds) / len(seeds)
                    for m in (*PRETRAIN_METRICS, "unigram_line")} for arm in ARMS}
-    return {"settings": {k: v for k, v in vars(a).items() if k not in ("work", "out")},
+    return {"settings": {k: v for k, v in vars(a).items() if k not in ("work", "out", "from_json")},
             "scale": SCALES[a.scale], "seeds": seeds, "pretraining": pre, "finetuning": ft,
             "pretraining_means": means, "comparisons": comparisons, "seconds": round(seconds, 1),
             "markdown": markdown(comparisons, means)}
 
 
+def supported(c: dict) -> bool:
+    """A difference the data support: the interval excludes 0 and the sign-flip test agrees."""
+    return bool(c["excludes_zero"] and c["p_sign_flip"] < 0.05)
+
+
 def _fmt(c: dict, digits: int = 3) -> str:
-    star = " *" if c["excludes_zero"] else ""
-    return f"{c['mean']:+.{digits}f} [{c['lo']:+.{digits}f}, {c['hi']:+.{digits}f}]{star}"
+    mark = " *" if supported(c) else " (s)" if c["excludes_zero"] else ""
+    return f"{c['mean']:+.{digits}f} [{c['lo']:+.{digits}f}, {c['hi']:+.{digits}f}]{mark}"
 
 
 def markdown(comparisons: dict, means: dict) -> str:
@@ -264,15 +281,22 @@ def markdown(comparisons: dict, means: dict) -> str:
     for arm, m in means.items():
         lines.append(f"| {arm} | {m['eval_loss']:.3f} | {m['unigram_line']:.3f} | {m['pgd_loss_r1']:.3f} | "
                      f"{m['pgd_loss_r2']:.3f} |")
-    lines += ["", "Paired difference against plain, mean [95% bootstrap interval over seeds]; * the "
-              "interval excludes 0:", "", "| measure | " + " | ".join(ARMS[1:]) + " |",
+    n = next(iter(comparisons.values()))["n"]
+    floor = 2 / 2 ** n
+    lines += ["", f"Paired difference against plain, mean [95% bootstrap interval over {n} seeds]. "
+              "* supported: the interval excludes 0 and the paired sign-flip test gives p < 0.05. "
+              "(s): every seed has the same sign, which the interval shows as excluding 0, but "
+              f"with {n} seeds the test cannot go below p = {floor:.3g}: not a result.", "",
+              "| measure | " + " | ".join(ARMS[1:]) + " |",
               "|---|" + "---|" * len(ARMS[1:])]
     keys = sorted({k.rsplit("/", 1)[0] for k in comparisons}, key=lambda k: (not k.startswith("pre"), k))
     for k in keys:
         group, metric = k.split("/")
         label = names[metric] if group == "pretrain" else \
             f"{names[metric]} ({group.split('-')[1]} fine-tuning)"
-        lines.append(f"| {label} | " + " | ".join(_fmt(comparisons[f'{k}/{arm}']) for arm in ARMS[1:]) + " |")
+        digits = 4 if group == "pretrain" else 3  # the MLM losses differ in the fourth decimal
+        lines.append(f"| {label} | " + " | ".join(_fmt(comparisons[f'{k}/{arm}'], digits)
+                                                  for arm in ARMS[1:]) + " |")
     return "\n".join(lines)
 
 
@@ -292,7 +316,8 @@ def chart(result: dict, path: Path) -> None:
         for i, k in enumerate(keys):
             c = comps[f"{k}/{arm}"]
             ax.errorbar(c["mean"], i, xerr=[[c["mean"] - c["lo"]], [c["hi"] - c["mean"]]], fmt="o",
-                        color="C3" if c["excludes_zero"] else "C0", capsize=3)
+                        color="C3" if supported(c) else "C1" if c["excludes_zero"] else "C0",
+                        capsize=3)
         ax.axvline(0, color="grey", lw=0.8)
         ax.set_title(f"{arm} - plain")
         ax.grid(alpha=0.3)
@@ -300,7 +325,8 @@ def chart(result: dict, path: Path) -> None:
     axes[0].set_yticklabels(keys)
     axes[0].invert_yaxis()
     fig.suptitle(f"paired differences against plain MLM, 95% bootstrap intervals over "
-                 f"{len(result['seeds'])} pretraining seeds (red: excludes 0)")
+                 f"{len(result['seeds'])} pretraining seeds (red: supported, p < 0.05; orange: "
+                 "same sign in every seed, too few seeds to test)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import pytest
 
-from bench._stats import paired_bootstrap
+from bench._stats import paired_bootstrap, sign_flip_p
 
 
 def test_two_units_exact_distribution() -> None:
     # Resamples of [1, 3]: means 1, 2, 3 with probabilities 1/4, 1/2, 1/4.
     r = paired_bootstrap([1.0, 3.0])
-    assert r == {"mean": 2.0, "lo": 1.0, "hi": 3.0, "n": 2, "excludes_zero": True}
+    assert r == {"mean": 2.0, "lo": 1.0, "hi": 3.0, "n": 2, "excludes_zero": True, "p_sign_flip": 0.5}
     # At the 40% level the tails are 30%: CDF(1) = 0.25 < 0.30 <= CDF(2) = 0.75 on both sides.
     assert paired_bootstrap([1.0, 3.0], level=0.4)["lo"] == 2.0
     assert paired_bootstrap([1.0, 3.0], level=0.4)["hi"] == 2.0
@@ -41,3 +41,17 @@ def test_bad_input() -> None:
         paired_bootstrap([])
     with pytest.raises(ValueError):
         paired_bootstrap([1.0, float("nan")])
+
+
+def test_sign_flip_exact_against_hand_counts() -> None:
+    # [1, 2, 3]: of the 8 sign assignments only (+,+,+) and (-,-,-) reach |mean| 2: p = 2/8.
+    assert sign_flip_p([1.0, 2.0, 3.0]) == 0.25
+    # [3, -1, 1]: |mean| 1; assignments with |3s1 - s2 + s3| >= 3: s1 fixed, the other two
+    # give 3-1+1=3, 3+1+1=5, 3-1-1=1, 3+1-1=3 -> 3 of 4, for either sign of s1: p = 6/8.
+    assert sign_flip_p([3.0, -1.0, 1.0]) == 0.75
+    # Six units of one sign: 2/64 < 0.05, the fewest units that can pass at 95%.
+    assert sign_flip_p([0.1, 0.2, 0.3, 0.1, 0.2, 0.3]) == pytest.approx(2 / 64)
+    # Three identical differences: the bootstrap interval is a point that excludes 0, and the
+    # test still cannot go below 2/8.
+    r = paired_bootstrap([-0.006, -0.006, -0.006])
+    assert r["excludes_zero"] and r["p_sign_flip"] == 0.25
