@@ -163,7 +163,7 @@ def data_for(vocab: str, args: argparse.Namespace) -> Path:
     if vocab == "embedded":
         from alum_ds.data.prepare import ensure_embedded
 
-        return ensure_embedded(args.cache, vocab_size=8192, seed=1234)
+        return ensure_embedded(args.cache, vocab_size=args.embedded_vocab, seed=1234)
     return stdlib_data(50265)
 
 
@@ -240,6 +240,8 @@ def main() -> None:
     p.add_argument("--compile", action="store_true",
                    help="also run alum_ds with torch.compile (plain and ALUM), same shapes")
     p.add_argument("--quick", action="store_true", help="tiny preset, few steps, embedded (smoke test)")
+    p.add_argument("--embedded-vocab", type=int, default=8192,
+                   help="vocabulary of the embedded setting (quick: 2048, the run config's default)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "vs_hf.json"))
     p.add_argument("--hf-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out-json", default="", help=argparse.SUPPRESS)
@@ -251,6 +253,7 @@ def main() -> None:
         return
     if args.quick:
         args.preset, args.steps, args.warmup, args.window, args.vocab = "tiny", 6, 2, 2, "embedded"
+        args.embedded_vocab = 2048  # the corpus other runs already prepared in a shared cache
     vocabs = [v for v in args.vocab.split(",") if v]
     for v in vocabs:
         if v not in ("embedded", "roberta"):

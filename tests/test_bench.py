@@ -14,10 +14,10 @@ from tests.conftest import ROOT
 pytestmark = pytest.mark.distributed
 
 
-def test_vs_hf_quick_mode_writes_its_figures(tmp_path: Path) -> None:
+def test_vs_hf_quick_mode_writes_its_figures(tmp_path: Path, cache_dir: Path) -> None:
     out = tmp_path / "vs_hf.json"
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_vs_hf.py"), "--quick",
-                        f"--out={out}", f"--cache={tmp_path / 'cache'}"],
+                        f"--out={out}", f"--cache={cache_dir}"],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     res = json.loads(out.read_text())

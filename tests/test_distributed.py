@@ -177,4 +177,4 @@ def test_a_branch_from_a_plain_prefix_equals_the_run_from_scratch(tmp_path: Path
     err = train("other_lr", "--alum.start_step=4", "--optim.lr=1e-3", f"--run.branch_from={tag}", ok=False)
     assert "differ from this run's in more than the alum section" in err
     err = train("early", "--alum.start_step=2", f"--run.branch_from={tag}", ok=False)
-    assert "this run has ALUM on before step 4" in err
+    assert "this run has ALUM on from step 2, before the checkpoint's step 4" in err
