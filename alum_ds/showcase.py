@@ -53,9 +53,10 @@ def _from_document(text: str, tokenizer: Any, seq_len: int) -> Example | None:
         words = sentence.split(" ")
         if not (8 <= len(words) <= 30 and sentence.endswith(".") and sentence[0].isupper()):
             continue
-        if len(tokenizer(sentence)["input_ids"]) > seq_len:  # longer than anything it saw
-            continue
         if not all(_PLAIN_WORD.match(w.rstrip(".")) for w in words):
+            continue
+        # Tokenized only once the cheap tests pass: longer than anything the model saw is out.
+        if len(tokenizer(sentence)["input_ids"]) > seq_len:
             continue
         middle = len(words) // 2
         for i in sorted(range(1, len(words) - 1), key=lambda i: abs(i - middle)):

@@ -83,14 +83,13 @@ def pretrain_job(argv: list[str], ds: str) -> None:
 
 
 def measure_job(run_dir: str, radii: list[float], pgd_steps: int, max_sequences: int) -> dict:
-    """MLM eval loss, the unigram line, and the MLM loss under PGD at each radius, from the
-    run's exported model on its validation batches."""
+    """MLM eval loss and the unigram line (the run's final eval record), and the MLM loss under
+    PGD at each radius, from the run's exported model on its validation batches."""
     import torch
     from transformers import AutoModelForMaskedLM
 
     from alum_ds.config import RunConfig, config_from_dict
     from alum_ds.data.stream import validation_batches
-    from alum_ds.data.unigram import unigram_line
     from alum_ds.export import export
     from alum_ds.objective import AlumObjective
 
@@ -99,15 +98,13 @@ def measure_job(run_dir: str, radii: list[float], pgd_steps: int, max_sequences:
     cfg: RunConfig = config_from_dict(resolved["config"])
     data = Path(resolved["data_dir"])
     recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    eval_loss = [r["eval_loss"] for r in recs if "eval_loss" in r][-1]
+    final = [r for r in recs if "eval_loss" in r][-1]  # the trainer logs the line beside it
     folder = export(str(run), str(run / "hf"))
     model = AutoModelForMaskedLM.from_pretrained(folder).eval()
     obj = AlumObjective(model, cfg.alum).eval()
     batches = validation_batches(data, seq_len=cfg.data.seq_len, seed=cfg.data.seed, masking=cfg.masking,
                                  batch=16, rank=0, world=1, max_sequences=max_sequences)
-    out = {"eval_loss": eval_loss,
-           "unigram_line": unigram_line(data, seq_len=cfg.data.seq_len, seed=cfg.data.seed,
-                                        masking=cfg.masking, max_sequences=cfg.eval.max_sequences).eval_nats}
+    out = {"eval_loss": final["eval_loss"], "unigram_line": final["unigram_loss"]}
     for i, r in enumerate(radii, 1):
         total = rows = 0.0
         for x, y in batches:
