@@ -189,3 +189,29 @@ def test_finetune_config_sections_defaults_and_alternatives() -> None:
         load_config(None, ["--schedule.warmup_fraction=0.2", "--schedule.warmup_steps=3"])
     with pytest.raises(ConfigError, match="unknown config key 'task.train'"):
         load_config(None, ["--task.train=x.csv"])  # a fine-tuning section, not pretraining's
+
+
+def test_alum_start_is_a_fraction_of_the_run_or_a_step(tmp_path: Path) -> None:
+    """The curriculum's switch: 80% of the run by default, a fraction or a step, never both."""
+    from alum_ds.trainer import _alum_words
+
+    cfg = load_config(None, [])
+    assert cfg.alum.start_fraction == 0.8 and cfg.alum.start_for(1400) == 1120
+    assert cfg.alum.start_for(7) == 5  # rounded down
+    assert _alum_words(cfg.alum, 1400) == "plain MLM to step 1120, then ALUM (of 1400 steps)"
+    step = load_config(None, ["--alum.start_step=0"]).alum  # setting the step clears the fraction
+    assert step.start_fraction == 0.0 and step.start_for(1400) == 0 and _alum_words(step, 9) == "ALUM on"
+    assert load_config(None, ["--alum.start_step=30"]).alum.start_for(1400) == 30
+    assert _alum_words(load_config(None, ["--alum.start_step=30"]).alum, 20).startswith("ALUM never on")
+    assert _alum_words(load_config(None, ["--alum.enabled=false"]).alum, 20) == "ALUM off"
+    with pytest.raises(ConfigError, match="alum.start_fraction.*must be in \\[0, 1\\)"):
+        load_config(None, ["--alum.start_fraction=1.0"])
+    f = tmp_path / "both.toml"
+    f.write_text("[alum]\nstart_step = 3\nstart_fraction = 0.5\n")
+    with pytest.raises(ConfigError,
+                       match="alum.start_fraction: and alum.start_step both set: set one of the two"):
+        load_config(str(f), [])
+    # Fine-tuning runs ALUM throughout.
+    from alum_ds.finetune.config import FinetuneConfig
+
+    assert load_config(None, [], cls=FinetuneConfig).alum.start_for(300) == 0
