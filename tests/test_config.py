@@ -215,3 +215,13 @@ def test_alum_start_is_a_fraction_of_the_run_or_a_step(tmp_path: Path) -> None:
     from alum_ds.finetune.config import FinetuneConfig
 
     assert load_config(None, [], cls=FinetuneConfig).alum.start_for(300) == 0
+
+
+def test_a_missing_branch_checkpoint_names_run_branch_from(tmp_path: Path) -> None:
+    from alum_ds.checkpoint import find_resume
+
+    missing = tmp_path / "nowhere"
+    with pytest.raises(ConfigError, match=f"^run.branch_from {missing}: no such checkpoint folder$"):
+        find_resume(tmp_path / "run", str(missing), option="run.branch_from")
+    with pytest.raises(ConfigError, match=f"^--resume {missing}: no such checkpoint folder$"):
+        find_resume(tmp_path / "run", str(missing))
