@@ -4,12 +4,14 @@ continual pretraining from the exported folder.
 
 One uninterrupted 2-rank run is the reference. A second run with the same config is killed
 while saving step 4 (tests/fault/pretrain_kill_in_save.py), then continued on 1 rank (steps 3-4,
-from step 2: the partial step-4 folder is ignored), then on 2 ranks again (5-6, converted back),
-then on 2 ranks with a plain load (7-8). Every step's loss and both evaluations must match the
-reference: fp32 on the CPU, dropout and ALUM noise on (their random streams are keyed by the
-global position of each micro-batch, so they do not depend on the rank layout as long as
-schedule.micro_batch_size is unchanged). Tolerance: 1e-4 relative, for the different order of
-the floating-point gradient sums of 2 ranks (all-reduce) and 1 rank (accumulation).
+from step 2: the partial step-4 folder is ignored), then on 2 ranks again (5-8, converted back).
+Every step's loss and both evaluations must match the reference: fp32 on the CPU, dropout and
+ALUM noise on (their random streams are keyed by the global position of each micro-batch, so they
+do not depend on the rank layout as long as schedule.micro_batch_size is unchanged). Tolerance:
+1e-4 relative, for the different order of the floating-point gradient sums of 2 ranks (all-reduce)
+and 1 rank (accumulation). A plain (non-universal) resume on the same ranks is exact in
+tests/test_architectures.py (every family, dropout and ALUM on) and needs no conversion in
+tests/test_loop.py's preemption test.
 """
 
 from __future__ import annotations
@@ -100,10 +102,8 @@ def test_kill_in_save_then_resume_on_1_rank_and_back(reference: Path, tmp_path: 
     assert state["world_size"] == 1 and state["grad_accum"] == 2 and state["stream"]["consumed"] == 32
     assert not (ckpt / "universal").exists()  # the converted copy is removed once loaded
 
-    log = _train(run_dir, cache_dir, "--run.stop_after=2")
-    assert "step00000004 at step 4 (universal: saved by 1 rank(s), now 2)" in log
     log = _train(run_dir, cache_dir)
-    assert "step00000006 at step 6" in log and "universal" not in log
+    assert "step00000004 at step 4 (universal: saved by 1 rank(s), now 2)" in log
 
     ref, got = _by_step(reference, "loss"), _by_step(run_dir, "loss")
     assert sorted(got) == list(range(1, STEPS + 1))

@@ -351,6 +351,7 @@ def test_sigterm_finishes_the_step_saves_and_resumes(tmp_path: Path, cache_dir: 
         r.send_signal(signal.SIGTERM)
     out = _finish(p)
     assert f"at step {saved}" in out and "resumed from" in out, out[-3000:]
+    assert "universal" not in out  # same ranks, same stage: a plain load, no conversion
     assert p.returncode == EXIT_PREEMPTED, (p.returncode, out[-3000:])
     again = int(out.split("stopped by signal after saving step ")[1].split(";")[0])
     assert again > saved and (run_dir / "checkpoints" / "latest").read_text() == C.tag_for(again)
