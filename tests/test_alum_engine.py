@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from tests.conftest import ROOT, deepspeed_cmd, free_port, run
+from tests.test_distributed import _stage
 
 pytestmark = pytest.mark.distributed
 
@@ -50,19 +51,28 @@ def _check_alum_run(run_dir: Path, log: str) -> None:
     assert any((ckpt / "step00000006").iterdir())
 
 
-def test_alum_zero3_cpu_offload(tmp_path: Path, cache_dir: Path) -> None:
-    run_dir = tmp_path / "run"
-    log = _train(run_dir, cache_dir, "zero3_offload.json")
-    assert "ZeRO-3" in log
+# The two ZeRO-3 runs below are part of tests/test_distributed.py's shared launch (one launcher
+# start for every quick 2-rank run; QUICK above is their settings): each test reads its run's
+# folder and banner line.
+
+
+def test_alum_zero3_cpu_offload(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> None:
+    run_dir, log = _stage("zero3_offload", tmp_path_factory, cache_dir)
+    assert "ZeRO-3" in log and "zero3_offload.json" in log
     _check_alum_run(run_dir, log)
+    resolved = json.loads((run_dir / "config.resolved.json").read_text())
+    zero = resolved["deepspeed"]["zero_optimization"]
+    assert zero["offload_optimizer"]["device"] == zero["offload_param"]["device"] == "cpu"
 
 
-def test_alum_zero3_activation_checkpointing(tmp_path: Path, cache_dir: Path) -> None:
+def test_alum_zero3_activation_checkpointing(tmp_path_factory: pytest.TempPathFactory,
+                                             cache_dir: Path) -> None:
     """Non-reentrant checkpointing under ZeRO-3: the ascent's torch.autograd.grad and the final
     backward both recompute the checkpointed layers."""
-    run_dir = tmp_path / "run"
-    log = _train(run_dir, cache_dir, "zero3.json", ["--model.activation_checkpointing=true"])
+    run_dir, log = _stage("zero3_checkpointing", tmp_path_factory, cache_dir)
     assert "ZeRO-3" in log
+    resolved = json.loads((run_dir / "config.resolved.json").read_text())
+    assert resolved["config"]["model"]["activation_checkpointing"] is True
     _check_alum_run(run_dir, log)
 
 

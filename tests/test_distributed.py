@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,29 +19,76 @@ QUICK = ["--eval.fill_mask=0", "--schedule.steps=8", "--schedule.warmup_steps=1"
          "--alum.start_step=0"]  # ALUM on every step: what these tests pin
 
 
-def _train(tmp_path: Path, cache: Path, ds: str, extra: list[str] = ()) -> tuple[Path, str]:
-    run_dir = tmp_path / "run"
-    r = run(deepspeed_cmd(f"--master_port={free_port()}", str(ROOT / "launch" / "pretrain.py"),
-                          "--ds_config", str(ROOT / "ds_configs" / ds), f"--run.dir={run_dir}",
-                          f"--data.cache_dir={cache}", *QUICK, *extra), ROOT)
-    log = r.stdout + r.stderr
-    assert r.returncode == 0, log[-4000:]
-    return run_dir, log
-
-
 def _losses(run_dir: Path) -> list[float]:
     recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [r["loss"] for r in recs if "loss" in r]
 
 
-_stage_runs: dict[str, tuple[Path, str]] = {}
+# Every quick 2-rank run that the tests below, tests/test_zero3_release.py,
+# tests/test_alum_engine.py and tests/test_finetune.py assert on or start from, in one launch
+# (tests/drivers/train_runs.py: one process per rank runs them one after the other; each seeds
+# itself, so it computes what it would alone). Starting the launcher costs more than a tiny run.
+# Each test reads its run's folder and the run's banner line (ranks, ZeRO stage, ALUM, batch).
+_BATCH: dict[str, tuple[Path, str]] = {}
+_BATCH_FAILED: list[str] = []
 
 
-def _stage(ds: str, tmp_path_factory: pytest.TempPathFactory, cache: Path) -> tuple[Path, str]:
-    """One run per DeepSpeed config per session, shared by the tests below."""
-    if ds not in _stage_runs:
-        _stage_runs[ds] = _train(tmp_path_factory.mktemp(ds.removesuffix(".json")), cache, ds)
-    return _stage_runs[ds]
+def _zero3_release_config(path: Path) -> Path:
+    """ZeRO-3 with every threshold at zero: each parameter re-gathered for every ALUM pass
+    (tests/test_zero3_release.py)."""
+    ds = json.loads((ROOT / "ds_configs" / "zero3.json").read_text())
+    ds["zero_optimization"].update(stage3_max_reuse_distance=0, stage3_max_live_parameters=0,
+                                   stage3_prefetch_bucket_size=0, stage3_param_persistence_threshold=0)
+    path.write_text(json.dumps(ds))
+    return path
+
+
+def _batch_specs(base: Path) -> dict[str, tuple[str, list[str]]]:
+    from tests.test_alum_engine import QUICK as ENGINE_QUICK
+    from tests.test_finetune import PRETRAIN
+
+    # ZeRO-3 runs last: their allocator policy (alum_ds.host) stays with the process.
+    return {
+        "zero0.json": ("zero0.json", QUICK), "zero1.json": ("zero1.json", QUICK),
+        "zero2.json": ("zero2.json", QUICK),
+        "zero2_accum": ("zero2.json", [*QUICK, "--schedule.micro_batch_size=2", "--schedule.grad_accum=2"]),
+        "finetune_pretrain": ("zero2.json", PRETRAIN),  # tests/test_finetune.py's real runs
+        "zero3.json": ("zero3.json", QUICK),
+        # the export check of tests/test_zero3_release.py evaluates the same 64 sequences
+        "zero3_release": (str(_zero3_release_config(base / "zero3_release.json")),
+                          [*QUICK, "--eval.max_sequences=64"]),
+        "zero3_offload": ("zero3_offload.json", ENGINE_QUICK),
+        "zero3_checkpointing": ("zero3.json", [*ENGINE_QUICK, "--model.activation_checkpointing=true"]),
+    }
+
+
+def _stage(name: str, tmp_path_factory: pytest.TempPathFactory, cache: Path) -> tuple[Path, str]:
+    """(run folder, its banner line) of one run of the shared launch; the launch runs once per
+    session, at the first test that asks for any of its runs."""
+    if _BATCH_FAILED:
+        pytest.fail(_BATCH_FAILED[0])
+    if not _BATCH:
+        base = tmp_path_factory.mktemp("batch")
+        specs = _batch_specs(base)
+        dirs = {name: base / name.removesuffix(".json") for name in specs}
+        ds_path = {name: ds if Path(ds).is_absolute() else str(ROOT / "ds_configs" / ds)
+                   for name, (ds, _) in specs.items()}
+        spec = base / "spec.json"
+        spec.write_text(json.dumps({"runs": [
+            [str(dirs[name]), ds_path[name], [f"--data.cache_dir={cache}", *args]]
+            for name, (_, args) in specs.items()]}))
+        r = run(deepspeed_cmd(f"--master_port={free_port()}",
+                              str(ROOT / "tests" / "drivers" / "train_runs.py"), str(spec)),
+                ROOT, timeout=1800)
+        log = r.stdout + r.stderr
+        if r.returncode != 0:
+            _BATCH_FAILED.append(f"the shared launch failed ({r.returncode}): {log[-6000:]}")
+            pytest.fail(_BATCH_FAILED[0])
+        for key, run_dir in dirs.items():
+            banner = [ln for ln in log.splitlines() if ln.rstrip().endswith(f", run {run_dir}")]
+            assert len(banner) == 1, (key, banner, log[-4000:])
+            _BATCH[key] = (run_dir, banner[0])
+    return _BATCH[name]
 
 
 @pytest.mark.parametrize("ds", ["zero1.json", "zero2.json", "zero3.json"])
@@ -132,12 +180,14 @@ def test_bf16_precision_guard_through_the_engine(tmp_path: Path, cache_dir: Path
     assert "bf16" in r.stderr + r.stdout
 
 
-def test_grad_accumulation_equals_the_larger_batch(tmp_path: Path, cache_dir: Path) -> None:
+def test_grad_accumulation_equals_the_larger_batch(tmp_path_factory, cache_dir: Path) -> None:
     """2 ranks: 2 micro-batches of 2 accumulated give the losses of one micro-batch of 4 (the
-    loss is normalised by the masked tokens of the whole optimizer step)."""
-    one, _ = _train(tmp_path / "one", cache_dir, "zero2.json", ["--schedule.micro_batch_size=4"])
-    two, _ = _train(tmp_path / "two", cache_dir, "zero2.json",
-                    ["--schedule.micro_batch_size=2", "--schedule.grad_accum=2"])
+    loss is normalised by the masked tokens of the whole optimizer step). The micro-batch-of-4
+    run is the ZeRO-2 run of the test above."""
+    one, log = _stage("zero2.json", tmp_path_factory, cache_dir)
+    assert "global batch 8 (4 x 1 accumulation x 2)" in log
+    two, log = _stage("zero2_accum", tmp_path_factory, cache_dir)
+    assert "global batch 8 (2 x 2 accumulation x 2)" in log
     a, b = _losses(one), _losses(two)
     assert len(a) == len(b) == 8
     assert b == pytest.approx(a, rel=2e-5, abs=1e-6), (a, b)
@@ -152,29 +202,50 @@ def test_alum_ds_train_runs_without_a_launcher(tmp_path: Path, cache_dir: Path) 
     assert "1 rank(s)" in r.stderr and (run_dir / "checkpoints" / "latest").is_file()
 
 
-def test_a_branch_from_a_plain_prefix_equals_the_run_from_scratch(tmp_path: Path, cache_dir: Path) -> None:
+def test_a_branch_from_a_plain_prefix_equals_the_run_from_scratch(tmp_path: Path, cache_dir: Path,
+                                                                  capsys, monkeypatch) -> None:
     """run.branch_from: ALUM arms that share a plain-MLM prefix (the paper's curriculum) start
     from its checkpoint and compute what their run from scratch computes; a branch that changes
-    more than alum.*, or had ALUM on before the checkpoint, is refused."""
+    more than alum.*, or had ALUM on before the checkpoint, is refused (in this process: the
+    refusals come before any process group or engine, so a launch would only add its start-up)."""
     common = [f"--data.cache_dir={cache_dir}", "--schedule.steps=8", "--schedule.warmup_steps=1",
               "--logging.every=1", "--schedule.micro_batch_size=4", "--eval.fill_mask=0",
               "--eval.max_sequences=16", "--logging.tensorboard=false"]
 
-    def train(name: str, *extra: str, ok: bool = True) -> str:
-        r = run(["alum-ds", "train", f"--run.dir={tmp_path / name}", *common, *extra], tmp_path,
-                {"MASTER_PORT": free_port()}, timeout=300)
-        assert (r.returncode == 0) == ok, (r.stdout + r.stderr)[-3000:]
-        return r.stderr
+    # The three runs in one plain process (one rank, no launcher, as `alum-ds train`, which
+    # test_alum_ds_train_runs_without_a_launcher runs): tests/drivers/train_runs.py runs them one
+    # after the other, the prefix's checkpoint written before the branch starts from it.
+    from alum_ds.ds_config import DEFAULT as DEFAULT_DS
 
-    train("scratch", "--alum.start_step=4")
-    train("prefix", "--alum.enabled=false", "--run.stop_after=4")
     tag = tmp_path / "prefix" / "checkpoints" / "step00000004"
-    log = train("branch", "--alum.start_step=4", f"--run.branch_from={tag}")
+    runs = [("scratch", ["--alum.start_step=4"]),
+            ("prefix", ["--alum.enabled=false", "--run.stop_after=4"]),
+            ("branch", ["--alum.start_step=4", f"--run.branch_from={tag}"])]
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"runs": [[str(tmp_path / name), DEFAULT_DS, [*common, *extra]]
+                                         for name, extra in runs]}))
+    r = run([sys.executable, str(ROOT / "tests" / "drivers" / "train_runs.py"), str(spec)], tmp_path,
+            {"MASTER_PORT": free_port()}, timeout=600)
+    log = r.stdout + r.stderr
+    assert r.returncode == 0, log[-3000:]
+    assert log.count("alum_ds: 1 rank(s)") == 3, log[-3000:]
     assert f"branched from {tag} at step 4" in log
     scratch, branch = _losses(tmp_path / "scratch"), _losses(tmp_path / "branch")
     assert len(scratch) == 8 and len(branch) == 4
     assert branch == pytest.approx(scratch[4:], rel=1e-6), (scratch, branch)
-    err = train("other_lr", "--alum.start_step=4", "--optim.lr=1e-3", f"--run.branch_from={tag}", ok=False)
+    from alum_ds.cli import main
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)  # one rank, as the runs above
+
+    def refused(name: str, *extra: str) -> str:
+        capsys.readouterr()
+        assert main(["train", f"--run.dir={tmp_path / name}", *common, *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("alum-ds: error:") and "Traceback" not in err, err
+        assert not (tmp_path / name).exists()
+        return err
+
+    err = refused("other_lr", "--alum.start_step=4", "--optim.lr=1e-3", f"--run.branch_from={tag}")
     assert "differ from this run's in more than the alum section" in err
-    err = train("early", "--alum.start_step=2", f"--run.branch_from={tag}", ok=False)
+    err = refused("early", "--alum.start_step=2", f"--run.branch_from={tag}")
     assert "this run has ALUM on from step 2, before the checkpoint's step 4" in err

@@ -207,19 +207,20 @@ def _fails(capsys, *args: str) -> str:
     return err
 
 
+# The pretraining the real runs below start from: ZeRO-2, 2 ranks, these settings. It is one run
+# of tests/test_distributed.py's shared launch (one launcher start for every quick 2-rank run).
+PRETRAIN = ["--schedule.steps=8", "--schedule.warmup_steps=1", "--optim.lr=3e-3", "--logging.every=4",
+            "--schedule.micro_batch_size=4", "--model.dropout=0"]
+
+
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> dict[str, Path]:
     """One quick pretraining run through the real launcher (2 ranks) and its export."""
-    base = tmp_path_factory.mktemp("ft_pre")
-    run_dir = base / "run"
-    r = run(deepspeed_cmd(f"--master_port={free_port()}", str(ROOT / "launch" / "pretrain.py"),
-                          "--ds_config", str(ROOT / "ds_configs" / "zero2.json"),
-                          f"--run.dir={run_dir}", f"--data.cache_dir={cache_dir}",
-                          "--schedule.steps=8", "--schedule.warmup_steps=1", "--optim.lr=3e-3",
-                          "--logging.every=4", "--schedule.micro_batch_size=4",
-                          "--model.dropout=0"), ROOT)
-    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
-    export = base / "hf"
+    from tests.test_distributed import _stage
+
+    run_dir, log = _stage("finetune_pretrain", tmp_path_factory, cache_dir)
+    assert "2 rank(s)" in log and "ZeRO-2" in log
+    export = tmp_path_factory.mktemp("ft_pre") / "hf"
     assert main(["export", str(run_dir), str(export)]) == 0
     return {"run": run_dir, "export": export, "cache": cache_dir}
 

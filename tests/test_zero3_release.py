@@ -18,11 +18,9 @@ import pytest
 
 from alum_ds.cli import main
 from tests.test_checkpoint import _mlm_loss
-from tests.test_distributed import _losses, _stage, _train
+from tests.test_distributed import _losses, _stage
 
 pytestmark = pytest.mark.distributed
-
-EVAL = ["--eval.max_sequences=64"]  # the export check below evaluates the same 64 sequences
 
 
 def test_zero3_release_between_passes_matches_zero0_and_exports(
@@ -33,22 +31,25 @@ def test_zero3_release_between_passes_matches_zero0_and_exports(
     from alum_ds.config import MaskingConfig
     from alum_ds.data.stream import validation_batches
 
-    ds = json.loads((Path(__file__).resolve().parent.parent / "ds_configs" / "zero3.json").read_text())
-    ds["zero_optimization"].update(stage3_max_reuse_distance=0, stage3_max_live_parameters=0,
-                                   stage3_prefetch_bucket_size=0, stage3_param_persistence_threshold=0)
-    cfg = tmp_path / "zero3_release.json"
-    cfg.write_text(json.dumps(ds))
-    run_dir, log = _train(tmp_path, cache_dir, str(cfg), EVAL)
+    # The run is one of tests/test_distributed.py's shared launch: its DeepSpeed config is
+    # ds_configs/zero3.json with the four thresholds at zero (_zero3_release_config), and it
+    # evaluates 64 validation sequences, the ones the export check below evaluates.
+    run_dir, log = _stage("zero3_release", tmp_path_factory, cache_dir)
     assert "ZeRO-3" in log
+    resolved = json.loads((run_dir / "config.resolved.json").read_text())
+    cfg = resolved["deepspeed"]["zero_optimization"]
+    assert cfg["stage"] == 3 and all(cfg[k] == 0 for k in (
+        "stage3_max_reuse_distance", "stage3_max_live_parameters", "stage3_prefetch_bucket_size",
+        "stage3_param_persistence_threshold"))
     ref = _losses(_stage("zero0.json", tmp_path_factory, cache_dir)[0])
     assert _losses(run_dir) == pytest.approx(ref, rel=1e-4, abs=1e-5)
 
     out = tmp_path / "hf"
     assert main(["export", str(run_dir), str(out)]) == 0
     model = AutoModelForMaskedLM.from_pretrained(out).eval()
-    resolved = json.loads((run_dir / "config.resolved.json").read_text())
     data_dir, seq_len = Path(resolved["data_dir"]), resolved["config"]["data"]["seq_len"]
-    val = validation_batches(data_dir, seq_len=seq_len, seed=1234, masking=MaskingConfig(), batch=16,
+    masking = MaskingConfig(**resolved["config"]["masking"])  # the run's, whatever its default
+    val = validation_batches(data_dir, seq_len=seq_len, seed=1234, masking=masking, batch=16,
                              rank=0, world=1, max_sequences=64)
     recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     final_eval = [r["eval_loss"] for r in recs if "eval_loss" in r][-1]
