@@ -153,9 +153,9 @@ class AlumConfig(Section):
     start_step: int = 0
     """Optimizer step from which ALUM is on; plain MLM before it (the paper's curriculum). Set
     this or start_fraction: setting one clears the other."""
-    start_fraction: float = 0.8
-    """ALUM from this fraction of the run's steps (rounded down): 0.8 trains plain MLM for the
-    first 80% and ALUM for the last 20%, the paper's curriculum ("ALUM for the last part of
+    start_fraction: float = 0.9
+    """ALUM from this fraction of the run's steps (rounded down): 0.9 trains plain MLM for the
+    first 90% and ALUM for the last 10%, the paper's curriculum ("ALUM for the last part of
     training") at any run length. 0: start_step decides."""
     min_surviving_fraction: float = 0.5
     """Precision guard: the fraction of the intended perturbation norm that must survive the cast
@@ -330,11 +330,19 @@ class RunConfig(Config):
     # 0.84 nats below the unigram line after 1,500 steps).
     model: ModelConfig = field(default_factory=lambda: ModelConfig(dropout=0.0))
     data: DataConfig = field(default_factory=DataConfig)
-    masking: MaskingConfig = field(default_factory=MaskingConfig)
+    # 40% of tokens masked, not BERT's 15% (Wettig et al. 2023, "Should You Mask 15% in Masked
+    # Language Modeling?"): more predictions per sequence at the same encoder cost. Measured on
+    # this recipe at 1,400 steps, seed 1: 0.56 nats below the unigram line at 15%, 0.87 at 30%,
+    # 1.43 at 40%, 1.16 at 50%, each judged at its own masking rate (the harder eval for the
+    # higher rates).
+    masking: MaskingConfig = field(default_factory=lambda: MaskingConfig(prob=0.4))
     alum: AlumConfig = field(default_factory=AlumConfig)
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-3))
+    # lr 2e-3, not 3e-3: at 40% masking the same mean over seeds (1.16 against 1.16 nats below
+    # the line at 1,400 steps, seeds 1, 2 and 42) with a fifth of the spread (1.13-1.21 against
+    # 0.92-1.43); 5e-3 stalls at 0.57.
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-3))
     schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(
-        steps=1400, warmup_steps=100, micro_batch_size=32))
+        steps=1250, warmup_steps=100, micro_batch_size=32))
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)

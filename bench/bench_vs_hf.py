@@ -123,7 +123,8 @@ def run_alum_ds(args: argparse.Namespace, work: Path, port: int, data_dir: Path,
         f"--alum.enabled={str(alum).lower()}", f"--run.dir={run_dir}", f"--data.seq_len={args.seq_len}",
         f"--schedule.micro_batch_size={args.micro_batch}", f"--data.dir={data_dir}",
         "--logging.tensorboard=false", "--checkpoint.every=0", "--eval.max_sequences=16",
-        "--model.dropout=0.1", "--alum.start_step=0",  # as the Trainer side: dropout 0.1, ALUM throughout
+        # As the Trainer side: dropout 0.1, 15% masking (its collator's); ALUM throughout.
+        "--model.dropout=0.1", "--masking.prob=0.15", "--alum.start_step=0",
     ]
     subprocess.run(cmd, check=True, cwd=work, stdout=subprocess.DEVNULL,
                    env={**os.environ, "ALUM_DS_CPU_RANKS": "1"})

@@ -147,8 +147,10 @@ def test_export_equals_engine_and_continual_pretraining(reference: Path, tmp_pat
     assert model.config.vocab_size == len(tok) and (out / "model.safetensors").is_file()
     # The exported model's masked-LM loss on the run's validation batches is the run's final
     # evaluation (the engine's numbers), to fp32 precision.
-    data_dir = Path(json.loads((reference / "config.resolved.json").read_text())["data_dir"])
-    val = validation_batches(data_dir, seq_len=32, seed=1234, masking=MaskingConfig(), batch=16,
+    resolved = json.loads((reference / "config.resolved.json").read_text())
+    data_dir = Path(resolved["data_dir"])
+    masking = MaskingConfig(**resolved["config"]["masking"])  # the run's, whatever its default
+    val = validation_batches(data_dir, seq_len=32, seed=1234, masking=masking, batch=16,
                              rank=0, world=1, max_sequences=64)
     final_eval = _by_step(reference, "eval_loss")[STEPS]
     assert _mlm_loss(model, val) == pytest.approx(final_eval, abs=1e-4)
@@ -171,7 +173,7 @@ def test_export_equals_engine_and_continual_pretraining(reference: Path, tmp_pat
                  "--schedule.micro_batch_size=16", ranks=1)
     assert f"model {out}" in log and "warning: the data's tokenizer" not in log
     first = _by_step(tmp_path / "continual", "mlm_loss")[1]
-    stream = TrainStream(data2, seq_len=32, seed=1234, masking=MaskingConfig())
+    stream = TrainStream(data2, seq_len=32, seed=1234, masking=masking)
     assert first == pytest.approx(_mlm_loss(model, [stream.batch_at(0, 16)]), abs=1e-4)
     fresh = _by_step(reference, "mlm_loss")[1]
     assert first < fresh - 0.5 and first < math.log(model.config.vocab_size) - 0.5, (first, fresh)

@@ -192,13 +192,13 @@ def test_finetune_config_sections_defaults_and_alternatives() -> None:
 
 
 def test_alum_start_is_a_fraction_of_the_run_or_a_step(tmp_path: Path) -> None:
-    """The curriculum's switch: 80% of the run by default, a fraction or a step, never both."""
+    """The curriculum's switch: 90% of the run by default, a fraction or a step, never both."""
     from alum_ds.trainer import _alum_words
 
     cfg = load_config(None, [])
-    assert cfg.alum.start_fraction == 0.8 and cfg.alum.start_for(1400) == 1120
-    assert cfg.alum.start_for(7) == 5  # rounded down
-    assert _alum_words(cfg.alum, 1400) == "plain MLM to step 1120, then ALUM (of 1400 steps)"
+    assert cfg.alum.start_fraction == 0.9 and cfg.alum.start_for(1400) == 1260
+    assert cfg.alum.start_for(7) == 6  # rounded down
+    assert _alum_words(cfg.alum, 1400) == "plain MLM to step 1260, then ALUM (of 1400 steps)"
     step = load_config(None, ["--alum.start_step=0"]).alum  # setting the step clears the fraction
     assert step.start_fraction == 0.0 and step.start_for(1400) == 0 and _alum_words(step, 9) == "ALUM on"
     assert load_config(None, ["--alum.start_step=30"]).alum.start_for(1400) == 30
