@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from alum_ds.data.shards import open_split
 
 _SENTENCE = re.compile(r"(?<=[.!?])\s+")
@@ -67,8 +69,13 @@ def _from_document(text: str, tokenizer: Any, seq_len: int) -> Example | None:
     return None
 
 
-def fill_mask(model_dir: str | Path, examples: list[Example], top_k: int = 3) -> list[dict[str, Any]]:
-    """The fill-mask pipeline's ``top_k`` answers for each example (on the CPU)."""
+def fill_mask(model_dir: str | Path, examples: list[Example], top_k: int = 3,
+              token_probs: np.ndarray | None = None) -> list[dict[str, Any]]:
+    """The fill-mask pipeline's ``top_k`` answers for each example (on the CPU), and the
+    probability it gives the true word (``p_true``). With ``token_probs`` (a model of token
+    frequencies alone, indexed by token id) also that model's probability of the true word
+    (``p_frequency``): a model that has learned context gives the true word more than its
+    frequency even where its top answers are still frequent words."""
     from transformers import logging, pipeline
 
     bar = logging.is_progress_bar_enabled()
@@ -78,12 +85,31 @@ def fill_mask(model_dir: str | Path, examples: list[Example], top_k: int = 3) ->
     finally:
         if bar:
             logging.enable_progress_bar()
-    return [{"text": e.text, "word": e.word,
+    out = []
+    for e in examples:
+        # The word as the one vocabulary entry it is after a space (checked in _from_document).
+        (token,) = fill.tokenizer.tokenize(" " + e.word)
+        r = {"text": e.text, "word": e.word,
              "top": [(g["token_str"].strip() or g["token_str"], round(float(g["score"]), 4))
-                     for g in fill(e.text, top_k=top_k)]} for e in examples]
+                     for g in fill(e.text, top_k=top_k)],
+             "p_true": float(fill(e.text, targets=[token])[0]["score"])}
+        if token_probs is not None:
+            r["p_frequency"] = float(token_probs[fill.tokenizer.convert_tokens_to_ids(token)])
+        out.append(r)
+    return out
 
 
 def lines(results: list[dict[str, Any]]) -> list[str]:
-    """One line per example: the sentence, the true word, the model's guesses."""
-    return [f"  {r['text']}\n    true: {r['word']!r}; model: "
-            + ", ".join(f"{w!r} {p:.2f}" for w, p in r["top"]) for r in results]
+    """One line per example: the sentence, the true word (with the model's and the frequency
+    model's probability of it, where known), the model's guesses."""
+    out = []
+    for r in results:
+        true = repr(r["word"])
+        if "p_true" in r and "p_frequency" in r:
+            true += (f" (the model: {100 * r['p_true']:.2g}%, {r['p_true'] / r['p_frequency']:.3g} times "
+                     f"its frequency, {100 * r['p_frequency']:.2g}%)")
+        elif "p_true" in r:
+            true += f" (the model: {100 * r['p_true']:.2g}%)"
+        out.append(f"  {r['text']}\n    true: {true}; model: "
+                   + ", ".join(f"{w!r} {p:.2f}" for w, p in r["top"]))
+    return out

@@ -425,8 +425,11 @@ class Loop:
     def show_what_it_learned(self) -> None:
         """Rank 0: export the run's last checkpoint (as ``alum-ds export`` does) into a scratch
         folder and print the fill-mask answers for ``eval.fill_mask`` held-out sentences."""
+        import numpy
+
         from alum_ds import showcase
         from alum_ds.data.tokenizer import load_tokenizer
+        from alum_ds.data.unigram import token_counts, unigram_log_probs
         from alum_ds.export import export
 
         examples = showcase.masked_examples(self.data_dir, load_tokenizer(self.data_dir / "tokenizer"),
@@ -438,7 +441,9 @@ class Loop:
             # DeepSpeed's consolidation prints, and draws a bar for two shards.
             with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
                 folder = export(str(self.plan.run_dir), str(scratch))
-            results = showcase.fill_mask(folder, examples)
+            # The model of token frequencies that the unigram line is the loss of.
+            frequencies = numpy.exp(unigram_log_probs(token_counts(self.data_dir)))
+            results = showcase.fill_mask(folder, examples, token_probs=frequencies)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         (self.plan.run_dir / "fill_mask.json").write_text(json.dumps(results, indent=1))
