@@ -40,7 +40,7 @@ import shutil
 import sys
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 from _stats import paired_bootstrap
@@ -139,6 +139,16 @@ def finetune_job(argv: list[str], ds: str) -> dict:
 # ------------------------------------------------------------------ the driver
 
 
+def _finished(run: Path, step: int) -> bool:
+    return (run / "checkpoints" / f"step{step:08d}").is_dir()
+
+
+def _done() -> Future:
+    f: Future = Future()
+    f.set_result(None)
+    return f
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     # 6 pretraining seeds: the fewest at which the paired sign-flip test can reach p < 0.05
@@ -186,9 +196,12 @@ def main() -> int:
     try:
         with ProcessPoolExecutor(a.workers, initializer=_worker_init, initargs=(threads,)) as pool:
             # 1. The shared plain prefix per seed (plain MLM stopped at the curriculum's switch).
-            prefix = {s: pool.submit(pretrain_job, [*common, f"--run.seed={s}", "--alum.enabled=false",
-                                                    f"--run.stop_after={scale['start']}",
-                                                    f"--run.dir={run_dir(s, 'prefix')}"], ds) for s in seeds}
+            # A run a kept --work folder already finished (its final checkpoint is there) is not
+            # trained again: an interrupted experiment continues where it stopped.
+            prefix = {s: _done() if _finished(run_dir(s, "prefix"), scale["start"]) else
+                      pool.submit(pretrain_job, [*common, f"--run.seed={s}", "--alum.enabled=false",
+                                                 f"--run.stop_after={scale['start']}",
+                                                 f"--run.dir={run_dir(s, 'prefix')}"], ds) for s in seeds}
             # 2. Every arm branches from the prefix into its own folder (plain too: the prefix's
             # checkpoint must outlive all four branches). A seed's arms queue as soon as its prefix
             # is done, behind the prefixes still queued: no worker waits for the last prefix.
@@ -204,7 +217,8 @@ def main() -> int:
                         argv.append("--alum.enabled=false")
                     else:
                         argv += [f"--alum.start_step={scale['start']}", *ARM_FLAGS[arm]]
-                    arms[s, arm] = pool.submit(pretrain_job, argv, ds)
+                    arms[s, arm] = _done() if _finished(run_dir(s, arm), scale["steps"]) else \
+                        pool.submit(pretrain_job, argv, ds)
             # 3. Measures per pretrained model, and fine-tuning: queued as each model is done.
             radii = [float(r) for r in a.mlm_radii.split(",")]
             meas, fts = {}, {}
