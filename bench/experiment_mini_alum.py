@@ -176,6 +176,7 @@ def main() -> int:
         settings.from_json = ""
         result = summarise(saved["pretraining"], saved["finetuning"], saved["seeds"], settings,
                            saved["seconds"])
+        result.update({k: saved[k] for k in ("seconds_note",) if k in saved})
         write(result, Path(a.out))
         return 0
     scale = SCALES[a.scale]
@@ -306,8 +307,8 @@ def markdown(comparisons: dict, means: dict) -> str:
     floor = 2 / 2 ** n
     lines += ["", f"Paired difference against plain, mean [95% bootstrap interval over {n} seeds]. "
               "* supported: the interval excludes 0 and the paired sign-flip test gives p < 0.05. "
-              "(s): every seed has the same sign, which the interval shows as excluding 0, but "
-              f"with {n} seeds the test cannot go below p = {floor:.3g}: not a result.", "",
+              "(s): the interval excludes 0 but the test gives p >= 0.05 (with "
+              f"{n} seeds its smallest p is {floor:.3g}): not a result.", "",
               "| measure | " + " | ".join(ARMS[1:]) + " |",
               "|---|" + "---|" * len(ARMS[1:])]
     keys = sorted({k.rsplit("/", 1)[0] for k in comparisons}, key=lambda k: (not k.startswith("pre"), k))
