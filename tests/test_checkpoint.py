@@ -136,7 +136,7 @@ def test_export_equals_engine_and_continual_pretraining(reference: Path, tmp_pat
                                                         cache_dir: Path) -> None:
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
-    from alum_ds.config import MaskingConfig
+    from alum_ds.config import config_from_dict
     from alum_ds.data.corpus import embedded_documents
     from alum_ds.data.stream import TrainStream, validation_batches
 
@@ -149,7 +149,7 @@ def test_export_equals_engine_and_continual_pretraining(reference: Path, tmp_pat
     # evaluation (the engine's numbers), to fp32 precision.
     resolved = json.loads((reference / "config.resolved.json").read_text())
     data_dir = Path(resolved["data_dir"])
-    masking = MaskingConfig(**resolved["config"]["masking"])  # the run's, whatever its default
+    masking = config_from_dict(resolved["config"]).masking  # the run's, whatever its default
     val = validation_batches(data_dir, seq_len=32, seed=1234, masking=masking, batch=16,
                              rank=0, world=1, max_sequences=64)
     final_eval = _by_step(reference, "eval_loss")[STEPS]

@@ -28,7 +28,7 @@ def test_zero3_release_between_passes_matches_zero0_and_exports(
 ) -> None:
     from transformers import AutoModelForMaskedLM
 
-    from alum_ds.config import MaskingConfig
+    from alum_ds.config import config_from_dict
     from alum_ds.data.stream import validation_batches
 
     # The run is one of tests/test_distributed.py's shared launch: its DeepSpeed config is
@@ -48,7 +48,7 @@ def test_zero3_release_between_passes_matches_zero0_and_exports(
     assert main(["export", str(run_dir), str(out)]) == 0
     model = AutoModelForMaskedLM.from_pretrained(out).eval()
     data_dir, seq_len = Path(resolved["data_dir"]), resolved["config"]["data"]["seq_len"]
-    masking = MaskingConfig(**resolved["config"]["masking"])  # the run's, whatever its default
+    masking = config_from_dict(resolved["config"]).masking  # the run's, whatever its default
     val = validation_batches(data_dir, seq_len=seq_len, seed=1234, masking=masking, batch=16,
                              rank=0, world=1, max_sequences=64)
     recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
