@@ -32,12 +32,13 @@ def run(cmd: list[str], cwd: Path, env_extra: dict[str, str] | None = None,
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-_port = [29600 + os.getpid() % 1000]
-
-
 def free_port() -> str:
-    _port[0] += 1
-    return str(_port[0])
+    """A port the kernel reports free now: several test sessions on one machine never share one."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
 
 
 # The data tests' corpora and prepared folders. Imports stay inside the fixtures, so that test files
