@@ -110,6 +110,8 @@ class Plan:
     """``point`` is another run's checkpoint this run starts from (``run.branch_from``)."""
     compile: bool = False
     compile_note: str = ""
+    pretrained: Any = None
+    """``model.pretrained`` resolved (``alum_ds.hub.Folder``: a local folder or a Hub snapshot)."""
 
 
 def plan_run(cfg: RunConfig, ds_path: str, *, resume: str, world: int, on_gpu: bool,
@@ -136,16 +138,29 @@ def plan_run(cfg: RunConfig, ds_path: str, *, resume: str, world: int, on_gpu: b
     if cfg.logging.wandb and importlib.util.find_spec("wandb") is None:
         raise ConfigError("logging.wandb=true needs the wandb package (pip install wandb), which "
                           "is not installed")
-    if cfg.model.pretrained:
-        from alum_ds.arch import check_mlm_folder
-
-        try:  # a supported family with an MLM head, from config.json alone
-            check_mlm_folder(cfg.model.pretrained)
-        except ValueError as e:
-            raise ConfigError(f"model.pretrained {e}") from None
+    pretrained = _resolve_pretrained(cfg, run_dir)
     compiled, note = R.compile_plan(ds, on_gpu)
     return Plan(ecfg, ds, world, run_dir, point, universal, gb, total, branch,
-                compiled, note)
+                compiled, note, pretrained)
+
+
+def _resolve_pretrained(cfg: RunConfig, run_dir: Path) -> Any:
+    """``model.pretrained`` as a local folder (a Hub id downloaded once per node; a resumed run
+    keeps the commit it recorded), checked from its config.json alone: a supported family with
+    an MLM head, or any supported encoder under ``model.new_head``."""
+    if not cfg.model.pretrained:
+        return None
+    from alum_ds import hub
+    from alum_ds.arch import check_mlm_folder
+
+    spec = cfg.model.pretrained
+    pinned = hub.pinned_commit(run_dir, "model.pretrained", spec)
+    folder = hub.resolve(spec, "model.pretrained", pinned=pinned)
+    try:
+        check_mlm_folder(folder.path, new_head=cfg.model.new_head)
+    except ValueError as e:
+        raise ConfigError(f"model.pretrained {e}") from None
+    return folder
 
 
 def _alum_words(alum: AlumConfig, total: int) -> str:
@@ -170,7 +185,8 @@ def train(cfg: RunConfig, ds_path: str, *, resume: str = "") -> Path:
     try:
         mlm = build_model(arch=cfg.model.arch, preset=cfg.model.preset, vocab_size=vocab,
                           seq_len=cfg.data.seq_len, dropout=cfg.model.dropout,
-                          pretrained=cfg.model.pretrained,
+                          pretrained=str(plan.pretrained.path) if plan.pretrained else "",
+                          new_head=cfg.model.new_head,
                           activation_checkpointing=cfg.model.activation_checkpointing)
     except ValueError as e:  # a pretrained model that does not fit the data
         raise ConfigError(str(e)) from None
@@ -205,22 +221,27 @@ def train(cfg: RunConfig, ds_path: str, *, resume: str = "") -> Path:
     log = MT.MetricsLogger(plan.run_dir, enabled=rt.rank == 0, tensorboard=cfg.logging.tensorboard,
                            total_steps=plan.last_step, resume_step=step, wandb=_wandb_args(cfg, plan))
     if rt.rank == 0:
-        _write_resolved(plan.run_dir, cfg, plan.ds, data_dir)
+        _write_resolved(plan.run_dir, cfg, plan.ds, data_dir,
+                        {"model.pretrained": plan.pretrained} if plan.pretrained else {})
     sc = plan.cfg.schedule
     log.message(
         f"alum_ds: {rt.world} rank(s) on {dev.name}, ZeRO-{zero_stage_of(plan.ds)}, "
         f"{precision_of(plan.ds)}{', compiled' if plan.compile else ''} (DeepSpeed config "
         f"{resolve_ds_path(ds_path)}), model "
-        f"{cfg.model.pretrained or cfg.model.arch + ' ' + cfg.model.preset} "
-        f"({n_params / 1e6:.2f}M params), "
+        f"{plan.pretrained.describe() if plan.pretrained else cfg.model.arch + ' ' + cfg.model.preset} "
+        f"({n_params / 1e6:.2f}M params{', new MLM head' if cfg.model.new_head else ''}), "
         f"{_alum_words(cfg.alum, plan.last_step)}, global batch {plan.global_batch} "
         f"({sc.micro_batch_size} x {sc.grad_accum} accumulation x {rt.world}), data {data_dir} "
         f"({len(stream.seqs)} sequences/epoch), run {plan.run_dir}"
     )
     _report_resume(plan, log)
+    if cfg.model.new_head:
+        log.message(f"warning: model.new_head=true: {type(mlm).__name__}'s MLM head is new, "
+                    "initialised as that class initialises it (decoder tied to the word embeddings "
+                    "where the family ties them); nothing of it comes from model.pretrained")
     if plan.compile_note:
         log.message(plan.compile_note)
-    _check_tokenizer(cfg, manifest, log)
+    _check_tokenizer(cfg, plan, manifest, log)
     loop = Loop(plan=plan, user_cfg=cfg, engine=engine, objective=objective, stream=stream, log=log,
                 rt=rt, data_dir=data_dir, shape=shape, flops_per_token=fpt,
                 peak=MT.peak_flops(dev.model_name) * rt.world)
@@ -266,10 +287,10 @@ def _report_resume(plan: Plan, log: MT.MetricsLogger) -> None:
                     f"{plan.global_batch} sequences; set schedule.global_batch_size to keep it")
 
 
-def _check_tokenizer(cfg: RunConfig, manifest: dict[str, Any], log: MT.MetricsLogger) -> None:
-    if not cfg.model.pretrained:
+def _check_tokenizer(cfg: RunConfig, plan: Plan, manifest: dict[str, Any], log: MT.MetricsLogger) -> None:
+    if plan.pretrained is None:
         return
-    tj = Path(cfg.model.pretrained) / "tokenizer.json"
+    tj = plan.pretrained.path / "tokenizer.json"
     if tj.is_file() and sha256_file(tj)[:16] != manifest["tokenizer"].get("fingerprint"):
         log.message(f"warning: the data's tokenizer differs from {tj}; prepare the data with "
                     f"`alum-ds prepare --tokenizer {cfg.model.pretrained}`")
@@ -499,10 +520,15 @@ def _check_run_dir(run_dir: Path, cfg: RunConfig) -> None:
             )
 
 
-def _write_resolved(run_dir: Path, cfg: RunConfig, ds: dict, data_dir: Path) -> None:
+def _write_resolved(run_dir: Path, cfg: RunConfig, ds: dict, data_dir: Path,
+                    sources: dict[str, Any]) -> None:
+    from alum_ds.hub import sources_record
+
     run_dir.mkdir(parents=True, exist_ok=True)
+    # "sources": the Hub commits the run read (outside the hash: a rerun of the same command
+    # resumes, and keeps those commits).
     doc = {"config_hash": cfg.fingerprint(), "config": cfg.to_dict(), "deepspeed": ds,
-           "data_dir": str(data_dir)}
+           "data_dir": str(data_dir), "sources": sources_record(sources)}
     tmp = run_dir / "config.resolved.json.tmp"
     tmp.write_text(json.dumps(doc, indent=2))
     os.replace(tmp, run_dir / "config.resolved.json")

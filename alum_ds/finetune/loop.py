@@ -196,7 +196,7 @@ def finetune(cfg: FinetuneConfig, ds_path: str) -> dict[str, Any]:
         log.message(line)
     results.update(steps=cfg.schedule.steps, alum=alum_on, alpha=cfg.alum.alpha if alum_on else 0.0,
                    checkpoint=cfg.task.checkpoint, task=prep.task, labels=prep.labels.names,
-                   world_size=rt.world, config=cfg.to_dict())
+                   world_size=rt.world, config=cfg.to_dict(), sources=prep.source.hub)
     if cfg.run.save_model:
         _save_model(engine, model, prep, run_dir / "model", rt.rank)
     if rt.rank == 0:
