@@ -155,7 +155,7 @@ def prepare_main(argv: list[str]) -> int:
         if tokenizer:
             from alum_ds.hub import resolve
 
-            found = resolve(tokenizer, "--tokenizer", kind="tokenizer folder")
+            found = resolve(tokenizer, "--tokenizer", kind="tokenizer folder", weights=False)
             tokenizer = str(found.path)
             if found.from_hub:
                 print(f"tokenizer: {found.describe()}", file=sys.stderr)

@@ -29,6 +29,12 @@ from urllib.parse import urlparse
 from alum_ds.config import ConfigError
 
 _REVISION = re.compile(r"^[^\s@]+$")
+TOKENIZER_FILES = ["*.json", "*.txt", "*.model"]
+"""What a tokenizer needs (tokenizer.json, vocab and merges, a SentencePiece model, configs)."""
+WEIGHTS = ["*.safetensors"]
+LEGACY_WEIGHTS = ["pytorch_model*.bin"]
+"""Fetched only when a repository has no safetensors: never the TensorFlow, Flax, ONNX, ...
+copies a model repository often also holds."""
 
 
 class HubError(ConfigError):
@@ -99,19 +105,20 @@ def hub_reachable() -> str:
     return ""
 
 
-def resolve(spec: str, option: str, *, pinned: str = "", kind: str = "model folder") -> Folder:
+def resolve(spec: str, option: str, *, pinned: str = "", kind: str = "model folder",
+            weights: bool = True) -> Folder:
     """The local folder for ``spec``: the folder itself when it exists, else the Hub id's
     snapshot, downloaded once per node (``pinned``: a commit to use instead of resolving the
     revision again, e.g. the one a resumed run recorded). A ``spec`` that is neither an existing
     folder nor spelled as a Hub id is returned as a local folder: the caller's own checks name
-    what is wrong with it."""
+    what is wrong with it. ``weights`` False: the tokenizer's files alone."""
     if Path(spec).exists():
         return Folder(spec, Path(spec))
     parsed = parse_id(spec)
     if parsed is None:
         return Folder(spec, Path(spec))
     repo_id, revision = parsed
-    return _download(spec, option, repo_id, revision or "main", pinned, kind)
+    return _download(spec, option, repo_id, revision or "main", pinned, kind, weights)
 
 
 def recorded(run_dir: Path) -> dict[str, dict[str, str]]:
@@ -137,7 +144,8 @@ def _job_key() -> str:
     return f"{os.environ.get('MASTER_ADDR', '')}:{os.environ.get('MASTER_PORT', '')}"
 
 
-def _download(spec: str, option: str, repo_id: str, revision: str, pinned: str, kind: str) -> Folder:
+def _download(spec: str, option: str, repo_id: str, revision: str, pinned: str, kind: str,
+              weights: bool) -> Folder:
     from filelock import FileLock
     from huggingface_hub import constants
     from huggingface_hub.file_download import repo_folder_name
@@ -160,8 +168,11 @@ def _download(spec: str, option: str, repo_id: str, revision: str, pinned: str, 
                 ask = prev["commit"] if prev.get("job") == job else ""
             except (OSError, ValueError, KeyError, TypeError):
                 ask = ""
-        path = _snapshot(spec, option, repo_id, ask or revision, revision, cache, kind)
+        files = TOKENIZER_FILES + (WEIGHTS if weights else [])
+        path = _snapshot(spec, option, repo_id, ask or revision, revision, cache, kind, files)
         commit = path.name
+        if weights and not any(path.glob("*.safetensors")):
+            path = _snapshot(spec, option, repo_id, commit, revision, cache, kind, LEGACY_WEIGHTS)
         if job and not pinned:
             tmp = note.with_suffix(".tmp")
             tmp.write_text(json.dumps({"job": job, "commit": commit}))
@@ -170,7 +181,7 @@ def _download(spec: str, option: str, repo_id: str, revision: str, pinned: str, 
 
 
 def _snapshot(spec: str, option: str, repo_id: str, ask: str, revision: str, cache: Path,
-              kind: str) -> Path:
+              kind: str, files: list[str]) -> Path:
     """snapshot_download, its many exception types turned into one line each."""
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import (
@@ -185,7 +196,7 @@ def _snapshot(spec: str, option: str, repo_id: str, ask: str, revision: str, cac
     why = hub_reachable()
     try:
         # Offline or unreachable: the cache alone (huggingface_hub would retry the host first).
-        path = snapshot_download(repo_id, revision=ask, local_files_only=bool(why))
+        path = snapshot_download(repo_id, revision=ask, local_files_only=bool(why), allow_patterns=files)
     except RevisionNotFoundError:
         raise HubError(f"{where} names a revision {revision!r} that {repo_id} does not have: give "
                        "an existing branch, tag or commit after '@'") from None
@@ -200,10 +211,10 @@ def _snapshot(spec: str, option: str, repo_id: str, ask: str, revision: str, cac
         cached = _cached_revisions(cache, repo_id)
         have = f" (cached: {', '.join(cached)})" if cached else ""
         if constants.HF_HUB_OFFLINE:
-            raise HubError(f"{where} is not in the Hugging Face cache {cache}{have} and "
+            raise HubError(f"{where} is not (all) in the Hugging Face cache {cache}{have} and "
                            "HF_HUB_OFFLINE=1: download it once with network access (unset "
                            "HF_HUB_OFFLINE), or give a local folder") from None
-        raise HubError(f"{where} is not in the Hugging Face cache {cache}{have} and the Hub cannot "
+        raise HubError(f"{where} is not (all) in the Hugging Face cache {cache}{have} and the Hub cannot "
                        f"be reached ({why or 'no answer'}): run with network access, or give a "
                        "local folder") from None
     except HfHubHTTPError as e:

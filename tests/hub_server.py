@@ -42,6 +42,8 @@ class Hub:
 
     def __init__(self, repos: dict[str, Repo], token: str = "hf_test_token") -> None:
         self.repos, self.token = repos, token
+        self.requests: list[str] = []
+        """Every request as "METHOD path", in order."""
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -128,6 +130,7 @@ class Hub:
         return out
 
     def _answer(self, h: BaseHTTPRequestHandler, body: bool) -> None:
+        self.requests.append(f"{h.command} {h.path}")
         parts = [unquote(p) for p in urlparse(h.path).path.strip("/").split("/")]
         if parts[:1] == ["api"] and len(parts) >= 6 and parts[1] in ("models", "datasets"):
             repo_id, what, revision = f"{parts[2]}/{parts[3]}", parts[4], parts[5]

@@ -46,6 +46,8 @@ def hub(tmp_path_factory: pytest.TempPathFactory):
         AutoModelForMaskedLM.from_config(_config("roberta", vocab=len(tok), positions=66)).save_pretrained(
             str(folders[name]))
         tok.save_pretrained(str(folders[name]))
+        # Model repositories often hold other frameworks' copies too: never downloaded.
+        (folders[name] / "tf_model.h5").write_bytes(b"not for PyTorch")
     labels = datasets.ClassLabel(names=["neg", "pos"])
     feats = datasets.Features({"sentence": datasets.Value("string"), "label": labels})
     (base / "ds" / "mini").mkdir(parents=True)
@@ -92,9 +94,11 @@ def test_the_cache_is_huggingface_hubs_own_layout(hub) -> None:
     for commit in (MAIN, V1):
         cfg = repo / "snapshots" / commit / "config.json"
         assert cfg.is_symlink() and cfg.resolve().parent == (repo / "blobs").resolve()
-    # Each file of each commit went over the wire once at most (a blob both commits share, once).
+    # Each file of each commit went over the wire once at most (a blob both commits share, once),
+    # and only what PyTorch loads.
     served = hub["server"].repos["org/tiny"].downloads
     assert served and len(served) == len(set(served)), served
+    assert any(f.endswith("model.safetensors") for f in served) and not any(".h5" in f for f in served)
 
 
 def test_prepare_with_a_hub_tokenizer(hub, prepared) -> None:

@@ -53,7 +53,8 @@ def resolve_source(checkpoint: str, tokenizer: str = "") -> ModelSource:
     from alum_ds import hub
 
     found = hub.resolve(checkpoint, "task.checkpoint", kind="folder")
-    tok = hub.resolve(tokenizer, "task.tokenizer", kind="tokenizer folder") if tokenizer else None
+    tok = (hub.resolve(tokenizer, "task.tokenizer", kind="tokenizer folder", weights=False)
+           if tokenizer else None)
     records = {o: f.record() for o, f in (("task.checkpoint", found), ("task.tokenizer", tok))
                if f is not None and f.from_hub}
     p = found.path
