@@ -10,9 +10,9 @@ the id and the fix, raised before any process group or engine.
 Several processes of one node (the ranks of a run) share the cache: resolution holds a
 ``filelock.FileLock`` in the cache (``HF_HUB_CACHE/.locks/alum_ds/<repo folder>.lock``), so the
 first process downloads and the others wait for it, then find every file cached and download
-nothing. The ranks of one job (one MASTER_ADDR:MASTER_PORT) also resolve a branch or tag to the
-same commit: the first writes it beside the lock and the others take that commit, so a branch
-moving between two ranks' look-ups cannot give them different weights.
+nothing. The ranks of one launch on a node also resolve a branch or tag to the same commit: the
+first writes it beside the lock and the others take that commit without asking the Hub, so a
+branch moving between two ranks' look-ups cannot give them different weights.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import json
 import os
 import re
 import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -137,11 +138,17 @@ def pinned_commit(run_dir: Path, option: str, spec: str) -> str:
     return str(rec.get("commit", "")) if rec.get("spec") == spec else ""
 
 
+NOTE_MAX_AGE_S = 3600.0
+"""A commit note older than this is another launch's, whatever its key."""
+
+
 def _job_key() -> str:
-    """Identifies the ranks of one launch (every launcher sets these alike on all of them)."""
+    """Identifies the ranks of one launch on this node: the launcher sets MASTER_ADDR and
+    MASTER_PORT alike on all of them, and they are children of one launching process (the port
+    alone is shared by every launch on the default port)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return ""
-    return f"{os.environ.get('MASTER_ADDR', '')}:{os.environ.get('MASTER_PORT', '')}"
+    return f"{os.environ.get('MASTER_ADDR', '')}:{os.environ.get('MASTER_PORT', '')}:{os.getppid()}"
 
 
 def _download(spec: str, option: str, repo_id: str, revision: str, pinned: str, kind: str,
@@ -165,7 +172,8 @@ def _download(spec: str, option: str, repo_id: str, revision: str, pinned: str, 
         if not ask and job:
             try:
                 prev = json.loads(note.read_text())
-                ask = prev["commit"] if prev.get("job") == job else ""
+                fresh = time.time() - float(prev["written"]) < NOTE_MAX_AGE_S
+                ask = prev["commit"] if prev.get("job") == job and fresh else ""
             except (OSError, ValueError, KeyError, TypeError):
                 ask = ""
         files = TOKENIZER_FILES + (WEIGHTS if weights else [])
@@ -175,7 +183,7 @@ def _download(spec: str, option: str, repo_id: str, revision: str, pinned: str, 
             path = _snapshot(spec, option, repo_id, commit, revision, cache, kind, LEGACY_WEIGHTS)
         if job and not pinned:
             tmp = note.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"job": job, "commit": commit}))
+            tmp.write_text(json.dumps({"job": job, "commit": commit, "written": time.time()}))
             os.replace(tmp, note)
     return Folder(spec, path, repo_id, revision, commit)
 
