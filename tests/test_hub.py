@@ -48,6 +48,12 @@ def hub(tmp_path_factory: pytest.TempPathFactory):
         tok.save_pretrained(str(folders[name]))
         # Model repositories often hold other frameworks' copies too: never downloaded.
         (folders[name] / "tf_model.h5").write_bytes(b"not for PyTorch")
+    # A repository from before safetensors: its PyTorch weights are fetched, its TensorFlow ones not.
+    legacy = base / "repo" / "legacy"
+    legacy.mkdir()
+    (legacy / "config.json").write_text((folders["main"] / "config.json").read_text())
+    (legacy / "pytorch_model.bin").write_bytes(b"pickled weights")
+    (legacy / "tf_model.h5").write_bytes(b"not for PyTorch")
     labels = datasets.ClassLabel(names=["neg", "pos"])
     feats = datasets.Features({"sentence": datasets.Value("string"), "label": labels})
     (base / "ds" / "mini").mkdir(parents=True)
@@ -61,12 +67,13 @@ def hub(tmp_path_factory: pytest.TempPathFactory):
     repos = {"org/tiny": Repo({V1: folders["v1"], MAIN: folders["main"]}, {"main": MAIN, "v1": V1}),
              "org/private": Repo({MAIN: folders["main"]}, {"main": MAIN}, private=True),
              "org/gated": Repo({MAIN: folders["main"]}, {"main": MAIN}, gated=True),
+             "org/legacy": Repo({MAIN: legacy}, {"main": MAIN}),
              "org/glue_tiny": Repo({DATA: base / "ds"}, {"main": DATA})}
     home = base / "hf_home"
     with Hub(repos) as server:
         # The one online step: huggingface_hub and datasets fill the cache from the local Hub.
         warm = ("from alum_ds import hub; import datasets\n"
-                "for spec in ('org/tiny', 'org/tiny@v1'): hub.resolve(spec, 'test')\n"
+                "for spec in ('org/tiny', 'org/tiny@v1', 'org/legacy'): hub.resolve(spec, 'test')\n"
                 "datasets.load_dataset('org/glue_tiny', 'mini')\n")
         r = run([sys.executable, "-c", warm], ROOT, {"HF_HOME": str(home), "HF_ENDPOINT": server.endpoint})
         assert r.returncode == 0, r.stderr[-3000:]
@@ -99,6 +106,8 @@ def test_the_cache_is_huggingface_hubs_own_layout(hub) -> None:
     served = hub["server"].repos["org/tiny"].downloads
     assert served and len(served) == len(set(served)), served
     assert any(f.endswith("model.safetensors") for f in served) and not any(".h5" in f for f in served)
+    assert sorted(f.split("/", 1)[1] for f in hub["server"].repos["org/legacy"].downloads) == [
+        "config.json", "pytorch_model.bin"]
 
 
 def test_prepare_with_a_hub_tokenizer(hub, prepared) -> None:
