@@ -163,7 +163,9 @@ def test_finetuning_from_a_hub_revision_on_hub_data(hub, tmp_path: Path) -> None
                  "--eval.pgd_steps=0", "--run.save_model=false", "--logging.tensorboard=false"),
             ROOT, hub["offline"])
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
-    assert f"model from Hub org/tiny@{V1[:12]} (revision v1;" in r.stdout + r.stderr
+    log = r.stdout + r.stderr
+    assert f"model from Hub org/tiny@{V1[:12]} (revision v1;" in log
+    assert f", tokenizer from Hub org/tiny@{MAIN[:12]} (revision main;" in log
     res = json.loads((out / "results.json").read_text())
     assert res["sources"]["task.checkpoint"]["commit"] == V1
     assert res["sources"]["task.tokenizer"]["commit"] == MAIN

@@ -145,7 +145,7 @@ def finetune(cfg: FinetuneConfig, ds_path: str) -> dict[str, Any]:
         f"alum_ds finetune: {rt.world} rank(s) on {dev.name}, ZeRO-{zero_stage_of(ds)}, "
         f"{precision_of(ds)}{', compiled' if compiled else ''} (DeepSpeed config "
         f"{resolve_ds_path(ds_path)}), model from "
-        f"{prep.source.description} ({n_params / 1e6:.2f}M params), "
+        f"{prep.source.description} ({n_params / 1e6:.2f}M params){prep.source.tokenizer_note}, "
         f"ALUM {'on (alpha=' + format(cfg.alum.alpha, 'g') + ')' if alum_on else 'off'}, "
         f"task {prep.task}{pair}: {len(prep.train)} training / {len(prep.validation)} validation "
         f"examples, labels {', '.join(prep.labels.names)}")

@@ -35,6 +35,8 @@ class ModelSource:
     """Longest sequence the model's position table holds (None: no limit)."""
     hub: dict[str, Any] = field(default_factory=dict)
     """The Hub commits read, by option (``alum_ds.hub.Folder.record``), for results.json."""
+    tokenizer_note: str = ""
+    """For the run's banner: where a Hub ``task.tokenizer`` came from ('' otherwise)."""
 
     def cleanup(self) -> None:
         if self.temporary is not None:
@@ -62,9 +64,10 @@ def resolve_source(checkpoint: str, tokenizer: str = "") -> ModelSource:
         raise DataError(f"task.checkpoint {checkpoint}: no such folder (give an alum-ds run folder, a "
                         "checkpoint folder, an exported Hugging Face folder or a Hub id ORG/NAME)")
     tok_dir = tok.path if tok is not None else None
+    tok_words = f", tokenizer from {tok.describe()}" if tok is not None and tok.from_hub else ""
     if (p / "config.json").is_file():
         what = found.describe() if found.from_hub else f"Hugging Face folder {p}"
-        src = ModelSource(p, tok_dir or p, what, hub=records)
+        src = ModelSource(p, tok_dir or p, what, hub=records, tokenizer_note=tok_words)
     elif _is_deepspeed(p):
         from alum_ds.export import export
 
@@ -76,7 +79,7 @@ def resolve_source(checkpoint: str, tokenizer: str = "") -> ModelSource:
             raise DataError(f"task.checkpoint {checkpoint}: cannot read the DeepSpeed checkpoint: "
                             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
         src = ModelSource(out, tok_dir or out, f"DeepSpeed checkpoint {p} (consolidated to fp32)",
-                          temporary=tmp, hub=records)
+                          temporary=tmp, hub=records, tokenizer_note=tok_words)
     else:
         raise DataError(f"task.checkpoint {checkpoint} is neither a Hugging Face model folder "
                         "(config.json) nor an alum-ds run or checkpoint folder")
