@@ -2,8 +2,9 @@
 
 ``train`` reads top to bottom: everything that can be refused is decided from the config, the
 DeepSpeed JSON and the checkpoint's JSON state before a process group or model exists (so a bad
-input is a one-line error that changes nothing); then the engine is built, the checkpoint (if
-any) loaded, and ``Loop`` runs the steps with the cadence of logging, evaluation and saving.
+input is a one-line error that changes nothing); then ``runtime.build_run`` starts the process and
+builds the engine (as for fine-tuning), the checkpoint (if any) is loaded, and ``Loop`` runs the
+steps, logging, evaluation, stopping and saving each on its cadence (``alum_ds.cadence``).
 """
 
 from __future__ import annotations
