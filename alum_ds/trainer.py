@@ -29,8 +29,9 @@ from alum_ds import distributed as D
 from alum_ds import metrics as MT
 from alum_ds import runtime as R
 from alum_ds.config import AlumConfig, ConfigError, RunConfig, for_world
+from alum_ds.data import integrity
 from alum_ds.data.prepare import ensure_embedded
-from alum_ds.data.shards import check_vocab, read_manifest, sha256_file
+from alum_ds.data.shards import DataError, check_vocab, read_manifest, sha256_file
 from alum_ds.data.stream import TrainStream, validation_batches
 from alum_ds.ds_config import precision_of, resolve_ds_config, resolve_ds_path, zero_stage_of
 from alum_ds.model import PADDED_VOCAB_ROWS, build_model, non_embedding_params
@@ -56,6 +57,24 @@ def resolve_data(cfg: RunConfig) -> Path:
     if D.local_rank() != 0:
         out = ensure_embedded(cache, vocab_size=cfg.data.vocab_size, seed=cfg.data.seed)
     return out
+
+
+def verify_data(dirs: list[Path], cfg: RunConfig, rt: R.Runtime) -> dict[str, float] | None:
+    """Every shard hashed once per node before the first step (by its local rank 0; the other
+    ranks wait). A refusal is raised where it was found; the other ranks exit with its code."""
+    error, result = "", None
+    if D.local_rank() == 0:
+        try:
+            result = integrity.verify_for_training(dirs, R.cache_dir(cfg.data.cache_dir),
+                                                   progress=rt.rank == 0)
+        except DataError as e:
+            error = str(e)
+    failed = D.all_reduce(torch.tensor([1.0 if error else 0.0], device=rt.device), "max").item()
+    if error:
+        raise DataError(error)
+    if failed:
+        raise SystemExit(2)  # the rank that found it has printed the one-line error
+    return result
 
 
 class Signals:
@@ -162,6 +181,7 @@ def train(cfg: RunConfig, ds_path: str, *, resume: str = "") -> Path:
                     on_gpu=dev.on_gpu, bf16_supported=dev.bf16_supported)
     rt = R.start(dev, expect_world=plan.world)
     data_dir = resolve_data(cfg)
+    verified = verify_data([data_dir], cfg, rt)
     manifest = read_manifest(data_dir)
     vocab = int(manifest["tokenizer"]["vocab_size"])
 
@@ -217,6 +237,8 @@ def train(cfg: RunConfig, ds_path: str, *, resume: str = "") -> Path:
         f"({sc.micro_batch_size} x {sc.grad_accum} accumulation x {rt.world}), data {data_dir} "
         f"({len(stream.seqs)} sequences/epoch), run {plan.run_dir}"
     )
+    if verified is not None:
+        log.message(integrity.describe(verified))
     _report_resume(plan, log)
     if plan.compile_note:
         log.message(plan.compile_note)
