@@ -29,7 +29,7 @@ from alum_ds import distributed as D
 from alum_ds import metrics as MT
 from alum_ds import runtime as R
 from alum_ds.config import AlumConfig, ConfigError, RunConfig, for_world
-from alum_ds.data import integrity
+from alum_ds.data import integrity, mixture
 from alum_ds.data.prepare import ensure_embedded
 from alum_ds.data.shards import DataError, check_vocab, read_manifest, sha256_file
 from alum_ds.data.stream import TrainStream, validation_batches
@@ -48,6 +48,8 @@ class Preempted(SystemExit):
 
 def resolve_data(cfg: RunConfig) -> Path:
     """The prepared data folder; the embedded default is prepared by one rank per node."""
+    if cfg.data.sources:  # a mixture: the first source's tokenizer is every source's
+        return mixture.sources_of(cfg.data)[0].dir
     if cfg.data.dir:
         return Path(cfg.data.dir)
     cache = R.cache_dir(cfg.data.cache_dir)
@@ -162,6 +164,7 @@ def plan_run(cfg: RunConfig, ds_path: str, *, resume: str, world: int, on_gpu: b
             check_mlm_folder(cfg.model.pretrained)
         except ValueError as e:
             raise ConfigError(f"model.pretrained {e}") from None
+    mixture.check_sources(cfg.data)
     compiled, note = R.compile_plan(ds, on_gpu)
     return Plan(ecfg, ds, world, run_dir, point, universal, gb, total, branch,
                 compiled, note)
@@ -181,7 +184,7 @@ def train(cfg: RunConfig, ds_path: str, *, resume: str = "") -> Path:
                     on_gpu=dev.on_gpu, bf16_supported=dev.bf16_supported)
     rt = R.start(dev, expect_world=plan.world)
     data_dir = resolve_data(cfg)
-    verified = verify_data([data_dir], cfg, rt)
+    verified = verify_data([s.dir for s in mixture.sources_of(cfg.data)] or [data_dir], cfg, rt)
     manifest = read_manifest(data_dir)
     vocab = int(manifest["tokenizer"]["vocab_size"])
 
@@ -211,7 +214,7 @@ def train(cfg: RunConfig, ds_path: str, *, resume: str = "") -> Path:
     load_root = _universal_root(plan, rt) if plan.universal else None
     engine = R.build_engine(objective, optim=cfg.optim, schedule=plan.cfg.schedule, ds=plan.ds,
                             total_steps=plan.last_step, on_gpu=rt.on_gpu)
-    stream = TrainStream(data_dir, seq_len=cfg.data.seq_len, seed=cfg.data.seed, masking=cfg.masking)
+    stream = mixture.open_train_stream(cfg.data, data_dir, seed=cfg.data.seed, masking=cfg.masking)
     step = 0
     if plan.point:
         C.load(engine, load_root or plan.point.root, plan.point.tag)
@@ -239,6 +242,8 @@ def train(cfg: RunConfig, ds_path: str, *, resume: str = "") -> Path:
     )
     if verified is not None:
         log.message(integrity.describe(verified))
+    if isinstance(stream, mixture.MixtureStream):
+        log.message(stream.describe())
     _report_resume(plan, log)
     if plan.compile_note:
         log.message(plan.compile_note)
@@ -317,6 +322,7 @@ class Loop:
         self.window = MT.StepWindow(rt.device)
         self._unigram: float | None = None
         self.compile_clock = compiling.Clock() if plan.compile else None
+        self._logged_consumed = stream.state.consumed
 
     def run(self, step: int) -> Path:
         cfg, last = self.cfg, self.plan.last_step
@@ -417,11 +423,18 @@ class Loop:
             "consumed_tokens": self.stream.state.consumed * cfg.data.seq_len, "epoch": self.stream.epoch,
             "peak_rss_gb": mem[0],
         })
+        if isinstance(self.stream, mixture.MixtureStream):
+            values.update(self.stream.log_values())
+            for line in self.stream.new_epochs(self._logged_consumed):
+                self.log.message(f"{line}, by step {step}")
+        self._logged_consumed = self.stream.state.consumed
         if self.on_gpu:
             values["max_memory_gb"] = mem[1]
         self.log.window(step, values, r["adv_skipped"])
 
     def evaluate_and_log(self, step: int) -> float:
+        if isinstance(self.stream, mixture.MixtureStream):
+            return self.evaluate_mixture(step)
         ev = evaluate(self.engine, self.cfg, self.data_dir, self.device, self.rank, self.world,
                       max_sequences=self.cfg.eval.max_sequences)
         ppl = math.exp(min(ev, 50))
@@ -431,6 +444,28 @@ class Loop:
         self.log.message(f"eval at step {step}: masked-LM loss {ev:.4f}, perplexity {ppl:.2f}; a model "
                          f"of token frequencies alone: {line:.4f} (the run is {abs(gap):.2f} nats "
                          f"{'below' if gap >= 0 else 'above'} it)")
+        return ev
+
+    def evaluate_mixture(self, step: int) -> float:
+        """Each source's validation split on its own; the mixture's loss is their share-weighted
+        mean (the loss on sequences drawn as training draws them)."""
+        st, cfg = self.stream, self.cfg
+        losses = [evaluate(self.engine, cfg, s.dir, self.device, self.rank, self.world,
+                           max_sequences=cfg.eval.max_sequences) for s in st.sources]
+        ev = float(sum(w * x for w, x in zip(st.shares, losses)))
+        if self._unigram is None and self.rank == 0:
+            self._unigram = mixture.mixture_unigram(st, seq_len=cfg.data.seq_len, seed=cfg.data.seed,
+                                                    masking=cfg.masking,
+                                                    max_sequences=cfg.eval.max_sequences)[0]
+        line = self._unigram if self._unigram is not None else math.nan
+        ppl = math.exp(min(ev, 50))
+        self.log.log(step, {"eval_loss": ev, "eval_perplexity": ppl, "unigram_loss": line,
+                            **{f"eval_loss/{s.name}": x for s, x in zip(st.sources, losses)}})
+        per = ", ".join(f"{s.name} {x:.4f}" for s, x in zip(st.sources, losses))
+        self.log.message(f"eval at step {step}: masked-LM loss {ev:.4f} (the mixture's; {per}), "
+                         f"perplexity {ppl:.2f}; a model of the mixture's token frequencies alone: "
+                         f"{line:.4f} (the run is {abs(line - ev):.2f} nats "
+                         f"{'below' if line >= ev else 'above'} it)")
         return ev
 
     def unigram_line(self) -> float:
