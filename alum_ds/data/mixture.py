@@ -75,6 +75,8 @@ def integer_shares(weights: list[Fraction], period_max: int = PERIOD_MAX) -> tup
     by_remainder = sorted(range(len(quota)), key=lambda i: (quota[i] - counts[i], -i), reverse=True)
     for i in by_remainder[: period_max - sum(counts)]:
         counts[i] += 1
+    if min(counts) == 0:
+        raise ValueError(f"share {float(shares[counts.index(0)]):.3g} is below 1/{period_max}")
     return np.array(counts, dtype=np.int64), False
 
 
@@ -154,6 +156,11 @@ def check_sources(data: DataConfig) -> list[Source]:
     """Refuse a mixture whose folders are missing or were prepared with different tokenizers
     (before any process group: one line naming both folders)."""
     srcs = sources_of(data)
+    try:
+        integer_shares([s.weight for s in srcs])
+    except ValueError as e:
+        raise DataError(f"data.sources: a source's {e} of the total weight, the finest share "
+                        "the schedule gives: raise its weight or leave it out") from None
     first = None
     for s in srcs:
         tok = read_manifest(s.dir)["tokenizer"]
