@@ -89,31 +89,26 @@ def chairman_schedule(counts: np.ndarray) -> np.ndarray:
         return np.zeros(P, dtype=np.int32)
     m = 2 * k - 2  # the rule's margin is 1/m of a sequence
     C = [0] * k
-    # Deadlines (C_s + 1 - 1/m) / w_s compare as (m (C_s + 1) - 1) / W_s; scaled by 2^62 / W_s
-    # they stay distinct integers (two distinct fractions of denominators <= 2^16 differ by at
-    # least 2^-32 of the scale), so heap order is the exact order; ties go to the lower index.
-    scale = 1 << 62
-
-    def release(s: int) -> int:  # first time t with t w_s - C_s >= 1/m
-        return -(-(m * C[s] + 1) * P // (m * W[s]))
-
-    def deadline(s: int) -> int:
-        return (m * (C[s] + 1) - 1) * scale // W[s]
-
-    waiting = [(release(s), s) for s in range(k)]
+    # Release: the first time t with t w_s - C_s >= 1/m, an integer ceiling. Deadline: (C_s + 1 -
+    # 1/m) / w_s, compared as (m (C_s + 1) - 1) / W_s: a double holds these quotients exactly
+    # enough (two distinct ones, below 2m, differ by at least 1/P^2 >= 2^-32, far above the
+    # rounding of a division), so heap order is the exact order; ties go to the lower index.
+    waiting = [(-(-P // (m * W[s])), s) for s in range(k)]
     heapq.heapify(waiting)
-    ready: list[tuple[int, int]] = []
+    ready: list[tuple[float, int]] = []
+    push, pop = heapq.heappush, heapq.heappop
     out = np.empty(P, dtype=np.int32)
     for n in range(P):
         t = n + 1
         while waiting and waiting[0][0] <= t:
-            heapq.heappush(ready, (deadline(waiting[0][1]), heapq.heappop(waiting)[1]))
+            s = pop(waiting)[1]
+            push(ready, ((m * (C[s] + 1) - 1) / W[s], s))
         if not ready:  # Tijdeman's theorem: never (kept as a check of this implementation)
             raise AssertionError(f"no source eligible at position {n} of {P}")
-        s = heapq.heappop(ready)[1]
+        s = pop(ready)[1]
         out[n] = s
-        C[s] += 1
-        heapq.heappush(waiting, (release(s), s))
+        c = C[s] = C[s] + 1
+        push(waiting, (-(-(m * c + 1) * P // (m * W[s])), s))
     if C != W:  # the period ends with every source at its share (checked: the bound needs it)
         raise AssertionError(f"the schedule gave {C}, not {W}")
     return out
