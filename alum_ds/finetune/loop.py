@@ -11,9 +11,10 @@ again into the same folder replaces them.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +28,10 @@ from alum_ds.config import ConfigError
 from alum_ds.data.shards import DataError
 from alum_ds.ds_config import precision_of, resolve_ds_config, resolve_ds_path, zero_stage_of
 from alum_ds.finetune import data as FD
+from alum_ds.finetune import metrics as FM
 from alum_ds.finetune.config import FinetuneConfig
 from alum_ds.finetune.evaluate import evaluate
-from alum_ds.finetune.objective import ClassifierObjective
+from alum_ds.finetune.objective import ClassifierObjective, RegressionObjective
 from alum_ds.finetune.source import ModelSource, build_classifier, load_checked_tokenizer, resolve_source
 from alum_ds.finetune.tasks import ensure_topic_task
 
@@ -38,7 +40,7 @@ from alum_ds.finetune.tasks import ensure_topic_task
 class Prepared:
     source: ModelSource
     tokenizer: Any
-    labels: FD.LabelSet
+    labels: FD.LabelSet | FD.RealLabels
     train: FD.Encoded
     validation: FD.Encoded
     extra: dict[str, FD.Encoded]
@@ -70,7 +72,10 @@ def prepare(cfg: FinetuneConfig) -> Prepared:
         labels = labels or meta["labels"]
         name = f"embedded topic task ({folder})"
     extra = {s: FD.read_examples(s, cols, "adversarial") for s in extra_specs}
-    label_set = FD.LabelSet(labels) if labels else FD.LabelSet.from_examples(train)
+    if task.type == "regression":
+        label_set: FD.LabelSet | FD.RealLabels = FD.RealLabels()
+    else:
+        label_set = FD.LabelSet(labels) if labels else FD.LabelSet.from_examples(train)
 
     src = resolve_source(task.checkpoint, task.tokenizer)
     try:
@@ -99,6 +104,16 @@ def _split(ex: FD.Examples) -> tuple[FD.Examples, FD.Examples]:
     return sub(keep, ex.source), sub(held, f"{ex.source} (every 10th example)")
 
 
+def with_epochs(cfg: FinetuneConfig, examples: int, world: int) -> FinetuneConfig:
+    """``cfg`` with schedule.steps set from task.epochs (when set): enough optimizer steps for
+    that many passes over ``examples`` at the global batch of ``world`` ranks."""
+    if not cfg.task.epochs:
+        return cfg
+    per_step = cfg.schedule.micro_batch_size * cfg.schedule.grad_accum * world
+    steps = max(1, math.ceil(cfg.task.epochs * examples / per_step))
+    return replace(cfg, schedule=replace(cfg.schedule, steps=steps))
+
+
 def _prepare_run_dir(run_dir: Path) -> None:
     if (run_dir / "checkpoints").is_dir() or (run_dir / "config.resolved.json").is_file():
         raise ConfigError(f"--run.dir {run_dir} is a pretraining run folder; fine-tune into another")
@@ -117,6 +132,7 @@ def finetune(cfg: FinetuneConfig, ds_path: str) -> dict[str, Any]:
     try:
         dev = R.detect()
         rt = R.start(dev)
+        cfg = with_epochs(cfg, len(prep.train), rt.world)
         ds = resolve_ds_config(ds_path, cfg, world_size=rt.world, bf16_supported=dev.bf16_supported,
                                on_gpu=rt.on_gpu)
         R.tune_host(rt, ds)
@@ -124,14 +140,18 @@ def finetune(cfg: FinetuneConfig, ds_path: str) -> dict[str, Any]:
         torch.manual_seed(cfg.run.seed)  # the same classifier head on every rank
         model = build_classifier(prep.source, prep.labels.names, dropout=cfg.model.dropout,
                                  activation_checkpointing=cfg.model.activation_checkpointing)
+        regression = cfg.task.type == "regression"
+        if regression:
+            model.config.problem_type = "regression"
         R.adapt_model(rt, model)
         if compiled:
             R.compile_model(model, ds, R.cache_dir(cfg.task.cache_dir))
     finally:
         prep.source.cleanup()
     n_params = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
-    objective = ClassifierObjective(model, cfg.alum, any_rank=rt.any_rank(),
-                                    freeze_ascent=compiled and not cfg.model.activation_checkpointing)
+    kind = RegressionObjective if regression else ClassifierObjective
+    objective = kind(model, cfg.alum, any_rank=rt.any_rank(),
+                     freeze_ascent=compiled and not cfg.model.activation_checkpointing)
     engine = R.build_engine(objective, optim=cfg.optim, schedule=cfg.schedule, ds=ds,
                             total_steps=cfg.schedule.steps, on_gpu=rt.on_gpu)
     if rt.rank == 0:
@@ -148,15 +168,16 @@ def finetune(cfg: FinetuneConfig, ds_path: str) -> dict[str, Any]:
         f"{prep.source.description} ({n_params / 1e6:.2f}M params), "
         f"ALUM {'on (alpha=' + format(cfg.alum.alpha, 'g') + ')' if alum_on else 'off'}, "
         f"task {prep.task}{pair}: {len(prep.train)} training / {len(prep.validation)} validation "
-        f"examples, labels {', '.join(prep.labels.names)}")
+        f"examples, {'regression' if regression else 'labels ' + ', '.join(prep.labels.names)}")
 
     if compile_note:
         log.message(compile_note)
     clock = compiling.Clock() if compiled else None
     pad = int(prep.tokenizer.pad_token_id)
-    eval_kw = dict(num_labels=len(prep.labels.names), pad_id=pad, batch=cfg.eval.batch, device=rt.device)
+    eval_kw = dict(num_labels=len(prep.labels.names), pad_id=pad, batch=cfg.eval.batch, device=rt.device,
+                   metrics=tuple(cfg.task.metrics or FM.defaults(cfg.task.type)), regression=regression)
     mb, accum = cfg.schedule.micro_batch_size, cfg.schedule.grad_accum
-    window = MT.StepWindow(rt.device, extra=("correct",))
+    window = MT.StepWindow(rt.device, extra=() if regression else ("correct",))
     t_last, steps_since = time.time(), 0
     engine.train()
     for step in range(cfg.schedule.steps):
@@ -177,18 +198,18 @@ def finetune(cfg: FinetuneConfig, ds_path: str) -> dict[str, Any]:
                             f"before step {done} (not counted in step times)")
             t_last += spent
             r = window.reduce(D.all_reduce, rt.world, cfg.alum.alpha)
-            values = MT.window_values(r, task="ce", alum_on=alum_on, engine=engine,
+            values = MT.window_values(r, task=objective.task, alum_on=alum_on, engine=engine,
                                       skipped_total=objective.skipped_total)
-            values.update(train_accuracy=r["correct"] / max(r["rows"], 1.0),
-                          examples_per_s=r["rows"] / (now - t_last),
+            if not regression:
+                values["train_accuracy"] = r["correct"] / max(r["rows"], 1.0)
+            values.update(examples_per_s=r["rows"] / (now - t_last),
                           step_time_s=(now - t_last) / steps_since)
             log.window(done, values, r["adv_skipped"])
             t_last, steps_since = now, 0
         if cfg.eval.every and done % cfg.eval.every == 0 and done < cfg.schedule.steps:
             ev = evaluate(engine, prep.validation, **eval_kw)
             log.log(done, {f"eval_{k}": v for k, v in ev.items()})
-            log.message(f"eval at step {done}: accuracy {ev['accuracy']:.4f}, "
-                        f"macro F1 {ev['macro_f1']:.4f}")
+            log.message(f"eval at step {done}: {_scores(ev)}")
 
     results = _final_eval(engine, prep, cfg, eval_kw)
     log.log(cfg.schedule.steps, {f"eval_{k}": v for k, v in _flat(results).items()})
@@ -208,7 +229,8 @@ def finetune(cfg: FinetuneConfig, ds_path: str) -> dict[str, Any]:
 
 def _final_eval(engine: Any, prep: Prepared, cfg: FinetuneConfig, kw: dict) -> dict[str, Any]:
     steps = cfg.eval.pgd_steps
-    radii = tuple(r for r in cfg.eval.robust_radius if r > 0) if steps else ()
+    radii = tuple(r for r in cfg.eval.robust_radius if r > 0) if steps and not kw["regression"] \
+        else ()
     out: dict[str, Any] = {"validation": evaluate(engine, prep.validation, robust_radii=radii,
                                                   pgd_steps=steps, **kw)}
     out["pgd"] = {"steps": steps, "radii": list(radii), "norm": "linf per element"}
@@ -219,21 +241,24 @@ def _final_eval(engine: Any, prep: Prepared, cfg: FinetuneConfig, kw: dict) -> d
 def _flat(results: dict[str, Any]) -> dict[str, float]:
     flat = {k: v for k, v in results["validation"].items() if k != "examples"}
     for i, ev in enumerate(results["adversarial"].values()):
-        flat[f"adversarial{i}_accuracy"] = ev["accuracy"]
+        flat.update({f"adversarial{i}_{k}": v for k, v in ev.items() if k != "examples"})
     return flat
+
+
+def _scores(ev: dict[str, Any]) -> str:
+    return ", ".join(f"{FM.NAMES.get(k, k)} {v:.4f}" for k, v in ev.items()
+                     if k != "examples" and not k.startswith("robust_accuracy@"))
 
 
 def _result_lines(results: dict[str, Any]) -> list[str]:
     v = results["validation"]
-    line = (f"validation ({v['examples']} examples): accuracy {v['accuracy']:.4f}, "
-            f"macro F1 {v['macro_f1']:.4f}")
+    line = f"validation ({v['examples']} examples): {_scores(v)}"
     for k, x in v.items():
         if k.startswith("robust_accuracy@"):
             line += f", robust accuracy (PGD-{results['pgd']['steps']}, radius {k.split('@')[1]}) {x:.4f}"
     lines = [line]
     for name, ev in results["adversarial"].items():
-        lines.append(f"adversarial set {name} ({ev['examples']} examples): accuracy {ev['accuracy']:.4f}, "
-                     f"macro F1 {ev['macro_f1']:.4f}")
+        lines.append(f"evaluation set {name} ({ev['examples']} examples): {_scores(ev)}")
     return lines
 
 
