@@ -200,10 +200,10 @@ def export_main(argv: list[str]) -> int:
     return 0
 
 
-def evaluate_main(argv: list[str]) -> int:
+def evaluate_main(argv: list[str] | None = None, prog: str = "alum-ds evaluate") -> int:
     from alum_ds.finetune import suite as S
 
-    p = _run_parser("alum-ds evaluate",
+    p = _run_parser(prog,
                     "Fine-tune every task of a suite (GLUE, ANLI or your own TOML) from each "
                     "CHECKPOINT, plainly, with ALUM or both, over --seeds seeds, and write "
                     "OUT/suite.md (the table), suite.json and suite.png. Rerunning skips finished "
@@ -217,7 +217,7 @@ def evaluate_main(argv: list[str]) -> int:
                    help="plain fine-tuning, ALUM fine-tuning, or both (a table row each); default both")
     p.add_argument("--seeds", type=int, default=1, help="seeds per task and mode (default 1)")
     p.add_argument("--out", default="", help="output folder (default runs/evaluate/SUITE)")
-    args, rest = p.parse_known_args(argv)
+    args, rest = p.parse_known_args(list(sys.argv[1:] if argv is None else argv))
 
     def start() -> None:
         bad = [r for r in rest if not (r.startswith("--") and "=" in r)]
