@@ -135,6 +135,8 @@ def _task(d: dict[str, Any], where: str) -> Task:
     evals = d.get("eval", {})
     if not isinstance(evals, dict) or not all(isinstance(v, str) for v in evals.values()):
         raise ConfigError(f"{where}: eval is a table of column name = data source")
+    if len(set(evals.values())) != len(evals) or set(evals.values()) & {*validation}:
+        raise ConfigError(f"{where}: an eval set repeats a data source (each set once)")
     kind = d.get("type", "classification")
     if kind not in ("classification", "regression"):
         raise ConfigError(f"{where}: type {kind!r} is not classification or regression")
