@@ -9,8 +9,10 @@ their longest row, the same micro-batch, number of ranks, DeepSpeed ZeRO config,
 settings and dropout. The baseline is ``AutoModelForSequenceClassification`` under ``Trainer``
 with ``DataCollatorWithPadding`` (what ``run_glue.py`` does); alum_ds runs ``launch/finetune.py``
 with ALUM off, then on. All three run through the real ``deepspeed`` launcher, one after the
-other, in this script; each is timed as wall time over windows of whole steps (data, collation
-and the step) after warm-up, and the figure is the median window.
+other, in this script, and the three again for each of ``--rounds`` (so that a change of the
+machine's load over the run touches every side alike); each is timed as wall time over windows
+of whole steps (data, collation and the step) after warm-up, and the figure is the median window
+over all rounds.
 
 Goals (issue 21): plain alum_ds at least 1.0x the Trainer's throughput, and an ALUM step at most
 2.5x a plain one (ALUM's FLOP model is 8/3 of plain: docs/ALUM.md, "Cost"). Results are printed
@@ -106,7 +108,7 @@ def make_model(args: argparse.Namespace, work: Path) -> Path:
 
 def run_alum_ds(args: argparse.Namespace, work: Path, port: int, model: Path, alum: bool) -> list[float]:
     """Mean step time per logged window (each record covers the ``window`` steps since the last)."""
-    run_dir = work / f"alum_ds-{'alum' if alum else 'plain'}"
+    run_dir = work / f"alum_ds-{'alum' if alum else 'plain'}-{port}"
     cmd = _launcher(args.ranks, port) + [
         str(ROOT / "launch" / "finetune.py"), "--ds_config", str(ROOT / args.ds), "--checkpoint", str(model),
         f"--task.cache_dir={args.cache}", f"--task.max_length={args.seq_len}",
@@ -153,6 +155,7 @@ def main() -> None:
     p.add_argument("--micro-batch", type=int, default=8)
     p.add_argument("--ranks", type=int, default=2)
     p.add_argument("--ds", default="ds_configs/zero2.json")
+    p.add_argument("--rounds", type=int, default=2, help="times the three runs are repeated, in turn")
     p.add_argument("--vocab", type=int, default=8192, help="the embedded BPE's vocabulary")
     p.add_argument("--cache", default="")
     p.add_argument("--quick", action="store_true", help="tiny preset, few steps (smoke test)")
@@ -168,10 +171,11 @@ def main() -> None:
         return
     if args.quick:
         args.preset, args.steps, args.warmup, args.window, args.vocab = "tiny", 6, 2, 2, 2048
+        args.rounds = 1
     port = 29000 + os.getpid() % 800
     res: dict = {"preset": args.preset, "seq_len": args.seq_len, "micro_batch": args.micro_batch,
                  "ranks": args.ranks, "ds_config": args.ds, "window_steps": args.window,
-                 "steps": args.steps, "warmup_steps": args.warmup,
+                 "steps": args.steps, "warmup_steps": args.warmup, "rounds": args.rounds,
                  "machine": {**machine(), "load_avg_before": list(os.getloadavg())}}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -181,9 +185,13 @@ def main() -> None:
         train = ensure_topic_task(args.cache) / "train.jsonl"
         model = make_model(args, work)
         skip = -(-args.warmup // args.window)  # windows that hold a warm-up step
-        plain = run_alum_ds(args, work, port, model, alum=False)[skip:]
-        hf = run_hf(args, work, port + 1, model, train)[skip:]
-        alum = run_alum_ds(args, work, port + 2, model, alum=True)[skip:]
+        plain: list[float] = []
+        hf: list[float] = []
+        alum: list[float] = []
+        for r in range(args.rounds):
+            plain += run_alum_ds(args, work, port + 3 * r, model, alum=False)[skip:]
+            hf += run_hf(args, work, port + 3 * r + 1, model, train)[skip:]
+            alum += run_alum_ds(args, work, port + 3 * r + 2, model, alum=True)[skip:]
     rows = args.ranks * args.micro_batch
     res["windows_measured"] = len(plain)
     res["alum_ds_plain_step_s"] = statistics.median(plain)
