@@ -1,5 +1,5 @@
 """Evaluation: the task's metrics (``finetune.metrics``) on a labelled set, and accuracy under
-attack.
+attack; the run's periodic and final evaluation (``Validator``).
 
 Each rank evaluates every ``world``-th example; the predictions (each example's written by the
 one rank that evaluated it) and the attack's counts are summed over ranks, so every rank holds
@@ -17,7 +17,9 @@ import torch
 
 from alum_ds import distributed as D
 from alum_ds.finetune import metrics as FM
+from alum_ds.finetune.config import FinetuneConfig
 from alum_ds.finetune.data import Encoded
+from alum_ds.metrics import MetricsLogger
 
 
 def macro_f1(confusion: np.ndarray) -> float:
@@ -75,3 +77,61 @@ def evaluate(engine: Any, data: Encoded, *, num_labels: int, pad_id: int, batch:
             res[f"robust_accuracy@{r:g}"] = float(robust[j] / n) if n else float("nan")
     res.update(FM.compute(metrics, y, pred))
     return res
+
+
+class Validator:
+    """The periodic and final evaluation of a fine-tuning run, logged."""
+
+    def __init__(self, engine: Any, cfg: FinetuneConfig, validation: Encoded,
+                 extra: dict[str, Encoded], *, num_labels: int, pad_id: int, device: torch.device,
+                 log: MetricsLogger, regression: bool = False) -> None:
+        self.engine, self.cfg, self.validation, self.extra, self.log = engine, cfg, validation, extra, log
+        self.regression = regression
+        self.kw = dict(num_labels=num_labels, pad_id=pad_id, batch=cfg.eval.batch, device=device,
+                       metrics=tuple(cfg.task.metrics or FM.defaults(cfg.task.type)), regression=regression)
+
+    def run(self, step: int) -> dict[str, float]:
+        ev = evaluate(self.engine, self.validation, **self.kw)
+        self.log.log(step, {f"eval_{k}": v for k, v in ev.items()})
+        self.log.message(f"eval at step {step}: {_scores(ev)}")
+        return ev
+
+    def final(self, step: int) -> dict[str, Any]:
+        """The validation set (with the PGD attack, where set) and every adversarial set, logged."""
+        steps = self.cfg.eval.pgd_steps
+        # Robust accuracy needs classes: none for a regression task.
+        radii = tuple(r for r in self.cfg.eval.robust_radius if r > 0) if steps and not self.regression \
+            else ()
+        out: dict[str, Any] = {"validation": evaluate(self.engine, self.validation, robust_radii=radii,
+                                                      pgd_steps=steps, **self.kw)}
+        out["pgd"] = {"steps": steps, "radii": list(radii), "norm": "linf per element"}
+        out["adversarial"] = {name: evaluate(self.engine, enc, **self.kw)
+                              for name, enc in self.extra.items()}
+        self.log.log(step, {f"eval_{k}": v for k, v in _flat(out).items()})
+        for line in _result_lines(out):
+            self.log.message(line)
+        return out
+
+
+def _flat(results: dict[str, Any]) -> dict[str, float]:
+    flat = {k: v for k, v in results["validation"].items() if k != "examples"}
+    for i, ev in enumerate(results["adversarial"].values()):
+        flat.update({f"adversarial{i}_{k}": v for k, v in ev.items() if k != "examples"})
+    return flat
+
+
+def _scores(ev: dict[str, Any]) -> str:
+    return ", ".join(f"{FM.NAMES.get(k, k)} {v:.4f}" for k, v in ev.items()
+                     if k != "examples" and not k.startswith("robust_accuracy@"))
+
+
+def _result_lines(results: dict[str, Any]) -> list[str]:
+    v = results["validation"]
+    line = f"validation ({v['examples']} examples): {_scores(v)}"
+    for k, x in v.items():
+        if k.startswith("robust_accuracy@"):
+            line += f", robust accuracy (PGD-{results['pgd']['steps']}, radius {k.split('@')[1]}) {x:.4f}"
+    lines = [line]
+    for name, ev in results["adversarial"].items():
+        lines.append(f"evaluation set {name} ({ev['examples']} examples): {_scores(ev)}")
+    return lines
