@@ -26,6 +26,7 @@ import torch
 from alum_ds import checkpoint as C
 from alum_ds import compiling
 from alum_ds import distributed as D
+from alum_ds import guard as G
 from alum_ds import metrics as MT
 from alum_ds import runtime as R
 from alum_ds.config import AlumConfig, ConfigError, RunConfig, for_world
@@ -110,6 +111,8 @@ class Plan:
     """``point`` is another run's checkpoint this run starts from (``run.branch_from``)."""
     compile: bool = False
     compile_note: str = ""
+    resume: str = ""
+    """The ``--resume`` argument the plan was made with."""
 
 
 def plan_run(cfg: RunConfig, ds_path: str, *, resume: str, world: int, on_gpu: bool,
@@ -120,6 +123,7 @@ def plan_run(cfg: RunConfig, ds_path: str, *, resume: str, world: int, on_gpu: b
     _check_run_dir(run_dir, cfg)
     ecfg = for_world(cfg, world)
     ds = resolve_ds_config(ds_path, ecfg, world_size=world, bf16_supported=bf16_supported, on_gpu=on_gpu)
+    G.check_ds(ds, cfg.guard)
     gb = ecfg.schedule.micro_batch_size * ecfg.schedule.grad_accum * world
     total = planned_steps(cfg, gb)
     point = C.find_resume(run_dir, resume)
@@ -145,7 +149,7 @@ def plan_run(cfg: RunConfig, ds_path: str, *, resume: str, world: int, on_gpu: b
             raise ConfigError(f"model.pretrained {e}") from None
     compiled, note = R.compile_plan(ds, on_gpu)
     return Plan(ecfg, ds, world, run_dir, point, universal, gb, total, branch,
-                compiled, note)
+                compiled, note, resume)
 
 
 def _alum_words(alum: AlumConfig, total: int) -> str:
@@ -161,6 +165,7 @@ def train(cfg: RunConfig, ds_path: str, *, resume: str = "") -> Path:
     plan = plan_run(cfg, ds_path, resume=resume, world=int(os.environ.get("WORLD_SIZE", "1")),
                     on_gpu=dev.on_gpu, bf16_supported=dev.bf16_supported)
     rt = R.start(dev, expect_world=plan.world)
+    plan = _intact_plan(plan, cfg, ds_path, rt, dev)
     data_dir = resolve_data(cfg)
     manifest = read_manifest(data_dir)
     vocab = int(manifest["tokenizer"]["vocab_size"])
@@ -191,6 +196,8 @@ def train(cfg: RunConfig, ds_path: str, *, resume: str = "") -> Path:
     load_root = _universal_root(plan, rt) if plan.universal else None
     engine = R.build_engine(objective, optim=cfg.optim, schedule=plan.cfg.schedule, ds=plan.ds,
                             total_steps=plan.last_step, on_gpu=rt.on_gpu)
+    if cfg.guard.enabled:
+        G.install(engine)
     stream = TrainStream(data_dir, seq_len=cfg.data.seq_len, seed=cfg.data.seed, masking=cfg.masking)
     step = 0
     if plan.point:
@@ -227,6 +234,39 @@ def train(cfg: RunConfig, ds_path: str, *, resume: str = "") -> Path:
     return loop.run(step)
 
 
+def _intact_plan(plan: Plan, cfg: RunConfig, ds_path: str, rt: R.Runtime, dev: R.Device) -> Plan:
+    """The plan with a checkpoint whose files match their recorded checksums: each rank checks its
+    own share, collectively. A damaged checkpoint of the run's own folder is set aside for the
+    newest intact one (said in one line); a damaged ``--resume`` or ``run.branch_from``
+    checkpoint, or none intact, is refused (one line, nothing changed)."""
+    damaged: list[tuple[str, str]] = []
+    point = plan.point
+    own = not plan.resume and not plan.branch
+    while point is not None:
+        problems = [p for p in C.gather_json(C.verify(point, rt.rank, rt.world), rt.device) if p]
+        if not problems:
+            break
+        damaged.append((point.tag, problems[0]))
+        older = [t for t in C.complete_tags(point.root) if t < point.tag] if own else []
+        if not older:
+            fix = ("no older complete checkpoint is there: restore the file or use a new --run.dir"
+                   if own else "resume from another checkpoint")
+            raise ConfigError(f"checkpoint {point.path} is damaged: {problems[0]}; {fix}")
+        point = C.ResumePoint(point.root, older[0], C.read_state(point.root / older[0]) or {})
+    if not damaged:
+        return plan
+    assert point is not None
+    if rt.rank == 0:
+        C.set_aside(point.root, [t for t, _ in damaged], point.tag)
+    D.barrier()
+    new = plan_run(cfg, ds_path, resume="", world=plan.world, on_gpu=dev.on_gpu,
+                   bf16_supported=dev.bf16_supported)
+    assert new.point is not None and new.point.tag == point.tag
+    new.point.note = "; ".join(f"checkpoint {t} is damaged ({why}), set aside as {t}{C.DAMAGED_SUFFIX}"
+                               for t, why in damaged) + f": resuming from {point.tag}"
+    return new
+
+
 def _universal_root(plan: Plan, rt: R.Runtime) -> Path:
     """Rank 0 converts the checkpoint to a universal one; the others wait for it."""
     assert plan.point is not None
@@ -256,6 +296,8 @@ def _report_resume(plan: Plan, log: MT.MetricsLogger) -> None:
     if p is None:
         return
     how = f" (universal: saved by {p.world_size} rank(s), now {plan.world})" if plan.universal else ""
+    if p.note:
+        log.message(f"warning: {p.note}")
     log.message(f"{'branched' if plan.branch else 'resumed'} from {p.path} at step {p.step}{how}")
     if plan.universal and 3 in (p.zero_stage, zero_stage_of(plan.ds)):
         log.message("warning: DeepSpeed's universal load under ZeRO-3 restores the optimizer only "
@@ -293,6 +335,10 @@ class Loop:
         self.fpt, self.peak = flops_per_token, peak
         self.rank, self.world = rt.rank, rt.world
         self.window = MT.StepWindow(rt.device)
+        self.guard = G.Guard(user_cfg.guard, rt.device, count_grad_skips=precision_of(plan.ds) != "fp16")
+        if plan.point is not None and not plan.branch:
+            self.guard.load_state_dict(plan.point.state.get("guard", {}))
+        self.sink = G.Tee(self.window, self.guard)
         self._unigram: float | None = None
         self.compile_clock = compiling.Clock() if plan.compile else None
 
@@ -305,9 +351,18 @@ class Loop:
         preempted = False
         self.engine.train()
         try:
-            while step < last:
+            while True:
+                if step >= last:
+                    if not self.save(step):  # a no-op where `latest` already names this step
+                        step, since, t_last = self.recover(step), 0, time.time()
+                        continue
+                    break
                 alum_on = cfg.alum.enabled and step >= alum_start
-                if not self.train_step(alum_on, signals.requested):
+                status = self.train_step(alum_on, signals.requested, step)
+                if status == "diverged":
+                    step, since, t_last = self.recover(step), 0, time.time()
+                    continue
+                if status == "signalled":
                     self.save(step)
                     self.log.message(f"stopped by signal after saving step {step}; rerun to resume "
                                      f"(exit code {EXIT_PREEMPTED})")
@@ -319,13 +374,14 @@ class Loop:
                 if cfg.eval.every and step % cfg.eval.every == 0 and step < last:
                     self.evaluate_and_log(step)
                 if cfg.run.stop_after and step - first >= cfg.run.stop_after and step < last:
-                    self.save(step)
+                    if not self.save(step):
+                        step, since, t_last = self.recover(step), 0, time.time()
+                        continue
                     self.log.message(f"run.stop_after: stopped after saving step {step}; rerun to continue")
                     self.log.message(f"run folder: {self.plan.run_dir.resolve()}")
                     return self.plan.run_dir
-                if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
-                    self.save(step)
-            self.save(step)  # a no-op where `latest` already names this step
+                if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and not self.save(step):
+                    step, since, t_last = self.recover(step), 0, time.time()
             if cfg.schedule.max_tokens and last < cfg.schedule.steps:
                 self.log.message(f"token budget of {cfg.schedule.max_tokens:,} reached at step {last}")
             ev = self.evaluate_and_log(step)
@@ -341,10 +397,11 @@ class Loop:
             signals.ignore() if preempted else signals.restore()
             self.log.close()
 
-    def train_step(self, alum_on: bool, signalled: bool) -> bool:
-        """One optimizer step of ``grad_accum`` micro-steps. Returns False, untrained and with the
-        stream unmoved, when any rank has been signalled: the decision is collective, carried by
-        the step's one small all-reduce."""
+    def train_step(self, alum_on: bool, signalled: bool, step: int) -> str:
+        """Optimizer step ``step + 1``, of ``grad_accum`` micro-steps: "ok"; or, untrained and with
+        the stream unmoved, "signalled" when any rank has been signalled, "diverged" when the
+        guard's verdict on step ``step`` calls for its policy. Both decisions are collective,
+        carried by the step's one small all-reduce (with the guard's values of step ``step``)."""
         mb, accum = self.cfg.schedule.micro_batch_size, self.cfg.schedule.grad_accum
         start = self.stream.state.consumed
         batches = []
@@ -355,17 +412,74 @@ class Loop:
         local = sum(int((y != -100).sum()) for _, (_, y) in batches)
         # The gradient is normalised by the masked tokens of the entire optimizer step, so
         # 2 x b accumulated equals 2b at once.
-        masked, stop = D.all_reduce(torch.tensor([float(local), float(signalled)], device=self.device),
-                                    "sum").tolist()
-        if stop:
+        reduced = D.all_reduce(torch.cat([
+            torch.tensor([float(local), float(signalled)], device=self.device), self.guard.payload()]),
+            "sum").tolist()
+        masked, stop = reduced[:2]
+        verdict = self.guard.judge(reduced[2:])
+        self.report(verdict)
+        if stop or (verdict is not None and verdict.trigger):
             self.stream.state.consumed = start
-            return False
+            return "signalled" if stop else "diverged"
         weight = self.world * accum / max(masked, 1.0)
-        R.run_micro_steps(self.engine, self.window, self.cfg.run.seed, (
+        skipped_before = self.engine.skipped_steps
+        R.run_micro_steps(self.engine, self.sink, self.cfg.run.seed, (
             (position, (torch.from_numpy(x).to(self.device), torch.from_numpy(y).to(self.device),
                         alum_on, weight), {})
             for position, (x, y) in batches))
-        return True
+        self.guard.stepped(step + 1, self.engine, skipped_before)
+        return "ok"
+
+    def report(self, v: G.Verdict | None) -> None:
+        if v is None or (math.isfinite(v.loss) and not v.skipped):
+            return
+        what = "loss" if not math.isfinite(v.loss) else "gradient norm"
+        done = "no optimizer update" if v.skipped else "the update was applied (finite gradients)"
+        self.log.message(f"warning: step {v.step}: non-finite {what}: {done} "
+                         f"({self.guard.nonfinite_run} in a row, {self.guard.skipped_total} skipped in all)")
+
+    def recover(self, step: int) -> int:
+        """The policy after a trigger at ``step``: stop (``Diverged``), or reload the newest intact
+        checkpoint of this run and continue from it with the stream where it is now, so the
+        window of data since that checkpoint is skipped. Returns the step to continue from."""
+        g = self.user_cfg.guard
+        why = self.guard.last_trigger
+        latest = C.read_latest(C.checkpoint_dir(self.plan.run_dir))
+        keep = (f"checkpoints/latest names {latest}, the newest healthy checkpoint" if latest
+                else "no checkpoint was saved")
+        if g.action == "stop" or self.guard.rollbacks >= g.max_rollbacks:
+            limit = ("" if g.action == "stop"
+                     else f" after {self.guard.rollbacks} rollback(s) (guard.max_rollbacks)")
+            raise G.Diverged(f"training diverged at step {step}: {why}; stopped{limit}; {keep}: "
+                             f"rerun with a lower --optim.lr or a longer warm-up")
+        point = None
+        for tag in C.complete_tags(C.checkpoint_dir(self.plan.run_dir)):
+            candidate = C.ResumePoint(C.checkpoint_dir(self.plan.run_dir), tag,
+                                      C.read_state(C.checkpoint_dir(self.plan.run_dir) / tag) or {})
+            if candidate.state.get("world_size") != self.world:
+                break  # saved by another number of ranks: it needs a universal load
+            problems = [p for p in C.gather_json(C.verify(candidate, self.rank, self.world),
+                                                 self.device) if p]
+            if not problems:
+                point = candidate
+                break
+            self.log.message(f"warning: checkpoint {candidate.path} is damaged ({problems[0]}); "
+                             "trying an older one")
+        if point is None:
+            raise G.Diverged(f"training diverged at step {step}: {why}; no intact checkpoint of this run "
+                             "(on these ranks) to roll back to: rerun with a lower --optim.lr or a "
+                             "longer warm-up")
+        C.load(self.engine, point.root, point.tag)
+        since, now = int(point.state["stream"]["consumed"]), self.stream.state.consumed
+        self.guard.reset()
+        self.guard.rollbacks += 1
+        self.window.sum.zero_()
+        self.log.rewind(point.step)
+        self.log.log(point.step, {"guard_rollback_from": step, "guard_skipped_sequences": now - since})
+        self.log.message(f"guard: {why}: rolled back to {point.path} (step {point.step}) and skipped "
+                         f"the {now - since:,} sequences seen since it (rollback {self.guard.rollbacks} "
+                         f"of guard.max_rollbacks={g.max_rollbacks})")
+        return point.step
 
     def compile_time(self, step: int) -> float:
         """Seconds compiled since the last window, reported on their own line (and as
@@ -387,6 +501,8 @@ class Loop:
         passes = MT.forward_equivalents(alum_on, ascents)
         values = MT.window_values(r, task="mlm", alum_on=alum_on, engine=self.engine,
                                   skipped_total=self.objective.skipped_total)
+        if self.guard.cfg.enabled:
+            values["skipped_steps_total"] = self.guard.skipped_total
         values.update({
             "tokens_per_s": tps, "sequences_per_s": tps / cfg.data.seq_len,
             "step_time_s": seconds / steps,
@@ -397,7 +513,8 @@ class Loop:
         })
         if self.on_gpu:
             values["max_memory_gb"] = mem[1]
-        self.log.window(step, values, r["adv_skipped"])
+        # With the guard on, a non-finite window is its business (a skipped step), not an error.
+        self.log.window(step, values, r["adv_skipped"], stop_on_nonfinite=not self.guard.cfg.enabled)
 
     def evaluate_and_log(self, step: int) -> float:
         ev = evaluate(self.engine, self.cfg, self.data_dir, self.device, self.rank, self.world,
@@ -450,16 +567,35 @@ class Loop:
         self.log.message("held-out sentences, one word masked (fill-mask on the exported model):\n"
                          + "\n".join(showcase.lines(results)))
 
-    def save(self, step: int) -> None:
+    def save(self, step: int) -> bool:
+        """Save step ``step`` if the model is finite and the recent loss healthy. Settles the
+        guard's pending step first (one all-reduce, with the finiteness of every rank's
+        parameters); False, nothing saved, when that step triggers the divergence policy."""
         cfg, stream = self.user_cfg, self.stream
+        if self.guard.cfg.enabled:
+            reduced = D.all_reduce(torch.cat([self.guard.payload(),
+                                              G.params_finite(self.engine.module).to(self.device)]),
+                                   "sum").tolist()
+            verdict = self.guard.judge(reduced[:2])
+            self.report(verdict)
+            if verdict is not None and verdict.trigger:
+                return False
+            why = self.guard.healthy() or ("" if reduced[2] >= self.world
+                                           else "the model has non-finite parameters")
+            if why:
+                latest = C.read_latest(C.checkpoint_dir(self.plan.run_dir))
+                self.log.message(f"guard: step {step} not saved: {why}; checkpoints/latest stays "
+                                 f"{latest or 'unset'}")
+                return True
         state = {"step": step, "world_size": self.world, "zero_stage": zero_stage_of(self.plan.ds),
                  "global_batch": self.plan.global_batch,
                  "micro_batch_size": self.cfg.schedule.micro_batch_size,
                  "grad_accum": self.cfg.schedule.grad_accum, "stream": stream.state_dict(),
                  "consumed_tokens": stream.state.consumed * cfg.data.seq_len,
                  "config_hash": cfg.fingerprint(), "config": cfg.to_dict(), "model_shape": self.shape,
-                 "data_dir": str(self.data_dir.resolve())}
+                 "data_dir": str(self.data_dir.resolve()), "guard": self.guard.state_dict()}
         C.save(self.engine, self.plan.run_dir, step, state, cfg.checkpoint.keep)
+        return True
 
 
 def evaluate(engine: Any, cfg: RunConfig, data_dir: Path, device: torch.device, rank: int,
