@@ -249,9 +249,10 @@ def _intact_plan(plan: Plan, cfg: RunConfig, ds_path: str, rt: R.Runtime, dev: R
         damaged.append((point.tag, problems[0]))
         older = [t for t in C.complete_tags(point.root) if t < point.tag] if own else []
         if not older:
+            newer = f" (and so are the {len(damaged) - 1} newer ones)" if len(damaged) > 1 else ""
             fix = ("no older complete checkpoint is there: restore the file or use a new --run.dir"
                    if own else "resume from another checkpoint")
-            raise ConfigError(f"checkpoint {point.path} is damaged: {problems[0]}; {fix}")
+            raise ConfigError(f"checkpoint {point.path} is damaged: {problems[0]}{newer}; {fix}")
         point = C.ResumePoint(point.root, older[0], C.read_state(point.root / older[0]) or {})
     if not damaged:
         return plan
@@ -262,8 +263,9 @@ def _intact_plan(plan: Plan, cfg: RunConfig, ds_path: str, rt: R.Runtime, dev: R
     new = plan_run(cfg, ds_path, resume="", world=plan.world, on_gpu=dev.on_gpu,
                    bf16_supported=dev.bf16_supported)
     assert new.point is not None and new.point.tag == point.tag
-    new.point.note = "; ".join(f"checkpoint {t} is damaged ({why}), set aside as {t}{C.DAMAGED_SUFFIX}"
-                               for t, why in damaged) + f": resuming from {point.tag}"
+    new.point.note = "; ".join([*([plan.point.note] if plan.point and plan.point.note else []), *(
+        f"checkpoint {t} is damaged ({why}), set aside as {t}{C.DAMAGED_SUFFIX}" for t, why in damaged)]
+    ) + f": resuming from {point.tag}"
     return new
 
 

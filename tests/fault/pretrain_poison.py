@@ -5,7 +5,8 @@ non-finite until the run recovers. With ``$POISON_ONCE`` set, only the first tim
 reached in this process (a rollback then trains through it healthy).
 
 ``$POISON_LOSS_AT`` instead multiplies the loss of the steps in that comma-separated list by 1e6
-(a loss spike that the update, clipped, survives).
+(a loss spike that the update, clipped, survives), the first time each is reached (a rollback
+then trains through them healthy).
 
 The fault wraps DeepSpeed's own ``DeepSpeedEngine.step`` / ``forward`` in this process only;
 alum_ds reads no test switch.
@@ -24,6 +25,7 @@ ONCE = bool(os.environ.get("POISON_ONCE"))
 SPIKES = {int(s) for s in os.environ.get("POISON_LOSS_AT", "").split(",") if s}
 _step, _forward = DeepSpeedEngine.step, DeepSpeedEngine.forward
 _done: list[int] = []
+_fired: set[int] = set()
 
 
 def _step_then_poison(self, *args, **kwargs):
@@ -31,6 +33,8 @@ def _step_then_poison(self, *args, **kwargs):
     out = _step(self, *args, **kwargs)
     steps = self.global_steps
     if steps != before:  # an optimizer step (the last micro-step of the accumulation)
+        if steps in SPIKES:
+            _fired.add(steps)
         if POISON and steps == POISON and not (ONCE and _done):
             _done.append(steps)
             p = next(self.module.parameters())
@@ -43,7 +47,7 @@ def _step_then_poison(self, *args, **kwargs):
 
 def _forward_spiked(self, *args, **kwargs):
     loss, stats = _forward(self, *args, **kwargs)
-    if self.global_steps + 1 in SPIKES:
+    if self.training and self.global_steps + 1 in SPIKES and self.global_steps + 1 not in _fired:
         loss = loss * 1e6
         stats = {**stats, "task_sum": stats["task_sum"] * 1e6}
     return loss, stats
