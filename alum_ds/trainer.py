@@ -365,9 +365,10 @@ class Loop:
                     step, since, t_last = self.recover(step), 0, time.time()
                     continue
                 if status == "signalled":
-                    self.save(step)
-                    self.log.message(f"stopped by signal after saving step {step}; rerun to resume "
-                                     f"(exit code {EXIT_PREEMPTED})")
+                    root = C.checkpoint_dir(self.plan.run_dir)
+                    saved = self.save(step) and C.read_latest(root) == C.tag_for(step)
+                    self.log.message(f"stopped by signal after {'saving' if saved else 'not saving'} "
+                                     f"step {step}; rerun to resume (exit code {EXIT_PREEMPTED})")
                     raise Preempted()
                 step, since = step + 1, since + 1
                 if step % cfg.logging.every == 0 or step == last:

@@ -1,12 +1,12 @@
 """Faults a long run meets: divergence (the guard), damaged checkpoints (integrity), a full disk.
 
 Unit tests in one process check the guard's policy and the checkpoint checks on files; two
-one-process ``alum-ds train`` runs check a NaN run stopped by the guard (ZeRO-0 fp32, where the
-guard itself skips the update) and a full tmpfs during a save; one 2-rank launch
-(tests/fault/fault_runs.py) checks, on ZeRO-2: a flipped bit in rank 1's shard and a garbage
-``latest`` (resumed from the previous checkpoint with the uninterrupted run's losses), no intact
-checkpoint (one-line refusal, nothing changed), a run poisoned with NaN and one with a loss spike
-(both rolled back past the data window, then finished).
+one-process ``alum-ds train`` runs check a full tmpfs during a save and the rerun; one 2-rank
+launch (tests/fault/fault_runs.py) checks, on ZeRO-2: a flipped bit in rank 1's shard and a
+garbage ``latest`` (resumed from the previous checkpoint with the uninterrupted run's losses), no
+intact checkpoint (one-line refusal, nothing changed), a run poisoned with NaN and one with a
+loss spike (both rolled back past the data window, then finished); and on ZeRO-0 fp32 (where the
+guard itself skips the update) a NaN run stopped with ``latest`` on its last finite checkpoint.
 """
 
 from __future__ import annotations
@@ -182,30 +182,6 @@ def _one_process(script: Path, run_dir: Path, cache: Path, *extra: str, env: dic
                 f"--data.cache_dir={cache}", *RUN, *extra], ROOT, env)
 
 
-def test_nan_run_stops_with_latest_on_the_last_finite_checkpoint(tmp_path: Path, cache_dir: Path) -> None:
-    """ZeRO-0 fp32 (the plain torch optimizer: the guard skips the update itself). NaN weights
-    from step 5 on: steps 6-8 are skipped, the save of step 6 is refused, and with
-    checkpoint.keep=1 retention still keeps step 4 (before the guard, steps 6 and 8 were saved
-    with broken weights and step 4 was pruned)."""
-    run_dir = tmp_path / "run"
-    r = _one_process(ROOT / "tests" / "fault" / "pretrain_poison.py", run_dir, cache_dir,
-                     "--schedule.steps=12", "--checkpoint.keep=1", "--guard.action=stop",
-                     env={"POISON_STEP": "5"}, ds="zero0.json")
-    err = r.stderr.strip().splitlines()
-    assert r.returncode == 3, (r.returncode, r.stderr[-3000:])
-    assert err[-1].startswith("alum-ds: error: training diverged at step 8: 3 steps in a row with a "
-                              "non-finite loss (steps 6-8"), err[-3:]
-    assert "checkpoints/latest names step00000004, the newest healthy checkpoint" in err[-1]
-    assert "warning: step 6: non-finite loss: no optimizer update (1 in a row" in r.stderr
-    assert "guard: step 6 not saved" in r.stderr
-    root = C.checkpoint_dir(run_dir)
-    assert (root / "latest").read_text() == C.tag_for(4)
-    assert C.complete_tags(root) == [C.tag_for(4)]
-    assert C.verify(C.find_resume(run_dir)) == ""
-    weights = torch.load(root / C.tag_for(4) / "mp_rank_00_model_states.pt", weights_only=False)["module"]
-    assert all(torch.isfinite(t).all() for t in weights.values())
-
-
 def test_full_disk_during_save_is_one_line_and_the_rerun_resumes_exactly(
         tmp_path: Path, cache_dir: Path) -> None:
     """A 12 MiB tmpfs holds one checkpoint of the tiny model (8.2 MB) but not two: the save of
@@ -266,6 +242,9 @@ def faults(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> dict:
         {"train": [str(base / "spike"), ds, [*args, "--schedule.steps=12", "--guard.spike_steps=2",
                                              "--guard.spike_window=4"]],
          "env": {"POISON_LOSS_AT": "6,7"}},
+        {"train": [str(base / "stop"), str(ROOT / "ds_configs" / "zero0.json"),
+                   [*args, "--schedule.steps=12", "--checkpoint.keep=1", "--guard.action=stop"]],
+         "env": {"POISON_STEP": "5"}},
     ]
     spec = base / "spec.json"
     spec.write_text(json.dumps({"steps": steps}))
@@ -323,3 +302,24 @@ def test_nan_and_spike_roll_back_and_skip_the_window(faults: dict) -> None:
         assert (C.checkpoint_dir(run_dir) / "latest").read_text() == C.tag_for(12)
     assert ("loss above 2 x its running median" in log and "for 2 steps (steps 6-7" in log
             and f"rolled back to {C.checkpoint_dir(spike) / C.tag_for(4)}" in log)
+
+
+@pytest.mark.distributed
+def test_nan_run_stops_with_latest_on_the_last_finite_checkpoint(faults: dict) -> None:
+    """ZeRO-0 fp32 (the plain torch optimizer: the guard skips the update itself). NaN weights
+    from step 5 on: steps 6-8 are skipped, the save of step 6 is refused, and with
+    checkpoint.keep=1 retention still keeps step 4 (before the guard, steps 6 and 8 were saved
+    with broken weights and step 4 was pruned)."""
+    run_dir = faults["base"] / "stop"
+    root = C.checkpoint_dir(run_dir)
+    line = next(x for x in faults["log"].splitlines() if "refused: training diverged" in x)
+    assert line.endswith("refused: training diverged at step 8: 3 steps in a row with a non-finite loss "
+                         "(steps 6-8; guard.max_nonfinite=3); stopped; checkpoints/latest names "
+                         "step00000004, the newest healthy checkpoint: rerun with a lower --optim.lr "
+                         "or a longer warm-up"), line
+    assert "warning: step 6: non-finite loss: no optimizer update (1 in a row" in faults["log"]
+    assert (root / "latest").read_text() == C.tag_for(4)
+    assert C.complete_tags(root) == [C.tag_for(4)]
+    assert C.verify(C.find_resume(run_dir)) == ""
+    weights = torch.load(root / C.tag_for(4) / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    assert all(torch.isfinite(t).all() for t in weights.values())
