@@ -277,7 +277,8 @@ def test_flipped_bit_resumes_from_the_previous_checkpoint_with_the_same_losses(f
 def test_no_intact_checkpoint_is_refused_and_nothing_changes(faults: dict) -> None:
     none = faults["base"] / "none"
     line = next(x for x in faults["log"].splitlines() if f"refused: checkpoint {C.checkpoint_dir(none)}" in x)
-    assert "step00000002 is damaged: " in line and "zero_pp_rank_1_mp_rank_00_optim_states.pt is missing" in line
+    assert "step00000002 is damaged: " in line
+    assert "zero_pp_rank_1_mp_rank_00_optim_states.pt is missing" in line
     assert "(and so are the 3 newer ones); no older complete checkpoint is there" in line
     root = C.checkpoint_dir(none)
     assert (root / "latest").read_text() == C.tag_for(8)
