@@ -200,6 +200,9 @@ def install(engine: Any) -> None:
         opt.overflow = not bool(torch.isfinite(norm))
         return None if opt.overflow else inner(*args, **kwargs)
 
+    # ``inner`` is the step the LR scheduler already wrapped to see it called; say so, or the
+    # scheduler's first step warns that the optimizer's step was replaced behind its back.
+    step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
     opt.overflow = False
     opt.step = step
 

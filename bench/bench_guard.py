@@ -59,7 +59,7 @@ def guard_cost(ds_name: str, steps: int) -> dict:
                             on_gpu=dev.on_gpu)
     inner_step = engine.optimizer.step
     G.install(engine)
-    installed = engine.optimizer.step is not inner_step
+    installed = engine.optimizer.step != inner_step  # bound methods: equal, never identical
     stream = TrainStream(data, seq_len=cfg.data.seq_len, seed=cfg.data.seed, masking=cfg.masking)
     window = StepWindow(rt.device)
     guard = G.Guard(cfg.guard, rt.device)
@@ -131,8 +131,11 @@ def main() -> None:
     ap.add_argument("--mib", type=int, default=512)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "guard.json"))
     a = ap.parse_args()
-    out = {"machine": machine(), "guard": [guard_cost(n, a.steps) for n in ("zero2.json", "zero0.json")],
+    load_before = os.getloadavg()
+    out = {"machine": machine(), "settings": {"steps": a.steps, "mib": a.mib},
+           "guard": [guard_cost(n, a.steps) for n in ("zero2.json", "zero0.json")],
            "hashing": hash_cost(a.mib)}
+    out["load_average"] = {"before": load_before, "after": os.getloadavg()}
     for g in out["guard"]:
         print(f"{g['ds_config']}: step {g['step_s_median'] * 1e3:.1f} ms, guard "
               f"{g['guard_s_median'] * 1e6:.0f} us = {g['guard_fraction_of_step']:.3%} of the step"
