@@ -34,11 +34,11 @@ from bench._common import ROOT, machine  # noqa: E402
 def guard_cost(ds_name: str, steps: int) -> dict:
     from alum_ds import guard as G
     from alum_ds import runtime as R
-    from alum_ds.config import load_config
+    from alum_ds.config import batching_for, load_config
     from alum_ds.data.prepare import ensure_embedded
     from alum_ds.data.shards import read_manifest
     from alum_ds.data.stream import TrainStream
-    from alum_ds.ds_config import resolve_ds_config
+    from alum_ds.ds_config import plan_ds
     from alum_ds.metrics import StepWindow
     from alum_ds.model import build_model
     from alum_ds.objective import AlumObjective
@@ -46,7 +46,7 @@ def guard_cost(ds_name: str, steps: int) -> dict:
     cfg = load_config(None, ["--alum.enabled=false"])  # the main job's plain-MLM steps (90% of it)
     dev = R.detect()
     rt = R.start(dev)
-    ds = resolve_ds_config(ds_name, cfg, world_size=1, bf16_supported=False, on_gpu=dev.on_gpu)
+    ds = plan_ds(ds_name, cfg, batching_for(cfg, 1), bf16_supported=False, on_gpu=dev.on_gpu)
     R.tune_host(rt, ds)
     data = ensure_embedded(R.cache_dir(), vocab_size=cfg.data.vocab_size, seed=cfg.data.seed)
     vocab = int(read_manifest(data)["tokenizer"]["vocab_size"])
@@ -55,7 +55,7 @@ def guard_cost(ds_name: str, steps: int) -> dict:
                       dropout=cfg.model.dropout)
     R.adapt_model(rt, mlm)
     obj = AlumObjective(mlm, cfg.alum, any_rank=rt.any_rank())
-    engine = R.build_engine(obj, optim=cfg.optim, schedule=cfg.schedule, ds=ds, total_steps=10_000,
+    engine = R.build_engine(obj, optim=cfg.optim, schedule=cfg.schedule, ds=ds.config, total_steps=10_000,
                             on_gpu=dev.on_gpu)
     inner_step = engine.optimizer.step
     G.install(engine)
@@ -72,7 +72,9 @@ def guard_cost(ds_name: str, steps: int) -> dict:
         reduced = torch.cat([torch.tensor([float((y != -100).sum()), 0.0]), guard.payload()]).tolist()
         guard.judge(reduced[2:])
         spent = time.perf_counter() - tg
-        loss, stats = engine(torch.from_numpy(x), torch.from_numpy(y), False, 1.0 / max(reduced[0], 1.0))
+        mbatch = R.MicroBatch(0, torch.from_numpy(x), torch.from_numpy(y), False,
+                              token_weight=1.0 / max(reduced[0], 1.0))
+        loss, stats = engine(**mbatch.inputs())
         engine.backward(loss)
         check = 0.0
         if installed:  # the check the wrapper runs inside engine.step(), timed here on its own
