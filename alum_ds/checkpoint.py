@@ -32,6 +32,9 @@ from alum_ds.config import ConfigError, RunConfig
 
 TAG_RE = re.compile(r"^step(\d{8})$")
 STATE_FILE = "alum_state.json"
+EXTRA_FILE = "alum_objective.safetensors"
+"""The objective's own state beside the engine's (the ``alum.perturbation=table`` table):
+replicated on every rank, written by rank 0, read by every rank on any number of ranks."""
 STATE_VERSION = 1
 UNIVERSAL_DIR = "universal"
 
@@ -87,9 +90,11 @@ def _write_latest(ckpt_root: Path, tag: str) -> None:
     _atomic_write(ckpt_root / "latest", tag)
 
 
-def save(engine: Any, run_dir: Path, step: int, state: dict[str, Any], keep: int) -> Path:
+def save(engine: Any, run_dir: Path, step: int, state: dict[str, Any], keep: int,
+         extra: dict[str, Any] | None = None) -> Path:
     """Save on every rank; complete the checkpoint and move ``latest`` only once all ranks have
-    written; prune. ``state`` is this run's JSON state (see ``STATE_FILE``)."""
+    written; prune. ``state`` is this run's JSON state (see ``STATE_FILE``); ``extra`` named
+    tensors replicated on every rank (``EXTRA_FILE``, written before the completion marker)."""
     root = checkpoint_dir(run_dir)
     tag = tag_for(step)
     path = root / tag
@@ -103,6 +108,11 @@ def save(engine: Any, run_dir: Path, step: int, state: dict[str, Any], keep: int
                            client_state={"universal_checkpoint_info": {"universal_checkpoint_version": 0.4}})
     D.barrier()
     if D.rank() == 0:
+        if extra:
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous() for k, v in extra.items()}, str(path / (EXTRA_FILE + ".tmp")))
+            os.replace(path / (EXTRA_FILE + ".tmp"), path / EXTRA_FILE)
         _atomic_write(path / STATE_FILE, json.dumps({"version": STATE_VERSION, **state}, indent=1))
         _write_latest(root, tag)
         prune(root, keep)
@@ -129,6 +139,16 @@ def load(engine: Any, ckpt_root: Path, tag: str) -> None:
     )
     if path is None:
         raise FileNotFoundError(f"checkpoint {ckpt_root / tag} could not be loaded")
+
+
+def read_extra(tag_dir: Path) -> dict[str, Any]:
+    """A checkpoint's ``EXTRA_FILE`` tensors (on the CPU); {} where it has none."""
+    p = tag_dir / EXTRA_FILE
+    if not p.is_file():
+        return {}
+    from safetensors.torch import load_file
+
+    return load_file(str(p))
 
 
 @dataclass

@@ -187,7 +187,8 @@ def train(cfg: RunConfig, ds_path: str, *, resume: str = "") -> Path:
         raise ConfigError(f"checkpoint {plan.point.path} holds a model of shape "
                           f"{plan.point.state['model_shape']}, this run builds {shape}")
     objective = AlumObjective(mlm, cfg.alum, any_rank=rt.any_rank(),
-                              freeze_ascent=plan.compile and not cfg.model.activation_checkpointing)
+                              freeze_ascent=plan.compile and not cfg.model.activation_checkpointing,
+                              reduce_sum=lambda t: D.all_reduce(t, "sum"))
     load_root = _universal_root(plan, rt) if plan.universal else None
     engine = R.build_engine(objective, optim=cfg.optim, schedule=plan.cfg.schedule, ds=plan.ds,
                             total_steps=plan.last_step, on_gpu=rt.on_gpu)
@@ -195,6 +196,7 @@ def train(cfg: RunConfig, ds_path: str, *, resume: str = "") -> Path:
     step = 0
     if plan.point:
         C.load(engine, load_root or plan.point.root, plan.point.tag)
+        objective.load_extra_state(C.read_extra(plan.point.root / plan.point.tag))
         stream.load_state_dict(plan.point.state["stream"])
         step = plan.point.step
         if load_root is not None:
@@ -306,7 +308,7 @@ class Loop:
         self.engine.train()
         try:
             while step < last:
-                alum_on = cfg.alum.enabled and step >= alum_start
+                alum_on = cfg.alum.on_at(step, alum_start)
                 if not self.train_step(alum_on, signals.requested):
                     self.save(step)
                     self.log.message(f"stopped by signal after saving step {step}; rerun to resume "
@@ -383,7 +385,7 @@ class Loop:
         r = self.window.reduce(D.all_reduce, self.world, cfg.alum.alpha)
         mem = D.all_reduce(torch.tensor(MT.peak_memory_gb(self.on_gpu), device=self.device), "max").tolist()
         tps = self.plan.global_batch * cfg.data.seq_len * steps / max(seconds, 1e-9)
-        ascents = 0 if cfg.alum.perturbation == "random" else cfg.alum.ascent_steps  # no pass in the control
+        ascents = 0 if cfg.alum.perturbation != "adversarial" else cfg.alum.ascent_steps  # no ascent pass
         passes = MT.forward_equivalents(alum_on, ascents)
         values = MT.window_values(r, task="mlm", alum_on=alum_on, engine=self.engine,
                                   skipped_total=self.objective.skipped_total)
@@ -404,7 +406,13 @@ class Loop:
                       max_sequences=self.cfg.eval.max_sequences)
         ppl = math.exp(min(ev, 50))
         line = self.unigram_line()
-        self.log.log(step, {"eval_loss": ev, "eval_perplexity": ppl, "unigram_loss": line})
+        record = {"eval_loss": ev, "eval_perplexity": ppl, "unigram_loss": line}
+        if self.cfg.eval.adv_kl_sequences:
+            t0 = time.time()
+            record.update(evaluate_smoothness(self.engine, self.cfg, self.data_dir, self.device,
+                                              self.rank, self.world))
+            record["eval_adv_kl_seconds"] = time.time() - t0
+        self.log.log(step, record)
         gap = line - ev
         self.log.message(f"eval at step {step}: masked-LM loss {ev:.4f}, perplexity {ppl:.2f}; a model "
                          f"of token frequencies alone: {line:.4f} (the run is {abs(gap):.2f} nats "
@@ -459,7 +467,8 @@ class Loop:
                  "consumed_tokens": stream.state.consumed * cfg.data.seq_len,
                  "config_hash": cfg.fingerprint(), "config": cfg.to_dict(), "model_shape": self.shape,
                  "data_dir": str(self.data_dir.resolve())}
-        C.save(self.engine, self.plan.run_dir, step, state, cfg.checkpoint.keep)
+        C.save(self.engine, self.plan.run_dir, step, state, cfg.checkpoint.keep,
+               extra=self.objective.extra_state())
 
 
 def evaluate(engine: Any, cfg: RunConfig, data_dir: Path, device: torch.device, rank: int,
@@ -483,6 +492,29 @@ def evaluate(engine: Any, cfg: RunConfig, data_dir: Path, device: torch.device, 
     engine.train()
     total = D.all_reduce(total.to(device), "sum").cpu()
     return float(total[0] / total[1]) if total[1] > 0 else float("nan")
+
+
+def evaluate_smoothness(engine: Any, cfg: RunConfig, data_dir: Path, device: torch.device, rank: int,
+                        world: int) -> dict[str, float]:
+    """Held-out adversarial smoothness at alum.epsilon and 3 x alum.epsilon on the first
+    ``eval.adv_kl_sequences`` validation sequences, token-weighted over batches and ranks."""
+    eps = cfg.alum.epsilon
+    batches = validation_batches(data_dir, seq_len=cfg.data.seq_len, seed=cfg.data.seed,
+                                 masking=cfg.masking, batch=cfg.schedule.micro_batch_size,
+                                 rank=rank, world=world, max_sequences=cfg.eval.adv_kl_sequences)
+    n_max = int(D.all_reduce(torch.tensor([float(len(batches))], device=device), "max").item())
+    total = torch.zeros(3, dtype=torch.float64)
+    engine.eval()
+    for i in range(n_max):  # the same number of passes on every rank (ZeRO-3 gathers collectively)
+        x, y = batches[i] if i < len(batches) else batches[0]
+        s, st = engine(torch.from_numpy(x).to(device), torch.from_numpy(y).to(device), False,
+                       mode="adv_kl", radii=(eps, 3 * eps), steps=cfg.eval.adv_kl_steps)
+        if i < len(batches):
+            total += torch.tensor([*(s.double().cpu() * st["rows"]).tolist(), st["rows"]], dtype=torch.float64)
+    engine.train()
+    total = D.all_reduce(total.to(device), "sum").cpu()
+    mean = (total[:2] / total[2]).tolist() if total[2] > 0 else [math.nan, math.nan]
+    return {"eval_adv_kl_eps": mean[0], "eval_adv_kl_3eps": mean[1]}
 
 
 def _check_run_dir(run_dir: Path, cfg: RunConfig) -> None:
