@@ -360,7 +360,8 @@ class AlumObjective(AdversarialObjective):
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, alum_on: bool = True,
                 token_weight: float | None = None, *, mode: str = "train", radius: float = 0.0,
-                steps: int = 0, radii: tuple[float, ...] = ()) -> tuple[torch.Tensor, dict[str, torch.Tensor | int]]:
+                steps: int = 0, radii: tuple[float, ...] = (),
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor | int]]:
         b = self.batch(input_ids, labels)
         if mode == "train":
             return self.loss(b, alum_on=alum_on, token_weight=token_weight)

@@ -510,7 +510,8 @@ def evaluate_smoothness(engine: Any, cfg: RunConfig, data_dir: Path, device: tor
         s, st = engine(torch.from_numpy(x).to(device), torch.from_numpy(y).to(device), False,
                        mode="adv_kl", radii=(eps, 3 * eps), steps=cfg.eval.adv_kl_steps)
         if i < len(batches):
-            total += torch.tensor([*(s.double().cpu() * st["rows"]).tolist(), st["rows"]], dtype=torch.float64)
+            rows = st["rows"]
+            total += torch.tensor([*(s.double().cpu() * rows).tolist(), rows], dtype=torch.float64)
     engine.train()
     total = D.all_reduce(total.to(device), "sum").cpu()
     mean = (total[:2] / total[2]).tolist() if total[2] > 0 else [math.nan, math.nan]

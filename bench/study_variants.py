@@ -182,7 +182,8 @@ def supported(c: dict) -> bool:
 
 def _fmt(c: dict, scale: float = 1.0, digits: int = 3) -> str:
     mark = " *" if supported(c) else ""
-    return f"{c['mean'] * scale:+.{digits}f} [{c['lo'] * scale:+.{digits}f}, {c['hi'] * scale:+.{digits}f}]{mark}"
+    lo, hi = c["lo"] * scale, c["hi"] * scale
+    return f"{c['mean'] * scale:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]{mark}"
 
 
 def _kept(k: dict) -> str:
@@ -209,12 +210,14 @@ def markdown(r: dict) -> str:
     for arm in list(means)[1:]:
         lines.append(f"| {arm} | {_fmt(comps[f'adv_kl_eps/{arm}'], 1e6)} | "
                      f"{_fmt(comps[f'adv_kl_3eps/{arm}'], 1e6)} | {_fmt(comps[f'eval_loss/{arm}'], 1, 4)} | "
-                     f"{_fmt(comps[f'pgd_loss_r1/{arm}'], 1, 4)} | {_fmt(comps[f'pgd_loss_r2/{arm}'], 1, 4)} |")
+                     f"{_fmt(comps[f'pgd_loss_r1/{arm}'], 1, 4)} | "
+                     f"{_fmt(comps[f'pgd_loss_r2/{arm}'], 1, 4)} |")
     lines += ["", "Share of exact ALUM's reduction of the smoothness each variant keeps, "
               "mean(plain - variant) / mean(plain - alum) [95% bootstrap interval]; goal: cost <= "
               f"{GOAL['cost_max']}x plain, share >= {GOAL['kept_min']:.0%} with the interval above "
               f"{GOAL['kept_lo_above']:.0%}:", "",
-              "| variant | cost x plain | kept at eps | kept at 3 eps | meets the goal |", "|---|---|---|---|---|"]
+              "| variant | cost x plain | kept at eps | kept at 3 eps | meets the goal |",
+              "|---|---|---|---|---|"]
     for arm in VARIANTS:
         lines.append(f"| {arm} | {means[arm]['cost_median']:.2f} | {_kept(kept[f'adv_kl_eps/{arm}'])} | "
                      f"{_kept(kept[f'adv_kl_3eps/{arm}'])} | {'yes' if r['meets_goal'][arm] else 'no'} |")

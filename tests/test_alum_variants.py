@@ -136,7 +136,8 @@ def test_table_perturbation_needs_no_ascent_and_the_backward_updates_the_table()
     finally:
         M.encode = orig
     h0, h_adv = seen_h
-    noise = torch.randn(h0.shape, dtype=torch.float32, generator=torch.Generator().manual_seed(11)) * alum.sigma
+    g11 = torch.Generator().manual_seed(11)
+    noise = torch.randn(h0.shape, dtype=torch.float32, generator=g11) * alum.sigma
     want = project(first[ids.reshape(-1)].reshape(h0.shape) + noise, alum.epsilon, "linf")
     assert torch.allclose(h_adv - h0, want.double(), atol=1e-12)
 
