@@ -163,3 +163,15 @@ def test_table_guards_and_state():
     with pytest.raises(PrecisionError):
         ob(*batch(3, b=4), True, None)
     assert refused(AlumConfig(perturbation="table", fused_first_pass=True), "alum.fused_first_pass")
+
+
+def test_fine_tuning_refuses_the_pretraining_variants():
+    from alum_ds.config import ConfigError, load_config
+    from alum_ds.finetune.config import FinetuneConfig
+
+    assert load_config(None, [], cls=FinetuneConfig).alum.alpha == 1.0
+    for flag, key in (("--alum.row_fraction=0.5", "alum.row_fraction"),
+                      ("--alum.every_k_steps=2", "alum.every_k_steps"),
+                      ("--alum.perturbation=table", "alum.perturbation")):
+        with pytest.raises(ConfigError, match=f"^{key}: .*pretraining setting"):
+            load_config(None, [flag], cls=FinetuneConfig)
