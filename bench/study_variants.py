@@ -80,6 +80,9 @@ def main() -> int:
                    "the sign-flip test can reach p < 0.05)")
     p.add_argument("--scale", choices=tuple(SCALES), default="cpu")
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--radius", type=float, default=0.0,
+                   help="alum.eta = alum.epsilon of every arm (the smoothness is measured at it and "
+                   "3x); 0: the run-config default (1e-3)")
     p.add_argument("--adv-kl-sequences", type=int, default=128)
     p.add_argument("--mlm-radii", default="0.01,0.03")
     p.add_argument("--pgd-steps", type=int, default=5)
@@ -124,6 +127,8 @@ def main() -> int:
                 for arm, flags in ARMS.items():
                     argv = [*common, f"--run.seed={s}", f"--run.dir={run_dir(s, arm)}",
                             f"--run.branch_from={tag}", *flags]
+                    if a.radius:
+                        argv += [f"--alum.eta={a.radius}", f"--alum.epsilon={a.radius}"]
                     if arm != "plain":
                         argv.append(f"--alum.start_step={scale['start']}")
                     arms[s, arm] = _done() if _finished(run_dir(s, arm), scale["steps"]) else \
