@@ -152,9 +152,11 @@ class AdversarialObjective(nn.Module):
         if not adv_on:
             return task_loss * scale, stats
         ab, ah, ac, at = b, h0, clean, clean_target  # what the adversarial passes see
-        seqs = torch.arange(b.input_ids.shape[0], device=h0.device)
         if self.alum.row_fraction < 1:
             ab, ah, ac, at, seqs = self._rows(b, h0, clean, clean_target)
+            # The one statistic that is not a scalar: which sequences the adversarial passes ran
+            # on (sorted indices into the micro-batch; the step window leaves it out).
+            stats["adv_sequences"] = seqs
         steps = None
         if self.alum.perturbation == "table":
             delta0, steps = self._table_delta(ab, ah), 0
@@ -163,7 +165,7 @@ class AdversarialObjective(nn.Module):
                                first_logits=first, clean_target=at,
                                ascent_f=self._frozen_logits(ab) if self.freeze_ascent else None,
                                ascent_steps=steps)
-        stats.update(adv_sequences=seqs, adv_rows=int(ac.shape[0]))
+        stats["adv_rows"] = int(ac.shape[0])
         if adv.skipped:
             self.skipped_total += 1
             if first is not None:

@@ -42,6 +42,7 @@ def test_neutral_settings_equal_exact_alum_bitwise():
         loss, stats, grads, _ = step(neutral, dtype=torch.float32)
         assert torch.equal(loss, ref_loss)
         assert torch.equal(stats["adv_loss"], ref_stats["adv_loss"])
+        assert "adv_sequences" not in stats and stats["adv_rows"] == stats["rows"]
         assert len(grads) == len(ref_grads) and all(torch.equal(a, b) for a, b in zip(grads, ref_grads))
 
 
