@@ -91,10 +91,14 @@ def main() -> int:
     p.add_argument("--work", default="", help="keep the runs here (a kept folder continues)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "study_variants.json"))
     p.add_argument("--from-json", default="", metavar="PATH", help="re-summarise a saved results file")
+    p.add_argument("--bench-json", default="", metavar="PATH",
+                   help="bench/bench_alum.py's results: its interleaved step costs are charted "
+                   "and tabled beside the study's own")
     a = p.parse_args()
     if a.from_json:
         saved = json.loads(Path(a.from_json).read_text())
-        write(summarise(saved["runs"], saved["seeds"], saved["settings"], saved["seconds"]), Path(a.out))
+        write(summarise(saved["runs"], saved["seeds"], saved["settings"], saved["seconds"],
+                        bench_costs(a.bench_json)), Path(a.out))
         return 0
     scale = SCALES[a.scale]
     work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="alum_study_"))
@@ -149,11 +153,22 @@ def main() -> int:
             shutil.rmtree(work, ignore_errors=True)
     settings = {k: v for k, v in vars(a).items() if k not in ("work", "out", "from_json")}
     settings["scale_spec"] = scale
-    write(summarise(runs, seeds, settings, time.time() - t0), Path(a.out))
+    write(summarise(runs, seeds, settings, time.time() - t0, bench_costs(a.bench_json)), Path(a.out))
     return 0
 
 
-def summarise(runs: dict, seeds: list[int], settings: dict, seconds: float) -> dict:
+def bench_costs(path: str) -> dict[str, float]:
+    """Each arm's step time over plain's from bench/bench_alum.py (interleaved in one engine)."""
+    if not path:
+        return {}
+    ratios = json.loads(Path(path).read_text())["ratios"]
+    out = {"plain": 1.0}
+    out.update({arm: ratios[f"{arm}_vs_plain"] for arm in ARMS if f"{arm}_vs_plain" in ratios})
+    return out
+
+
+def summarise(runs: dict, seeds: list[int], settings: dict, seconds: float,
+              bench: dict[str, float] | None = None) -> dict:
     for s in seeds:
         plain_t = runs[f"s{s}-plain"]["step_time_s"]
         for arm in ARMS:
@@ -171,7 +186,11 @@ def summarise(runs: dict, seeds: list[int], settings: dict, seconds: float) -> d
         for arm in VARIANTS:
             red = [runs[f"s{s}-plain"][r] - runs[f"s{s}-{arm}"][r] for s in seeds]
             kept[f"{r}/{arm}"] = paired_ratio_bootstrap(red, ref)
-    goal = {arm: bool(means[arm]["cost_median"] <= GOAL["cost_max"]
+    bench = bench or {}
+    for arm in ARMS:
+        if arm in bench:
+            means[arm]["cost_bench"] = bench[arm]
+    goal = {arm: bool(means[arm].get("cost_bench", means[arm]["cost_median"]) <= GOAL["cost_max"]
                       and kept[f"adv_kl_eps/{arm}"]["ratio"] >= GOAL["kept_min"]
                       and kept[f"adv_kl_eps/{arm}"]["lo"] > GOAL["kept_lo_above"]) for arm in VARIANTS}
     result = {"settings": settings, "seeds": seeds, "runs": runs, "means": means,
@@ -221,10 +240,13 @@ def markdown(r: dict) -> str:
               "mean(plain - variant) / mean(plain - alum) [95% bootstrap interval]; goal: cost <= "
               f"{GOAL['cost_max']}x plain, share >= {GOAL['kept_min']:.0%} with the interval above "
               f"{GOAL['kept_lo_above']:.0%}:", "",
-              "| variant | cost x plain | kept at eps | kept at 3 eps | meets the goal |",
-              "|---|---|---|---|---|"]
+              "| variant | cost x plain (study) | cost x plain (bench_alum, interleaved; the goal's) "
+              "| kept at eps | kept at 3 eps | meets the goal |",
+              "|---|---|---|---|---|---|"]
     for arm in VARIANTS:
-        lines.append(f"| {arm} | {means[arm]['cost_median']:.2f} | {_kept(kept[f'adv_kl_eps/{arm}'])} | "
+        cb = means[arm].get("cost_bench")
+        lines.append(f"| {arm} | {means[arm]['cost_median']:.2f} | {'-' if cb is None else f'{cb:.2f}'} | "
+                     f"{_kept(kept[f'adv_kl_eps/{arm}'])} | "
                      f"{_kept(kept[f'adv_kl_3eps/{arm}'])} | {'yes' if r['meets_goal'][arm] else 'no'} |")
     return "\n".join(lines)
 
@@ -241,11 +263,15 @@ def chart(r: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pts = [("plain", 1.0, 0.0), ("alum", r["means"]["alum"]["cost_median"], 1.0)]
+    def cost(arm: str) -> float:
+        m = r["means"][arm]
+        return m.get("cost_bench", m["cost_median"])
+
+    pts = [("plain", 1.0, 0.0), ("alum", cost("alum"), 1.0)]
     fig, ax = plt.subplots(figsize=(7.5, 5))
     for arm in VARIANTS:
         k = r["kept"][f"adv_kl_eps/{arm}"]
-        c = r["means"][arm]["cost_median"]
+        c = cost(arm)
         if not math.isfinite(k["ratio"]):
             continue  # no reference effect to keep a share of
         lo, hi = min(max(k["lo"], -0.5), k["ratio"]), max(k["hi"], k["ratio"])  # -inf drawn at -0.5
@@ -259,7 +285,9 @@ def chart(r: dict, path: Path) -> None:
     ax.plot([p[1] for p in front], [p[2] for p in front], "k--", lw=0.8, label="Pareto front")
     ax.axvline(GOAL["cost_max"], color="C3", lw=0.8)
     ax.axhline(GOAL["kept_min"], color="C3", lw=0.8, label="goal: cost <= 1.5x, kept >= 80%")
-    ax.set_xlabel("step cost, x plain MLM (median over seeds)")
+    bench = "cost_bench" in r["means"]["alum"]
+    ax.set_xlabel("step cost, x plain MLM (" + ("bench/bench_alum.py, interleaved in one engine" if bench
+                                               else "median over seeds") + ")")
     ax.set_ylabel("share of exact ALUM's reduction of S_eps kept")
     ax.set_title(f"cheaper ALUM variants: cost against effect ({len(r['seeds'])} seeds, 95% intervals)")
     ax.grid(alpha=0.3)
