@@ -260,6 +260,7 @@ def adversarial_loss(
     first_logits: torch.Tensor | None = None,
     clean_target: Target | None = None,
     ascent_f: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ascent_steps: int | None = None,
     divergence: str = "kl",
 ) -> AdvResult:
     """ALUM's regulariser (without alpha). ``f`` must be deterministic in its parameters apart from
@@ -279,7 +280,10 @@ def adversarial_loss(
 
     ``clean_target`` is ``Target.of(clean_logits)`` if the caller has it already. ``ascent_f``
     computes the same function as ``f`` for the ascent's passes (e.g. with parameters frozen, so
-    that a compiled graph returns the input gradient only); default ``f``.
+    that a compiled graph returns the input gradient only); default ``f``. ``ascent_steps``
+    overrides ``cfg.ascent_steps``: 0 runs the adversarial pass at ``delta0`` as given (the
+    warm-started perturbation; a ``delta0`` that requires grad receives the final backward's
+    gradient).
 
     ``divergence``: ``"kl"`` (distributions: the symmetric KL above) or ``"squared"`` (a
     real-valued output, regression: the squared difference of the outputs in place of each KL).
@@ -299,7 +303,7 @@ def adversarial_loss(
     kl_before = torch.full((), float("nan"), device=h.device)
     if cfg.perturbation == "random" and first_logits is not None:
         raise ValueError("the random-perturbation control takes no ascent pass to fuse")
-    for step in range(cfg.ascent_steps):
+    for step in range(cfg.ascent_steps if ascent_steps is None else ascent_steps):
         if cfg.perturbation == "random":
             # The control arm: the ascent's direction replaced by Gaussian noise, then normalised
             # and projected exactly as an ascent step, so delta has ALUM's radius; no pass runs
@@ -362,5 +366,5 @@ def adversarial_loss(
     zero = torch.zeros((), device=h.device)
     if any_rank(skipped):
         return AdvResult(zero, True, zero, grad_norm, kl_before)
-    return AdvResult(loss=loss, skipped=False, delta_norm=token_norm(delta, cfg.norm).mean(),
+    return AdvResult(loss=loss, skipped=False, delta_norm=token_norm(delta.detach(), cfg.norm).mean(),
                      grad_norm=grad_norm, kl_before=kl_before)

@@ -45,6 +45,9 @@ from alum_ds.config import ConfigError, RunConfig
 
 TAG_RE = re.compile(r"^step(\d{8})$")
 STATE_FILE = "alum_state.json"
+EXTRA_FILE = "alum_objective.safetensors"
+"""The objective's own state beside the engine's (the ``alum.perturbation=table`` table):
+replicated on every rank, written by rank 0, read by every rank on any number of ranks."""
 STATE_VERSION = 1
 UNIVERSAL_DIR = "universal"
 DAMAGED_SUFFIX = ".damaged"
@@ -174,10 +177,20 @@ def _write_failure(root: Path, tag: str, errors: list[str], written: int) -> Che
         f"to resume from {latest or 'the start'} (checkpoints/latest is unchanged)")
 
 
-def save(engine: Any, run_dir: Path, step: int, state: dict[str, Any], keep: int) -> Path:
+def _write_extra(path: Path, extra: dict[str, Any]) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in extra.items()}, str(path / (EXTRA_FILE + ".tmp")))
+    os.replace(path / (EXTRA_FILE + ".tmp"), path / EXTRA_FILE)
+
+
+def save(engine: Any, run_dir: Path, step: int, state: dict[str, Any], keep: int,
+         extra: dict[str, Any] | None = None) -> Path:
     """Save on every rank; complete the checkpoint and move ``latest`` only once all ranks have
     written and hashed their files; prune. ``state`` is this run's JSON state (see
-    ``STATE_FILE``). A write that fails on any rank raises ``CheckpointError`` on every rank."""
+    ``STATE_FILE``); ``extra`` named tensors replicated on every rank (``EXTRA_FILE``, written by
+    rank 0 before its files are hashed). A write that fails on any rank raises
+    ``CheckpointError`` on every rank."""
     root = checkpoint_dir(run_dir)
     tag = tag_for(step)
     path = root / tag
@@ -191,6 +204,8 @@ def save(engine: Any, run_dir: Path, step: int, state: dict[str, Any], keep: int
         # universal_checkpoint_info lets ds_to_universal convert this checkpoint for another world size.
         info = {"universal_checkpoint_info": {"universal_checkpoint_version": 0.4}}
         engine.save_checkpoint(str(root), tag=tag, save_latest=False, client_state=info)
+        if extra and D.rank() == 0:
+            _write_extra(path, extra)
         files = hash_own_files(path, D.rank())
     except (OSError, RuntimeError) as e:  # torch.save reports ENOSPC as a RuntimeError
         error = (os.strerror(errno.ENOSPC) if getattr(e, "errno", None) == errno.ENOSPC
@@ -279,6 +294,16 @@ def load(engine: Any, ckpt_root: Path, tag: str) -> None:
     )
     if path is None:
         raise FileNotFoundError(f"checkpoint {ckpt_root / tag} could not be loaded")
+
+
+def read_extra(tag_dir: Path) -> dict[str, Any]:
+    """A checkpoint's ``EXTRA_FILE`` tensors (on the CPU); {} where it has none."""
+    p = tag_dir / EXTRA_FILE
+    if not p.is_file():
+        return {}
+    from safetensors.torch import load_file
+
+    return load_file(str(p))
 
 
 @dataclass

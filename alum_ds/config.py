@@ -183,7 +183,7 @@ class MaskingConfig(Section):
 class AlumConfig(Section):
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"norm": ("linf", "l2"),
                                                      "update": ("project", "normalize"),
-                                                     "perturbation": ("adversarial", "random")}
+                                                     "perturbation": ("adversarial", "random", "table")}
     enabled: bool = True
     """False: plain MLM through the same code path."""
     alpha: float = 10.0
@@ -213,7 +213,20 @@ class AlumConfig(Section):
     perturbation: str = "adversarial"
     """``adversarial`` (ALUM: delta ascends the KL) or ``random``: a control that replaces each
     ascent direction by Gaussian noise, normalised and projected the same way (delta of the same
-    radius, no ascent pass): tells whether the adversarial direction matters or any noise does."""
+    radius, no ascent pass): tells whether the adversarial direction matters or any noise does.
+    ``table``: the warm-started "free" perturbation (Shafahi et al. 2019, Zhu et al. 2020): delta
+    is read from a per-token-id table of earlier perturbations (plus the sigma noise), projected
+    to the epsilon ball, with no ascent pass; the gradient w.r.t. delta that the step's one
+    backward computes anyway moves the table's rows an eta step up the KL (docs/ALUM.md,
+    "Cheaper variants"). A step is a clean forward, a perturbed forward and one backward."""
+    every_k_steps: int = 1
+    """The adversarial term on every k-th optimizer step from ALUM's start only (plain MLM
+    steps between); 1: every step (exact ALUM)."""
+    row_fraction: float = 1.0
+    """The adversarial passes (ascent and adversarial) on this fraction of each micro-batch's
+    sequences, drawn at random per micro-step (at least one); the clean pass and the MLM loss
+    on all of them. The adversarial term stays a mean over the masked tokens it ran on. 1: all
+    (exact ALUM). Pretraining only."""
     fused_first_pass: bool = False
     """Run the clean pass and the first perturbed pass as one forward over a doubled batch (they
     are independent: delta_0 is random). Same loss and gradients, but the ascent's backward and
@@ -221,6 +234,11 @@ class AlumConfig(Section):
     8). Off by default: on the CPU 2.94x a plain step against 2.32x unfused, and more memory
     (docs/performance.md); it may pay on a GPU at small micro-batches (bench/bench_alum.py).
     Not supported under ZeRO-3."""
+
+    def on_at(self, step: int, start: int) -> bool:
+        """Whether optimizer step ``step`` (0-based) runs the adversarial term, ALUM starting at
+        ``start``."""
+        return self.enabled and step >= start and (step - start) % self.every_k_steps == 0
 
     def start_for(self, total_steps: int) -> int:
         """The first optimizer step with ALUM on in a run of ``total_steps``."""
@@ -238,8 +256,13 @@ class AlumConfig(Section):
                 ("alum.start_fraction", 0 <= self.start_fraction < 1, "must be in [0, 1)"),
                 ("alum.start_fraction", not (self.start_fraction > 0 and self.start_step > 0),
                  "and alum.start_step both set: set one of the two"),
-                ("alum.fused_first_pass", not (self.fused_first_pass and self.perturbation == "random"),
-                 "fuses the ascent's first pass, which alum.perturbation=random does not run")]
+                ("alum.fused_first_pass",
+                 not (self.fused_first_pass and self.perturbation in ("random", "table")),
+                 f"fuses the ascent's first pass, which alum.perturbation={self.perturbation} does not run"),
+                ("alum.every_k_steps", self.every_k_steps >= 1, "must be >= 1"),
+                ("alum.row_fraction", 0 < self.row_fraction <= 1, "must be in (0, 1]"),
+                ("alum.row_fraction", not (self.fused_first_pass and self.row_fraction < 1),
+                 "below 1 does not combine with alum.fused_first_pass=true: set one of the two")]
 
 
 @dataclass
@@ -323,9 +346,18 @@ class EvalConfig(Section):
     fill_mask: int = 3
     """At its end the run exports its model and shows this many held-out sentences with one word
     masked, the model's top-3 fill-ins beside the true word (0: none)."""
+    adv_kl_sequences: int = 64
+    """Held-out sequences on which each evaluation also measures adversarial smoothness (the
+    largest symmetric KL between clean and perturbed predictions at the masked tokens within an
+    L-inf ball of alum.epsilon and of 3 x alum.epsilon per token: ``eval_adv_kl_eps``,
+    ``eval_adv_kl_3eps``; alum_ds.smoothness). 0: not measured."""
+    adv_kl_steps: int = 3
+    """PGD steps of that measure (each a forward and a backward to the perturbation only)."""
 
     def checks(self) -> list[Check]:
         return [("eval.every", self.every >= 0, "must be >= 0"),
+                ("eval.adv_kl_sequences", self.adv_kl_sequences >= 0, "must be >= 0"),
+                ("eval.adv_kl_steps", self.adv_kl_steps >= 1, "must be >= 1"),
                 ("eval.max_sequences", self.max_sequences >= 0, "must be >= 0"),
                 ("eval.fill_mask", self.fill_mask >= 0, "must be >= 0")]
 

@@ -1,5 +1,6 @@
 """Pretraining's evaluation: the masked-LM loss on the held-out split, the unigram line it is read
-against, and the fill-mask showcase of the exported model at the end of a run."""
+against, the held-out adversarial smoothness (``alum_ds.smoothness``), and the fill-mask showcase
+of the exported model at the end of a run."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import io
 import json
 import math
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +44,30 @@ def evaluate(engine: Any, cfg: RunConfig, data_dir: Path, device: torch.device, 
     return float(total[0] / total[1]) if total[1] > 0 else float("nan")
 
 
+def evaluate_smoothness(engine: Any, cfg: RunConfig, data_dir: Path, device: torch.device, rank: int,
+                        world: int) -> dict[str, float]:
+    """Held-out adversarial smoothness at alum.epsilon and 3 x alum.epsilon on the first
+    ``eval.adv_kl_sequences`` validation sequences, token-weighted over batches and ranks."""
+    eps = cfg.alum.epsilon
+    batches = validation_batches(data_dir, seq_len=cfg.data.seq_len, seed=cfg.data.seed,
+                                 masking=cfg.masking, batch=cfg.schedule.micro_batch_size,
+                                 rank=rank, world=world, max_sequences=cfg.eval.adv_kl_sequences)
+    n_max = int(D.all_reduce(torch.tensor([float(len(batches))], device=device), "max").item())
+    total = torch.zeros(3, dtype=torch.float64)
+    engine.eval()
+    for i in range(n_max):  # the same number of passes on every rank (ZeRO-3 gathers collectively)
+        x, y = batches[i] if i < len(batches) else batches[0]
+        s, st = engine(torch.from_numpy(x).to(device), torch.from_numpy(y).to(device), False,
+                       mode="adv_kl", radii=(eps, 3 * eps), steps=cfg.eval.adv_kl_steps)
+        if i < len(batches):
+            rows = st["rows"]
+            total += torch.tensor([*(s.double().cpu() * rows).tolist(), rows], dtype=torch.float64)
+    engine.train()
+    total = D.all_reduce(total.to(device), "sum").cpu()
+    mean = (total[:2] / total[2]).tolist() if total[2] > 0 else [math.nan, math.nan]
+    return {"eval_adv_kl_eps": mean[0], "eval_adv_kl_3eps": mean[1]}
+
+
 class Validator:
     """The periodic and final evaluation of a pretraining run, logged with the unigram line."""
 
@@ -58,7 +84,13 @@ class Validator:
                       max_sequences=self.cfg.eval.max_sequences)
         ppl = math.exp(min(ev, 50))
         line = self.unigram_line()
-        self.log.log(step, {"eval_loss": ev, "eval_perplexity": ppl, "unigram_loss": line})
+        record = {"eval_loss": ev, "eval_perplexity": ppl, "unigram_loss": line}
+        if self.cfg.eval.adv_kl_sequences:
+            t0 = time.time()
+            record.update(evaluate_smoothness(self.engine, self.cfg, self.data_dir, self.device,
+                                              self.rank, self.world))
+            record["eval_adv_kl_seconds"] = time.time() - t0
+        self.log.log(step, record)
         gap = line - ev
         self.log.message(f"eval at step {step}: masked-LM loss {ev:.4f}, perplexity {ppl:.2f}; a model "
                          f"of token frequencies alone: {line:.4f} (the run is {abs(gap):.2f} nats "

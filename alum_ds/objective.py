@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from alum_ds import model as M
-from alum_ds.adversarial import Target, add_perturbation, adversarial_loss, init_delta
+from alum_ds.adversarial import Target, add_perturbation, adversarial_loss, init_delta, normalize, project
 from alum_ds.compiling import frozen
 from alum_ds.config import AlumConfig, ConfigError
 
@@ -85,7 +85,8 @@ class AdversarialObjective(nn.Module):
     distributions, ``"squared"`` for a real-valued (regression) output."""
 
     def __init__(self, model: nn.Module, alum: AlumConfig, *,
-                 any_rank: Callable[[bool], bool] = lambda flag: flag, freeze_ascent: bool = False) -> None:
+                 any_rank: Callable[[bool], bool] = lambda flag: flag, freeze_ascent: bool = False,
+                 reduce_sum: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> None:
         super().__init__()
         self.model = model
         self.alum = alum
@@ -98,6 +99,12 @@ class AdversarialObjective(nn.Module):
         self.skipped_total = 0
         self.generator: torch.Generator | None = None
         """Source of delta_0's noise (None: torch's global generator, seeded per micro-step)."""
+        self.reduce_sum = reduce_sum
+        """Sums a tensor over ranks (the runtime's all-reduce): keeps the perturbation table the
+        same on every rank."""
+        self.delta_table: torch.Tensor | None = None
+        """``alum.perturbation=table``: one fp32 perturbation per token id [vocabulary, hidden],
+        replicated on every rank (created at first use; ``extra_state``)."""
 
     # -- the task's hooks ----------------------------------------------------------------------
 
@@ -112,6 +119,11 @@ class AdversarialObjective(nn.Module):
     def doubled(self, b: Batch) -> Batch:
         """``b`` as the fused first pass sees it: the embedding output is ``[h0; h0 + delta_0]``."""
         raise NotImplementedError
+
+    def subset(self, b: Batch, seqs: torch.Tensor) -> tuple[Batch, torch.Tensor]:
+        """The batch of sequences ``seqs`` (sorted indices) and the indices of its rows among
+        ``b``'s rows (for ``alum.row_fraction``)."""
+        raise ConfigError(f"alum.row_fraction below 1 is not supported for the {self.task} task")
 
     def task_stats(self, clean: torch.Tensor, b: Batch) -> dict[str, torch.Tensor]:
         """Extra statistics of the clean logits (summed by the step window)."""
@@ -148,11 +160,21 @@ class AdversarialObjective(nn.Module):
         self._task_stats(stats, task_loss, n)
         if not adv_on:
             return task_loss * scale, stats
-        adv = adversarial_loss(lambda h: self.logits(h, b), h0, clean, self.alum,
+        ab, ah, ac, at = b, h0, clean, clean_target  # what the adversarial passes see
+        if self.alum.row_fraction < 1:
+            ab, ah, ac, at, seqs = self._rows(b, h0, clean, clean_target)
+            # The one statistic that is not a scalar: which sequences the adversarial passes ran
+            # on (sorted indices into the micro-batch; the step window leaves it out).
+            stats["adv_sequences"] = seqs
+        steps = None
+        if self.alum.perturbation == "table":
+            delta0, steps = self._table_delta(ab, ah), 0
+        adv = adversarial_loss(lambda h: self.logits(h, ab), ah, ac, self.alum,
                                any_rank=self.any_rank, generator=self.generator, delta0=delta0,
-                               first_logits=first, clean_target=clean_target,
-                               ascent_f=self._frozen_logits(b) if self.freeze_ascent else None,
-                               divergence=self.divergence)
+                               first_logits=first, clean_target=at,
+                               ascent_f=self._frozen_logits(ab) if self.freeze_ascent else None,
+                               ascent_steps=steps, divergence=self.divergence)
+        stats["adv_rows"] = int(ac.shape[0])
         if adv.skipped:
             self.skipped_total += 1
             if first is not None:
@@ -169,6 +191,71 @@ class AdversarialObjective(nn.Module):
         stats.update(adv_loss=adv_d, adv_sum=adv_d * n, delta_norm=adv.delta_norm,
                      ascent_grad_norm=adv.grad_norm, adv_skipped=int(adv.skipped))
         return loss * scale, stats
+
+    def _rows(self, b: Batch, h0: torch.Tensor, clean: torch.Tensor, target: Target):
+        """``alum.row_fraction``: a random subset of the micro-batch's sequences (the global
+        generator, seeded per micro-step), their embedding outputs, clean logits (live: the
+        clean side of the symmetric KL still trains the clean pass) and targets."""
+        n_seq = b.input_ids.shape[0]
+        k = max(1, min(n_seq, round(self.alum.row_fraction * n_seq)))
+        seqs = torch.randperm(n_seq, generator=self.generator, device="cpu")[:k].sort().values
+        seqs = seqs.to(h0.device)
+        sb, rows = self.subset(b, seqs)
+        return (sb, h0.index_select(0, seqs), clean.index_select(0, rows),
+                Target(target.logp.index_select(0, rows), target.p.index_select(0, rows)), seqs)
+
+    def _table_delta(self, b: Batch, h: torch.Tensor) -> torch.Tensor:
+        """``alum.perturbation=table``: delta_0 = the table's rows for the batch's token ids plus
+        N(0, sigma^2), projected to the epsilon ball (``project`` rule), as a leaf whose gradient
+        from the step's one backward updates the table (``_update_table``)."""
+        cfg = self.alum
+        if self.delta_table is None:
+            self.delta_table = torch.zeros(self.model.config.vocab_size, h.shape[-1],
+                                           dtype=torch.float32, device=h.device)
+        ids = b.input_ids
+        d = self.delta_table.index_select(0, ids.reshape(-1)).reshape(h.shape) + \
+            init_delta(h, cfg.sigma, self.generator)
+        if cfg.update == "project":
+            d = project(d, cfg.epsilon, cfg.norm)
+        d = d.requires_grad_(True)
+        at = d.detach()  # not ``d`` itself: its hook would hold it in a reference cycle
+        d.register_hook(lambda g: self._update_table(ids, at, g))
+        return d
+
+    def _update_table(self, ids: torch.Tensor, delta: torch.Tensor, g: torch.Tensor) -> None:
+        """The free ascent step, in the final backward: each row moved by eta along its
+        normalised gradient (``project``: back into the ball), then the table's row of a token id
+        set to the mean over its occurrences in the micro-batch on every rank (summed over ranks,
+        so the table stays replicated). A non-finite gradient leaves this rank's rows out.
+        Called on every rank: the adversarial term's skip is collective."""
+        cfg, table = self.alum, self.delta_table
+        assert table is not None
+        with torch.no_grad():
+            finite = torch.isfinite(g).all()
+            g = torch.where(finite, g, torch.zeros_like(g)).to(torch.float32)
+            moved = delta + cfg.eta * normalize(g, cfg.norm)
+            moved = project(moved, cfg.epsilon, cfg.norm) if cfg.update == "project" else \
+                normalize(moved, cfg.norm)
+            w = finite.to(torch.float32)
+            flat = ids.reshape(-1)
+            packed = torch.zeros(table.shape[0], table.shape[1] + 1, dtype=torch.float32, device=table.device)
+            packed.index_add_(0, flat, torch.cat([moved.reshape(flat.numel(), -1) * w,
+                                                  w.expand(flat.numel(), 1)], 1))
+            packed = self.reduce_sum(packed)
+            counts = packed[:, -1:]
+            seen = counts > 0
+            table.copy_(torch.where(seen, packed[:, :-1] / counts.clamp_min(1.0), table))
+        return None
+
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        """State that a checkpoint must keep beside the engine's: the perturbation table
+        (replicated, so rank 0's copy is the state of every rank, on any number of ranks)."""
+        return {} if self.delta_table is None else {"delta_table": self.delta_table.detach().cpu()}
+
+    def load_extra_state(self, state: dict[str, torch.Tensor]) -> None:
+        if "delta_table" in state:
+            dev = next(self.model.parameters()).device
+            self.delta_table = state["delta_table"].to(device=dev, dtype=torch.float32).clone()
 
     def _frozen_logits(self, b: Batch) -> Callable[[torch.Tensor], torch.Tensor]:
         def run(h: torch.Tensor) -> torch.Tensor:
@@ -197,6 +284,24 @@ class AdversarialObjective(nn.Module):
         delta0 = init_delta(h0, self.alum.sigma, self.generator).requires_grad_()
         both = torch.cat([h0, add_perturbation(h0.detach(), delta0)])
         return self.logits(both, self.doubled(b)), delta0
+
+    def smoothness(self, b: Batch, radii: tuple[float, ...], steps: int, seed: int = 0) -> torch.Tensor:
+        """Held-out adversarial smoothness at each radius (``alum_ds.smoothness``), a [len(radii)]
+        tensor of means over the batch's rows, with the run's ALUM norm and sigma; delta_0 drawn
+        from a generator seeded with ``seed``, so the measure is a function of model and batch.
+        Call in eval mode (dropout off)."""
+        from alum_ds.smoothness import adversarial_smoothness
+
+        with torch.no_grad():
+            h0 = self.embed(b)
+        keep = None if b.attention_mask is None else b.attention_mask.unsqueeze(-1).to(torch.float32)
+        out = []
+        for r in radii:
+            g = torch.Generator(device=h0.device).manual_seed(seed)
+            out.append(adversarial_smoothness(lambda h: self.logits(h, b), h0, radius=r, steps=steps,
+                                              norm=self.alum.norm, sigma=self.alum.sigma,
+                                              generator=g, keep=keep))
+        return torch.stack(out) if out else torch.zeros(0, device=h0.device)
 
     def pgd(self, b: Batch, radius: float, steps: int) -> Iterator[torch.Tensor]:
         """The task's logits (detached) at the clean input, then at each iterate of an L-inf PGD
@@ -229,7 +334,9 @@ class AlumObjective(AdversarialObjective):
     ``(loss, stats)``. ``labels`` holds the original token at masked positions and -100
     elsewhere; the LM head and every KL run at the masked positions only (``rows`` = masked
     tokens). ``mode="pgd"`` returns the summed MLM cross-entropy at the clean input and at each
-    PGD iterate (``pgd``), a [steps + 1] tensor, for robustness evaluation."""
+    PGD iterate (``pgd``), a [steps + 1] tensor, for robustness evaluation; ``mode="adv_kl"``
+    the adversarial smoothness at each of ``radii`` (``smoothness``), means over the masked
+    tokens, a [len(radii)] tensor."""
 
     task = "mlm"
 
@@ -249,9 +356,23 @@ class AlumObjective(AdversarialObjective):
     def doubled(self, b: Batch) -> Batch:
         return replace(b, positions=torch.cat([b.positions, b.positions + b.input_ids.numel()]))
 
+    def subset(self, b: Batch, seqs: torch.Tensor) -> tuple[Batch, torch.Tensor]:
+        n_seq, t = b.input_ids.shape
+        seq_of = b.positions // t
+        keep = torch.zeros(n_seq, dtype=torch.bool, device=seqs.device)
+        keep[seqs] = True
+        rows = keep[seq_of].nonzero().squeeze(1)
+        new_index = torch.full((n_seq,), -1, dtype=torch.long, device=seqs.device)
+        new_index[seqs] = torch.arange(seqs.numel(), device=seqs.device)
+        picked = b.positions.index_select(0, rows)
+        positions = new_index[picked // t] * t + picked % t
+        return Batch(b.input_ids.index_select(0, seqs), b.targets.index_select(0, rows),
+                     positions=positions), rows
+
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, alum_on: bool = True,
                 token_weight: float | None = None, *, mode: str = "train", radius: float = 0.0,
-                steps: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor | int]]:
+                steps: int = 0, radii: tuple[float, ...] = (),
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor | int]]:
         b = self.batch(input_ids, labels)
         if mode == "train":
             return self.loss(b, alum_on=alum_on, token_weight=token_weight)
@@ -259,4 +380,6 @@ class AlumObjective(AdversarialObjective):
             sums = [F.cross_entropy(z.float(), b.targets, reduction="sum")
                     for z in self.pgd(b, radius, steps)]
             return torch.stack(sums), {"rows": int(b.targets.numel())}
+        if mode == "adv_kl":
+            return self.smoothness(b, tuple(radii), steps), {"rows": int(b.targets.numel())}
         raise ValueError(f"unknown mode {mode!r}")

@@ -215,6 +215,7 @@ def train(cfg: RunConfig, ds_path: str, *, resume: str = "") -> Path:
                       activation_checkpointing=cfg.model.activation_checkpointing)
     if cfg.guard.enabled:
         G.install(run.engine)
+    run.objective.reduce_sum = lambda t: D.all_reduce(t, "sum")  # keeps the delta table replicated
     stream = mixture.open_train_stream(cfg.data, data.dir, seed=cfg.data.seed, masking=cfg.masking)
     step = _load_checkpoint(plan, run, stream)
     log = MT.MetricsLogger(plan.run_dir, enabled=run.rt.rank == 0, tensorboard=cfg.logging.tensorboard,
@@ -272,6 +273,7 @@ def _load_checkpoint(plan: Plan, run: R.Run, stream: TrainStream) -> int:
         return 0
     load_root = _universal_root(plan, run.rt) if plan.universal else None
     C.load(run.engine, load_root or plan.point.root, plan.point.tag)
+    run.objective.load_extra_state(C.read_extra(plan.point.root / plan.point.tag))
     stream.load_state_dict(plan.point.state["stream"])
     if load_root is not None:
         D.barrier()  # every rank has read the converted copy
@@ -440,7 +442,7 @@ class Loop:
                         step = self.recover(step)
                         continue
                     return self.finish(step)
-                alum_on = self.cfg.alum.enabled and step >= alum_start
+                alum_on = self.cfg.alum.on_at(step, alum_start)
                 status = self.train_step(alum_on, signals.requested, step)
                 if status == "diverged":
                     step = self.recover(step)
@@ -540,6 +542,7 @@ class Loop:
                              "(on these ranks) to roll back to: rerun with a lower --optim.lr or a "
                              "longer warm-up")
         C.load(self.engine, point.root, point.tag)
+        self.objective.load_extra_state(C.read_extra(point.root / point.tag))
         since, now = int(point.state["stream"]["consumed"]), self.stream.state.consumed
         self.guard.reset()
         self.guard.rollbacks += 1
@@ -565,7 +568,7 @@ class Loop:
         cfg = self.cfg
         mem = D.all_reduce(torch.tensor(MT.peak_memory_gb(self.on_gpu), device=self.device), "max").tolist()
         tps = self.batching.global_batch * cfg.data.seq_len * steps / max(seconds, 1e-9)
-        ascents = 0 if cfg.alum.perturbation == "random" else cfg.alum.ascent_steps  # no pass in the control
+        ascents = 0 if cfg.alum.perturbation != "adversarial" else cfg.alum.ascent_steps  # no ascent pass
         passes = MT.forward_equivalents(alum_on, ascents)
         values = {
             "tokens_per_s": tps, "sequences_per_s": tps / cfg.data.seq_len,
@@ -637,7 +640,8 @@ class Loop:
                  "consumed_tokens": stream.state.consumed * cfg.data.seq_len,
                  "config_hash": cfg.fingerprint(), "config": cfg.to_dict(), "model_shape": self.shape,
                  "data_dir": str(self.data_dir.resolve()), "guard": self.guard.state_dict()}
-        C.save(self.engine, self.plan.run_dir, step, state, cfg.checkpoint.keep)
+        C.save(self.engine, self.plan.run_dir, step, state, cfg.checkpoint.keep,
+               extra=self.objective.extra_state())
         return True
 
 

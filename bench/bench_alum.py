@@ -60,7 +60,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-VARIANTS = ("plain", "alum", "alum_fused", "baseline")
+VARIANTS = ("plain", "alum", "alum_fused", "rows25", "table", "table_rows50", "baseline")
+# The cheaper variants (docs/ALUM.md, "Cheaper variants") as the alum settings each step uses.
+# ``every4`` (alum.every_k_steps=4) is not a step of its own: its cost per step is derived from
+# the measured ones, one ALUM step and three plain steps in four.
+VARIANT_ALUM = {"rows25": {"row_fraction": 0.25}, "table": {"perturbation": "table"},
+                "table_rows50": {"perturbation": "table", "row_fraction": 0.5}}
+EVERY_K = 4
 GOALS = {"alum_vs_plain_max": 2.2, "alum_vs_baseline_time_max": 0.6, "alum_vs_baseline_memory_max": 0.5}
 MMAP_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
@@ -162,6 +168,14 @@ def summarise(raw: dict, *, quick: bool) -> dict:
         ratios["alum_compiled_vs_alum"] = vs["alum_compiled"]["step_s"] / vs["alum"]["step_s"]
         ratios["alum_compiled_vs_plain_compiled"] = (vs["alum_compiled"]["step_s"]
                                                      / vs["plain_compiled"]["step_s"])
+    for v in VARIANT_ALUM:
+        if v in vs:
+            ratios[f"{v}_vs_plain"] = vs[v]["step_s"] / plain["step_s"]
+    if "alum" in vs:
+        # alum.every_k_steps=4: one ALUM step and three plain ones in every four
+        ratios[f"every{EVERY_K}_vs_plain"] = (vs["alum"]["step_s"] + (EVERY_K - 1) * plain["step_s"]) \
+            / EVERY_K / plain["step_s"]
+    utilisation = flop_utilisation(vs, raw["setting"])
     if "alum" in vs:
         ratios["alum_vs_flop_model"] = ratios["alum_vs_plain"] / flop
         ratios["alum_compute_vs_flop_model"] = ratios["alum_compute_vs_plain"] / flop
@@ -177,8 +191,51 @@ def summarise(raw: dict, *, quick: bool) -> dict:
             "alum_fused_vs_plain": (flop * 3 + 3) / 3,
         },
         "ratios": ratios,
+        "flops": utilisation,
         "goals": GOALS,
     }
+
+
+def model_passes(variant: str, ascent_steps: int) -> float:
+    """Forward-equivalents of a variant's step in the FLOP model (metrics.forward_equivalents):
+    plain 3; ALUM 3 + 2K + 3; the adversarial passes of ``row_fraction`` f scaled by f; the
+    table: a perturbed forward and its full backward (3), no ascent."""
+    from alum_ds.metrics import forward_equivalents
+
+    alum = forward_equivalents(True, ascent_steps) - 3
+    if variant.startswith("plain"):
+        return 3.0
+    if variant == f"every{EVERY_K}":
+        return 3.0 + alum / EVERY_K
+    settings = VARIANT_ALUM.get(variant, {})
+    extra = 3.0 if settings.get("perturbation") == "table" else alum
+    return 3.0 + settings.get("row_fraction", 1.0) * extra
+
+
+def flop_utilisation(vs: dict, setting: dict) -> dict:
+    """Per variant (per rank and step): the hardware FLOPs counted, the model FLOPs (the FLOP
+    model's 6N + 12 L h s per token per 3 forward-equivalents, times the variant's passes), and
+    both achieved rates as a fraction of the GEMM rate this machine reached at the step's own
+    matrix shapes in the same run (``gemm_seconds``)."""
+    tokens = setting["micro_batch"] * setting["seq_len"]
+    fpt = setting["flops_per_token"]
+    out = {}
+    rows = {v: vs[v] for v in vs if "hardware_flops" in vs[v]}
+    if "alum" in rows and "plain" in rows:  # every4 from its parts, as its step time
+        a, p = rows["alum"], rows["plain"]
+        rows[f"every{EVERY_K}"] = {
+            "step_s": (a["step_s"] + (EVERY_K - 1) * p["step_s"]) / EVERY_K,
+            **{k: (a[k] + (EVERY_K - 1) * p[k]) / EVERY_K
+               for k in ("hardware_flops", "gemm_flops", "gemm_limit_s")}}
+    for v, r in rows.items():
+        gemm_rate = r["gemm_flops"] / r["gemm_limit_s"]
+        model = tokens * fpt * model_passes(v, setting["alum"]["ascent_steps"]) / 3
+        out[v] = {"hardware_flops": r["hardware_flops"], "model_flops": model,
+                  "hardware_vs_plain_model": r["hardware_flops"] / (tokens * fpt),
+                  "gemm_rate_flops_per_s": gemm_rate,
+                  "hardware_fraction_of_gemm_rate": r["hardware_flops"] / r["step_s"] / gemm_rate,
+                  "model_fraction_of_gemm_rate": model / r["step_s"] / gemm_rate}
+    return out
 
 
 def busy_processes(interval: float = 0.5) -> list[str]:
@@ -218,6 +275,14 @@ def table(res: dict) -> str:
                      f"{v['optimizer_s']:7.3f} {v['step_s'] / plain:7.2f} {v['peak_mb']:8.0f} "
                      f"{v['peak_growth_mb']:8.0f} {v['objective_peak_growth_mb']:8.0f}")
     lines.append("ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in res["ratios"].items()))
+    if res.get("flops"):
+        lines.append(f"{'variant':<15} {'hw GFLOP':>9} {'model GFLOP':>11} {'hw/plain model':>14} "
+                     f"{'GEMM GFLOP/s':>12} {'hw % GEMM':>9} {'model % GEMM':>12}")
+        for name, f in res["flops"].items():
+            lines.append(f"{name:<15} {f['hardware_flops'] / 1e9:9.2f} {f['model_flops'] / 1e9:11.2f} "
+                         f"{f['hardware_vs_plain_model']:14.2f} {f['gemm_rate_flops_per_s'] / 1e9:12.1f} "
+                         f"{f['hardware_fraction_of_gemm_rate']:9.0%} "
+                         f"{f['model_fraction_of_gemm_rate']:12.0%}")
     return "\n".join(lines)
 
 
@@ -251,7 +316,7 @@ def baseline_loss(mlm, input_ids, labels, cfg):
     return mlm_loss + cfg.alpha * sym
 
 
-def bench_module(mlm, alum, any_rank):
+def bench_module(mlm, alum, any_rank, reduce_sum=lambda t: t):
     import contextlib
 
     import torch
@@ -263,7 +328,7 @@ def bench_module(mlm, alum, any_rank):
 
         def __init__(self) -> None:
             super().__init__()
-            self.objective = AlumObjective(mlm, alum, any_rank=any_rank)
+            self.objective = AlumObjective(mlm, alum, any_rank=any_rank, reduce_sum=reduce_sum)
 
         def forward(self, input_ids, labels, variant: str):
             compiled = variant.endswith("_compiled")
@@ -272,11 +337,75 @@ def bench_module(mlm, alum, any_rank):
                 if variant == "baseline":
                     return baseline_loss(self.objective.mlm, input_ids, labels, alum)
                 alum.fused_first_pass = variant == "alum_fused"
+                settings = VARIANT_ALUM.get(variant, {})
+                alum.row_fraction = settings.get("row_fraction", 1.0)
+                alum.perturbation = settings.get("perturbation", "adversarial")
                 self.objective.freeze_ascent = compiled
                 loss, _ = self.objective(input_ids, labels, not variant.startswith("plain"))
             return loss
 
     return BenchModule()
+
+
+# ------------------------------------------------------------------ FLOPs and the GEMM limit
+
+
+def flop_profile(fn) -> tuple[int, list[tuple[tuple, int]]]:
+    """What ``fn()`` (one variant's forward and backward) executes: its total FLOPs as PyTorch's
+    counter counts them (every matrix product of every pass, the head at the rows it really ran
+    on) and each matrix product as ((op, shapes), FLOPs), for timing at the same shapes."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    aten = torch.ops.aten
+    ops = {aten.mm.default: "mm", aten.addmm.default: "addmm", aten.bmm.default: "bmm",
+           aten.baddbmm.default: "baddbmm"}
+    seen: list[tuple[str, tuple]] = []
+
+    class Shapes(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in ops:
+                seen.append((ops[func], tuple(tuple(a.shape) for a in args if isinstance(a, torch.Tensor))))
+            return func(*args, **(kwargs or {}))
+
+    with FlopCounterMode(display=False) as fc, Shapes():
+        fn()
+    gemms = []
+    for op, shapes in seen:
+        a, b = shapes[-2], shapes[-1]  # addmm/baddbmm: (bias, a, b)
+        batch = a[0] if op in ("bmm", "baddbmm") else 1
+        m, k, n = a[-2], a[-1], b[-1]
+        gemms.append(((op, (batch, m, k, n)), 2 * batch * m * k * n))
+    return int(fc.get_total_flops()), gemms
+
+
+def gemm_seconds(gemms: list[tuple[tuple, int]], on_gpu: bool, reps: int = 5) -> float:
+    """The time the step's matrix products take alone on this machine (this rank's threads: one
+    per rank on the CPU): each distinct shape timed as a plain matmul of random fp32 matrices,
+    the median of ``reps``, summed over the step's products. The step's FLOPs over this time is
+    the machine's GEMM rate at the step's own shapes: the limit a step of pure GEMMs reaches."""
+    import torch
+
+    dev = "cuda" if on_gpu else "cpu"
+    cost: dict[tuple, float] = {}
+    for key, _ in gemms:
+        if key in cost:
+            continue
+        batch, m, k, n = key[1]
+        x = torch.randn(batch, m, k, device=dev)
+        y = torch.randn(batch, k, n, device=dev)
+        ts = []
+        for _ in range(reps + 1):
+            if on_gpu:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            torch.bmm(x, y) if batch > 1 else torch.mm(x[0], y[0])
+            if on_gpu:
+                torch.cuda.synchronize()
+            ts.append(time.perf_counter() - t0)
+        cost[key] = statistics.median(ts[1:])
+    return sum(cost[key] for key, _ in gemms)
 
 
 # ------------------------------------------------------------------ memory
@@ -324,7 +453,8 @@ def rank_main(args: argparse.Namespace) -> None:
     from alum_ds import runtime as R
     from alum_ds.config import AlumConfig, RunConfig, batching_for
     from alum_ds.ds_config import plan_ds
-    from alum_ds.model import build_model
+    from alum_ds.metrics import flops_per_token
+    from alum_ds.model import build_model, non_embedding_params
     from alum_ds.optim import make_optimizer
 
     dev = R.detect()
@@ -359,7 +489,7 @@ def rank_main(args: argparse.Namespace) -> None:
         compiling.use_cache(R.cache_dir() / "inductor")
         compiling.compile_model(mlm)
         variants += ["plain_compiled", "alum_compiled"]
-    module = bench_module(mlm, alum, rt.any_rank())
+    module = bench_module(mlm, alum, rt.any_rank(), lambda t: D.all_reduce(t, "sum"))
     opt = make_optimizer(list(module.named_parameters()), cfg.optim, ds, on_gpu)
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt, config=ds)
     engine.train()
@@ -420,6 +550,13 @@ def rank_main(args: argparse.Namespace) -> None:
             out[v].update(step_s=statistics.median(total), forward_s=statistics.median(f),
                           backward_s=statistics.median(b), optimizer_s=statistics.median(o),
                           step_s_p25_p75=[q[0], q[2]], last_loss=last_loss[v])
+    if args.phase in ("all", "time"):
+        for v in variants:
+            if v.endswith("_compiled"):
+                continue
+            hw, gemms = flop_profile(lambda v=v: objective_only(v))
+            out[v].update(hardware_flops=hw, gemm_flops=sum(f for _, f in gemms),
+                          gemm_limit_s=gemm_seconds(gemms, on_gpu))
     meter = PeakMeter(on_gpu)
     if args.phase in ("all", "memory"):
         mem = {v: [] for v in variants}
@@ -435,13 +572,17 @@ def rank_main(args: argparse.Namespace) -> None:
     if rank != 0:
         return
     alum_settings = dataclasses.asdict(alum)
-    alum_settings.pop("fused_first_pass")
+    for key in ("fused_first_pass", "row_fraction", "perturbation"):  # set per variant
+        alum_settings.pop(key)
     raw = {
         "setting": {"device": torch.cuda.get_device_name() if on_gpu else f"cpu ({os.cpu_count()} cores)",
                     "ranks": world, "zero_stage": stage, "precision": precision, "preset": args.preset,
                     "vocab": args.vocab, "seq_len": args.seq_len, "micro_batch": args.micro_batch,
                     "steps": args.steps, "warmup": args.warmup, "mem_steps": args.mem_steps,
                     "ds_config": args.ds, "alum": alum_settings, "memory_measure": meter.mode,
+                    "flops_per_token": flops_per_token(non_embedding_params(mlm),
+                                                       mlm.config.num_hidden_layers,
+                                                       mlm.config.hidden_size, args.seq_len),
                     "compile_seconds_rank0": round(compile_s, 1),
                     "graphs_compiled_rank0": compiling.graphs_compiled() if args.compile else 0,
                     "torch": torch.__version__, "deepspeed": deepspeed.__version__},

@@ -77,8 +77,9 @@ def test_alum_zero3_activation_checkpointing(tmp_path_factory: pytest.TempPathFa
 
 
 def test_bench_alum_quick_mode(tmp_path: Path) -> None:
-    """The benchmark runs end to end (plain, ALUM unfused and fused, baseline, on one ZeRO-2
-    engine over 2 ranks) and writes its figures; no timing is asserted."""
+    """The benchmark runs end to end (plain, ALUM unfused and fused, the cheaper variants,
+    baseline, on one ZeRO-2 engine over 2 ranks) and writes its figures, the FLOPs of every
+    variant among them; no timing is asserted."""
     out = tmp_path / "alum.json"
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_alum.py"), "--quick",
                         f"--out={out}", f"--master_port={free_port()}"],
@@ -86,7 +87,16 @@ def test_bench_alum_quick_mode(tmp_path: Path) -> None:
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     res = json.loads(out.read_text())
     assert res["setting"]["ranks"] == 2 and res["setting"]["zero_stage"] == 2
-    assert set(res["variants"]) == {"plain", "alum", "alum_fused", "baseline"}
+    assert set(res["variants"]) == {"plain", "alum", "alum_fused", "rows25", "table", "table_rows50",
+                                    "baseline"}
+    flops = res["flops"]
+    assert set(flops) == set(res["variants"]) | {"every4"}
+    # counted hardware FLOPs against the FLOP model: ALUM 8/3 of plain; the ascent-free table 2x
+    plain_hw = flops["plain"]["hardware_flops"]
+    assert flops["alum"]["hardware_flops"] / plain_hw == pytest.approx(8 / 3, rel=0.05)
+    assert flops["table"]["hardware_flops"] / plain_hw == pytest.approx(2, rel=0.05)
+    assert all(0 < f["hardware_fraction_of_gemm_rate"] and 0 < f["model_fraction_of_gemm_rate"]
+               for f in flops.values())
     for v in res["variants"].values():
         for key in ("step_s", "forward_s", "backward_s", "optimizer_s", "peak_mb", "peak_growth_mb",
                     "last_loss", "objective_peak_growth_mb"):

@@ -55,3 +55,18 @@ def test_sign_flip_exact_against_hand_counts() -> None:
     # test still cannot go below 2/8.
     r = paired_bootstrap([-0.006, -0.006, -0.006])
     assert r["excludes_zero"] and r["p_sign_flip"] == 0.25
+
+
+def test_paired_ratio_bootstrap() -> None:
+    from bench._stats import paired_ratio_bootstrap
+
+    # a variant keeping exactly 80% of the reference effect in every unit: a point interval
+    den = [0.1, 0.3, 0.2, 0.25, 0.15, 0.4]
+    r = paired_ratio_bootstrap([0.8 * d for d in den], den)
+    assert abs(r["ratio"] - 0.8) < 1e-12 and abs(r["lo"] - 0.8) < 1e-12 and abs(r["hi"] - 0.8) < 1e-12
+    # a noisy one: the interval brackets the ratio of means
+    r = paired_ratio_bootstrap([0.1, 0.5, 0.0, 0.3, 0.2, 0.1], den)
+    assert r["lo"] < r["ratio"] < r["hi"] and r["n"] == 6
+    # a reference effect that is not established: resamples without a positive denominator
+    r = paired_ratio_bootstrap([0.1, 0.1, 0.1], [0.2, -0.3, 0.05])
+    assert r["lo"] == float("-inf")

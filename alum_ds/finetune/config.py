@@ -103,6 +103,18 @@ class FinetuneEval(Section):
 
 
 @dataclass
+class FinetuneAlum(AlumConfig):
+    """The alum section of fine-tuning: the pretraining-only variants are refused."""
+
+    def checks(self) -> list[Check]:
+        only = "is a pretraining setting (alum-ds train); fine-tuning runs exact ALUM"
+        return [*super().checks(),
+                ("alum.every_k_steps", self.every_k_steps == 1, f"above 1 {only}"),
+                ("alum.row_fraction", self.row_fraction == 1, f"below 1 {only}"),
+                ("alum.perturbation", self.perturbation != "table", f"=table {only}")]
+
+
+@dataclass
 class FinetuneConfig(Config):
     """Sequence-classification fine-tuning. The defaults suit the tiny embedded demo; for a base
     or large model use a fine-tuning learning rate such as 1e-5."""
@@ -110,7 +122,7 @@ class FinetuneConfig(Config):
     run: FinetuneRun = field(default_factory=FinetuneRun)
     task: TaskConfig = field(default_factory=TaskConfig)
     model: ModelBase = field(default_factory=ModelBase)
-    alum: AlumConfig = field(default_factory=lambda: AlumConfig(alpha=1.0, start_fraction=0.0))
+    alum: FinetuneAlum = field(default_factory=lambda: FinetuneAlum(alpha=1.0, start_fraction=0.0))
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3))
     schedule: ScheduleBase = field(default_factory=lambda: ScheduleBase(
         warmup_steps=0, warmup_fraction=0.1, micro_batch_size=16))
