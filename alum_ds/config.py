@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import math
 
 try:  # Python 3.11+; on 3.10 config files must be JSON
     import tomllib
@@ -25,6 +26,15 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 Check = tuple[str, bool, str]
+
+SEED_LIMIT = 2**63
+"""Seeds feed torch.manual_seed and numpy's generators: non-negative and below 2**63 for both."""
+FLOAT_LIMIT = 3.4028234663852886e38
+"""fp32's largest finite value: every float setting reaches fp32 tensors (a larger one is inf)."""
+
+
+def seed_check(key: str, seed: int) -> Check:
+    return (key, 0 <= seed < SEED_LIMIT, "must be an integer in [0, 2**63)")
 
 
 class ConfigError(ValueError):
@@ -47,6 +57,10 @@ class RunBase(Section):
     seed: int = 42
     """Seeds model initialisation, dropout and the perturbation noise."""
 
+    def checks(self) -> list[Check]:
+        return [("run.dir", bool(self.dir), "is empty: name the run folder (e.g. runs/my_run)"),
+                seed_check("run.seed", self.seed)]
+
 
 @dataclass
 class RunSection(RunBase):
@@ -62,7 +76,7 @@ class RunSection(RunBase):
     scratch with its config would."""
 
     def checks(self) -> list[Check]:
-        return [("run.stop_after", self.stop_after >= 0, "must be >= 0")]
+        return [*super().checks(), ("run.stop_after", self.stop_after >= 0, "must be >= 0")]
 
 
 @dataclass
@@ -108,6 +122,7 @@ class DataConfig(Section):
 
     def checks(self) -> list[Check]:
         return [("data.seq_len", self.seq_len >= 8, "must be at least 8"),
+                seed_check("data.seed", self.seed),
                 ("data.vocab_size", self.vocab_size >= 300, "must be at least 300 (256 bytes + specials)")]
 
 
@@ -204,6 +219,9 @@ class OptimConfig(Section):
 
     def checks(self) -> list[Check]:
         return [("optim.lr", self.lr > 0, "must be > 0"),
+                ("optim.weight_decay", self.weight_decay >= 0, "must be >= 0"),
+                ("optim.betas", all(0 <= b < 1 for b in self.betas), "must be two numbers in [0, 1)"),
+                ("optim.eps", self.eps > 0, "must be > 0"),
                 ("optim.grad_clip", self.grad_clip >= 0, "must be >= 0")]
 
 
@@ -444,16 +462,51 @@ def _clear_alternatives(cfg: Config, explicit: set[str]) -> None:
                 setattr(sec, key, type(getattr(sec, key))())  # 0 / 0.0 / "" / False
 
 
+def _check_finite(name: str, sec: Section) -> None:
+    """Every float setting, alone or in a tuple/list: finite and within fp32's range (an ``inf``
+    learning rate passed ``> 0`` and trained NaNs; ``1e300`` becomes inf in the step's tensors);
+    every integer within int64 (numpy and torch take no more)."""
+    for key in _field_types(type(sec)):
+        value = getattr(sec, key)
+        values = value if isinstance(value, (tuple, list)) else (value,)
+        for v in values:
+            if isinstance(v, float) and not (math.isfinite(v) and abs(v) <= FLOAT_LIMIT):
+                raise ConfigError(f"{name}.{key}: {v!r} is not a finite number within fp32's range "
+                                  f"(|x| <= {FLOAT_LIMIT:.3g})")
+            if isinstance(v, int) and not isinstance(v, bool) and not -SEED_LIMIT <= v < SEED_LIMIT:
+                raise ConfigError(f"{name}.{key}: {v} is outside the 64-bit integer range")
+
+
 def validate(cfg: Config) -> None:
     """Raise ConfigError (one line, naming the key) for the first value a section refuses."""
     for name in _field_types(type(cfg)):
         sec = getattr(cfg, name)
+        _check_finite(name, sec)
         for key, choices in sec.CHOICES.items():
             if getattr(sec, key) not in choices:
                 raise ConfigError(f"{name}.{key}: {getattr(sec, key)!r} is not one of {', '.join(choices)}")
         for key, ok, msg in sec.checks():
             if not ok:
                 raise ConfigError(f"{key}: {msg}")
+
+
+class DuplicateKeyError(ValueError):
+    """A JSON object names one key twice (``json`` keeps the last silently)."""
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise DuplicateKeyError(key)
+        out[key] = value
+    return out
+
+
+def loads_json(text: str) -> Any:
+    """``json.loads`` that refuses a key given twice in one object (DuplicateKeyError, a
+    ValueError naming the key): the last one would otherwise win without a word."""
+    return json.loads(text, object_pairs_hook=_no_duplicates)
 
 
 def read_config_file(path: str) -> dict[str, dict[str, Any]]:
@@ -463,13 +516,16 @@ def read_config_file(path: str) -> dict[str, dict[str, Any]]:
         raise ConfigError(f"config file {path} not found")
     try:
         if p.suffix == ".json":
-            data = json.loads(p.read_text())
+            data = loads_json(p.read_text())
         elif tomllib is None:
             raise ConfigError(f"config file {path}: TOML needs Python 3.11+, use JSON")
         else:
             data = tomllib.loads(p.read_text())
     except ConfigError:
         raise
+    except DuplicateKeyError as e:
+        raise ConfigError(f"config file {path} gives the key {e.args[0]!r} twice in one table: "
+                          "keep one (the last would win silently)") from None
     except (ValueError, UnicodeDecodeError) as e:  # JSON and TOML decode errors are ValueErrors
         raise ConfigError(f"config file {path} is malformed: {e}") from None
     if not isinstance(data, dict):
