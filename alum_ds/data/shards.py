@@ -102,7 +102,7 @@ def read_manifest(data_dir: str | Path) -> dict[str, Any]:
 
 _ENTRY_COUNTS = ("tokens", "documents", "bytes")
 _ENTRY_TEXTS = ("name", "sha256", "index_sha256")
-_TOKEN_IDS = ("bos_id", "eos_id", "mask_id")
+_TOKEN_IDS = ("bos_id", "eos_id", "pad_id", "mask_id")
 
 
 def _count(v: Any) -> bool:
@@ -123,10 +123,7 @@ def _manifest_problem(m: dict[str, Any]) -> str:
     for key in ("dir", "fingerprint"):
         if not isinstance(tok.get(key), str) or not tok[key]:
             return f"tokenizer.{key} {tok.get(key)!r} is not a string"
-    ids = {k: tok.get(k) for k in _TOKEN_IDS}
-    if tok.get("pad_id") is not None:
-        ids["pad_id"] = tok["pad_id"]
-    for key, v in ids.items():
+    for key, v in ((k, tok.get(k)) for k in _TOKEN_IDS):
         if not _count(v) or v >= vocab:
             return f"tokenizer.{key} {v!r} is not a token id below vocab_size {vocab}"
     special = tok.get("special_ids")
