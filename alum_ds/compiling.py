@@ -1,7 +1,7 @@
 """torch.compile for the pieces ALUM runs: the embeddings, each encoder layer, the MLM head.
 
 Where it pays. Measured on the CPU (small preset, one thread, fp32, 8 x 128 tokens, passes
-interleaved with eager in one process; bench/results and the README's "Compile"): per-layer
+interleaved with eager in one process; docs/performance.md, "Compile"): per-layer
 compilation with the CPU fast path's dropout as an opaque custom op is 0.94-1.12x eager for a
 plain step and 0.96-1.08x for an ALUM step, within this machine's run-to-run noise, after 25-60 s
 of cold compilation (3 s warm from the on-disk cache). About three quarters of a CPU step is

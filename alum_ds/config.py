@@ -112,11 +112,9 @@ class DataConfig(Section):
     cache_dir: str = ""
     """Where the embedded default is prepared. Empty: $ALUM_DS_CACHE or ~/.cache/alum_ds."""
     seq_len: int = 32
-    """Tokens per packed training sequence, including <s> and </s> (32: the main job's; a real
-    corpus wants 128-512)."""
+    """Tokens per packed training sequence, including <s> and </s> (a real corpus wants 128-512)."""
     vocab_size: int = 2048
-    """BPE vocabulary size learned for the embedded default (2,048: its 2.4 MB learn a small
-    vocabulary's statistics in minutes; more rows are rarely seen)."""
+    """BPE vocabulary size learned for the embedded default."""
     seed: int = 1234
     """Seeds the global sample order of every epoch and the masks."""
 
@@ -184,7 +182,7 @@ class AlumConfig(Section):
     are independent: delta_0 is random). Same loss and gradients, but the ascent's backward and
     the clean part of the final backward then run over both halves (11 forward-equivalents, not
     8). Off by default: on the CPU 2.94x a plain step against 2.32x unfused, and more memory
-    (README, "Performance"); it may pay on a GPU at small micro-batches (bench/bench_alum.py).
+    (docs/performance.md); it may pay on a GPU at small micro-batches (bench/bench_alum.py).
     Not supported under ZeRO-3."""
 
     def start_for(self, total_steps: int) -> int:
@@ -338,26 +336,15 @@ class Config:
 
 @dataclass
 class RunConfig(Config):
-    """Pretraining. The defaults are the README's main job: the tiny preset on the embedded
-    corpus, tuned to learn context within minutes on two CPU cores (README, "What the main job
-    learns"). For a real corpus and model, set data.seq_len (512), data.vocab_size (50265),
-    model.preset, model.dropout (0.1), optim.lr and the schedule (see the README's recipes)."""
+    """Pretraining. The defaults are the main job: the tiny preset on the embedded corpus, tuned
+    to learn context within minutes on two CPU cores. ``recipes/main_job.toml`` holds the same
+    values with the reason for each; the other recipes there are real corpora and models."""
 
     run: RunSection = field(default_factory=RunSection)
-    # Dropout 0: at this size and run length dropout only slows learning (measured: 0.62 against
-    # 0.84 nats below the unigram line after 1,500 steps).
     model: ModelConfig = field(default_factory=lambda: ModelConfig(dropout=0.0))
     data: DataConfig = field(default_factory=DataConfig)
-    # 40% of tokens masked, not BERT's 15% (Wettig et al. 2023, "Should You Mask 15% in Masked
-    # Language Modeling?"): more predictions per sequence at the same encoder cost. Measured on
-    # this recipe at 1,400 steps, seed 1: 0.56 nats below the unigram line at 15%, 0.87 at 30%,
-    # 1.43 at 40%, 1.16 at 50%, each judged at its own masking rate (the harder eval for the
-    # higher rates).
     masking: MaskingConfig = field(default_factory=lambda: MaskingConfig(prob=0.4))
     alum: AlumConfig = field(default_factory=AlumConfig)
-    # lr 2e-3, not 3e-3: at 40% masking the same mean over seeds (1.16 against 1.16 nats below
-    # the line at 1,400 steps, seeds 1, 2 and 42) with a fifth of the spread (1.13-1.21 against
-    # 0.92-1.43); 5e-3 stalls at 0.57.
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-3))
     schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(
         steps=1250, warmup_steps=100, micro_batch_size=32))

@@ -50,9 +50,10 @@ ARMS = ("plain", "alum", "random", "alum_k2")
 ARM_FLAGS = {"plain": [], "alum": [], "random": ["--alum.perturbation=random"],
              "alum_k2": ["--alum.ascent_steps=2"]}
 PRETRAIN_METRICS = ("eval_loss", "pgd_loss_r1", "pgd_loss_r2")
-# The one comparison the study is powered for, chosen from the 3-seed pilot (README): the paper's
-# robustness claim in the language model's own terms. Six seeds reach p = 2/64 at best, so no
-# correction over several primary comparisons could pass; the rest are reported as secondary.
+# The one comparison the study is powered for, chosen from the 3-seed pilot
+# (bench/results/README.md): the paper's robustness claim in the language model's own terms.
+# Six seeds reach p = 2/64 at best, so no correction over several primary comparisons could
+# pass; the rest are reported as secondary.
 PRIMARY = "pretrain/pgd_loss_r2/alum"
 FT_METRICS = ("accuracy", "macro_f1", "robust_r1", "robust_r2", "distractor_accuracy")
 # Pretraining per scale: run-config overrides and the ALUM start step (the curriculum's switch).

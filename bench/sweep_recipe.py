@@ -6,7 +6,7 @@ Trains plain MLM on the embedded corpus in this process (one rank, one thread, s
 run side by side on two cores), with the run config's defaults plus the given overrides, the
 main job's global batch of 64 on one rank, and an eval every 350 steps. Prints and appends to
 ``bench/results/recipe_sweep.jsonl`` the distance below the unigram line at each eval (nats;
-each eval at the run's own masking rate) and the wall time. README, "What the main job learns",
+each eval at the run's own masking rate) and the wall time. bench/results/README.md
 tabulates the points behind the defaults. Nothing is asserted.
 """
 

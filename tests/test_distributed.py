@@ -146,7 +146,7 @@ def test_readme_main_job_runs_in_a_fresh_folder(tmp_path: Path) -> None:
     losses = _losses(run_dir)
     assert losses[-1] < losses[0] - 1.0, losses
     # It learns context: its final eval loss lies well below a model of token frequencies alone
-    # (measured 1.01 nats below; README, "What the main job learns"). The margin allows for
+    # (measured 1.01 nats below; bench/results/README.md, "The main job"). The margin allows for
     # another CPU's rounding, not for a recipe that learns less.
     recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     final = [r for r in recs if "eval_loss" in r][-1]
