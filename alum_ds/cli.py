@@ -12,9 +12,12 @@ from alum_ds.config import Config, ConfigError, RunConfig, load_config
 from alum_ds.data.shards import DataError
 from alum_ds.ds_config import DEFAULT as DEFAULT_DS_CONFIG
 
+_LINE_BREAKS = {ord(c): repr(c)[1:-1] for c in "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"}
+
 
 def _fail(msg: str) -> int:
-    print(f"alum-ds: error: {msg}", file=sys.stderr)
+    # One line even when the message quotes a key or path holding a line break.
+    print(f"alum-ds: error: {msg.translate(_LINE_BREAKS)}", file=sys.stderr)
     return 2
 
 

@@ -117,9 +117,9 @@ def resolve_ds_config(
     ds["train_batch_size"] = global_batch
 
     for name in ("bf16", "fp16"):
-        sec = ds.get(name)
-        if sec is None:
+        if name not in ds:
             continue
+        sec = ds[name]
         if not isinstance(sec, dict) or "enabled" not in sec:
             raise ConfigError(f"DeepSpeed config {path}: {name} must be an object with 'enabled'")
         if sec["enabled"] == "auto":
