@@ -9,7 +9,6 @@ and ``ds_config`` joins the two and refuses contradictions. Nothing here imports
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import json
@@ -571,11 +570,24 @@ def grad_accum_for(cfg: RunConfig, world: int) -> int:
     return sched.global_batch_size // per_micro_step
 
 
-def for_world(cfg: RunConfig, world: int) -> RunConfig:
-    """A copy of ``cfg`` with schedule.grad_accum resolved for ``world`` ranks."""
-    out = copy.deepcopy(cfg)
-    out.schedule.grad_accum = grad_accum_for(cfg, world)
-    return out
+@dataclass(frozen=True)
+class Batching:
+    """A run's batch arithmetic on its world: derived from the config, never written back into it."""
+
+    micro_batch: int
+    """Sequences (examples) per rank per micro-step."""
+    accum: int
+    """Micro-steps per optimizer step."""
+    world: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch * self.accum * self.world
+
+
+def batching_for(cfg: RunConfig, world: int) -> Batching:
+    """Pretraining's batching on ``world`` ranks (the accumulation from ``grad_accum_for``)."""
+    return Batching(cfg.schedule.micro_batch_size, grad_accum_for(cfg, world), world)
 
 
 __all__ = [
@@ -587,5 +599,6 @@ __all__ = [
     "read_config_file",
     "validate",
     "grad_accum_for",
-    "for_world",
+    "Batching",
+    "batching_for",
 ]

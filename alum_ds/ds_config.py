@@ -14,19 +14,26 @@ guard then stops with a message naming a radius that survives.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 from collections.abc import KeysView
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Union
 
-from alum_ds.config import ConfigError, DuplicateKeyError, RunConfig, loads_json
+from alum_ds.config import Batching, ConfigError, DuplicateKeyError, RunConfig, loads_json
+
+if TYPE_CHECKING:  # fine-tuning's config builds on this package's; a name for the hints only
+    from alum_ds.finetune.config import FinetuneConfig
+
+AnyConfig = Union[RunConfig, "FinetuneConfig"]
 
 BF16_MIN_RADIUS = 8e-3
 """Smallest ALUM step (eta, and epsilon for ``project``) that 'auto' runs in bf16."""
 
 
-def alum_fits_bf16(cfg: RunConfig) -> bool:
+def alum_fits_bf16(cfg: AnyConfig) -> bool:
     a = cfg.alum
     radius = a.eta if a.update == "normalize" else min(a.eta, a.epsilon)
     return not a.enabled or radius >= BF16_MIN_RADIUS
@@ -55,10 +62,10 @@ def resolve_ds_path(name: str) -> Path:
                       f"{', '.join(shipped_names())})")
 
 
-def read_ds_json(path: str) -> dict[str, Any]:
-    """Read a DeepSpeed JSON file (``resolve_ds_path``); missing or malformed files raise a
-    one-line ConfigError."""
-    p = resolve_ds_path(path)
+def read_ds_json(path: str, file: Path | None = None) -> dict[str, Any]:
+    """Read the DeepSpeed JSON ``path`` names (``file``, when already resolved by
+    ``resolve_ds_path``); missing or malformed files raise a one-line ConfigError."""
+    p = file or resolve_ds_path(path)
     try:
         data = loads_json(p.read_text())
     except DuplicateKeyError as e:
@@ -84,11 +91,52 @@ def _owned(ds: dict, key: str, want: Any, run_key: str, path: str) -> None:
     ds[key] = want
 
 
-def resolve_ds_config(
-    path: str, cfg: RunConfig, *, world_size: int, bf16_supported: bool, on_gpu: bool
-) -> dict[str, Any]:
+@dataclass(frozen=True)
+class DsPlan:
+    """The DeepSpeed JSON of a run, resolved once: everything the run reads of it."""
+
+    path: Path
+    """The file ``--ds_config`` named."""
+    config: dict[str, Any]
+    """The final dict handed to ``deepspeed.initialize`` (and written to config.resolved.json)."""
+    zero_stage: int
+    precision: str
+    """'bf16', 'fp16' or 'fp32'."""
+    offload: bool
+    compile_setting: object
+    """The JSON's ``torch_compile.enabled``: "auto", true or false."""
+    compile: bool
+    """Whether this run compiles its model (``compiling.decide``)."""
+    compile_note: str = ""
+
+    def loading_universal(self) -> DsPlan:
+        """This plan with DeepSpeed told to load a universal checkpoint."""
+        ds = copy.deepcopy(self.config)
+        section = ds.setdefault("checkpoint", {})
+        if not isinstance(section, dict):
+            raise ConfigError(f"DeepSpeed config {self.path}: checkpoint must be an object")
+        section["load_universal"] = True
+        return dataclasses.replace(self, config=ds)
+
+
+def plan_ds(path: str, cfg: AnyConfig, batching: Batching, *, bf16_supported: bool,
+            on_gpu: bool) -> DsPlan:
+    """Find, read and resolve the DeepSpeed JSON ``path`` once, and decide compilation."""
+    # compiling imports torch: here, so that reading a config stays free of it.
+    from alum_ds import compiling
+
+    file = resolve_ds_path(path)
+    ds = resolve_ds_config(path, cfg, batching, bf16_supported=bf16_supported, on_gpu=on_gpu,
+                           file=file)
+    setting, stage, off = compile_setting(ds), zero_stage_of(ds), offloaded(ds)
+    compiled, note = compiling.decide(setting, on_gpu=on_gpu, zero_stage=stage, offload=off)
+    return DsPlan(file, ds, stage, precision_of(ds), off, setting, compiled, note)
+
+
+def resolve_ds_config(path: str, cfg: AnyConfig, batching: Batching, *, bf16_supported: bool,
+                      on_gpu: bool, file: Path | None = None) -> dict[str, Any]:
     """Return the final DeepSpeed dict for this run, or raise ConfigError naming the conflict."""
-    ds = copy.deepcopy(read_ds_json(path))
+    ds = copy.deepcopy(read_ds_json(path, file))
     for key in ("optimizer", "scheduler"):
         if key in ds:
             raise ConfigError(
@@ -102,19 +150,17 @@ def resolve_ds_config(
     if isinstance(stage, bool) or stage not in (0, 1, 2, 3):  # True == 1: not a stage
         raise ConfigError(f"DeepSpeed config {path}: zero_optimization.stage must be 0-3, got {stage!r}")
 
-    sched = cfg.schedule
-    _owned(ds, "train_micro_batch_size_per_gpu", sched.micro_batch_size,
-           "schedule.micro_batch_size", path)
-    _owned(ds, "gradient_accumulation_steps", sched.grad_accum, "schedule.grad_accum", path)
+    b = batching
+    _owned(ds, "train_micro_batch_size_per_gpu", b.micro_batch, "schedule.micro_batch_size", path)
+    _owned(ds, "gradient_accumulation_steps", b.accum, "schedule.grad_accum", path)
     _owned(ds, "gradient_clipping", cfg.optim.grad_clip, "optim.grad_clip", path)
-    global_batch = sched.micro_batch_size * sched.grad_accum * world_size
-    if "train_batch_size" in ds and ds["train_batch_size"] != global_batch:
+    if "train_batch_size" in ds and ds["train_batch_size"] != b.global_batch:
         raise ConfigError(
             f"DeepSpeed config {path} sets train_batch_size={ds['train_batch_size']} but "
-            f"micro_batch_size {sched.micro_batch_size} x grad_accum {sched.grad_accum} x "
-            f"{world_size} ranks = {global_batch}: remove train_batch_size from the JSON"
+            f"micro_batch_size {b.micro_batch} x grad_accum {b.accum} x "
+            f"{b.world} ranks = {b.global_batch}: remove train_batch_size from the JSON"
         )
-    ds["train_batch_size"] = global_batch
+    ds["train_batch_size"] = b.global_batch
 
     for name in ("bf16", "fp16"):
         if name not in ds:

@@ -9,10 +9,13 @@ import os
 import resource
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from alum_ds import compiling
 
 # Peak dense throughput by device name fragment (bf16/fp16 tensor cores), for the MFU estimate.
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "V100": 125e12, "A10": 125e12}
@@ -94,6 +97,45 @@ def window_values(r: dict[str, float], *, task: str, alum_on: bool, engine: Any,
     if gn is not None:
         values["grad_norm"] = float(gn)
     return values
+
+
+class StepLogger:
+    """The logging window of a training loop, the same for pretraining and fine-tuning: times the
+    steps since the last line (compile time left out and reported on its own line), reduces the
+    window over ranks and logs its values, the task's own (``extra``) added."""
+
+    def __init__(self, log: MetricsLogger, window: StepWindow, *, all_reduce: Callable, world: int,
+                 alpha: float, task: str, compiled: bool, record_compile: bool = True) -> None:
+        self.log, self.window, self.all_reduce, self.world = log, window, all_reduce, world
+        self.alpha, self.task, self.record_compile = alpha, task, record_compile
+        self.clock = compiling.Clock() if compiled else None
+        self.t_last, self.steps = time.time(), 0
+
+    def step_done(self) -> None:
+        self.steps += 1
+
+    def flush(self, step: int, *, alum_on: bool, engine: Any, skipped_total: int,
+              extra: Callable[[dict[str, float], int, float], dict[str, Any]]) -> None:
+        """Log the window ending at ``step``; ``extra(reduced, steps, seconds)`` adds the task's
+        values (throughput, memory, accuracy)."""
+        seconds = time.time() - self.t_last - self._compile_time(step)
+        r = self.window.reduce(self.all_reduce, self.world, self.alpha)
+        values = window_values(r, task=self.task, alum_on=alum_on, engine=engine,
+                               skipped_total=skipped_total)
+        values.update(extra(r, self.steps, seconds))
+        self.log.window(step, values, r["adv_skipped"])
+        self.t_last, self.steps = time.time(), 0
+
+    def _compile_time(self, step: int) -> float:
+        """Seconds compiled since the last window (``compile_seconds``, ``graphs_compiled``)."""
+        spent = self.clock.take() if self.clock is not None else 0.0
+        if spent:
+            graphs = compiling.graphs_compiled()
+            if self.record_compile:
+                self.log.log(step, {"compile_seconds": spent, "graphs_compiled": graphs})
+            self.log.message(f"compiled {graphs} graph(s) so far, {spent:.1f} s before step {step} "
+                             "(not counted in step times)")
+        return spent
 
 
 class MetricsLogger:

@@ -17,6 +17,7 @@ two backwards per ALUM step), so it gets them too.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -25,9 +26,11 @@ from typing import Any
 
 import torch
 
+from alum_ds import compiling
 from alum_ds import distributed as D
 from alum_ds import host as H
-from alum_ds.config import OptimConfig, ScheduleBase
+from alum_ds.config import AlumConfig, OptimConfig, ScheduleBase
+from alum_ds.ds_config import DsPlan
 from alum_ds.metrics import StepWindow
 from alum_ds.optim import lr_lambda, make_optimizer
 
@@ -109,10 +112,10 @@ def start(dev: Device, *, expect_world: int | None = None) -> Runtime:
     return Runtime(dev, rank, world, device)
 
 
-def tune_host(rt: Runtime, ds: dict[str, Any]) -> str:
+def tune_host(rt: Runtime, ds: DsPlan) -> str:
     """The allocator policy (module docstring), CPU only; call before building the model.
     Returns the policy applied ("keep", "release" or "" for none)."""
-    return "" if rt.on_gpu else H.tune_allocator(ds)
+    return "" if rt.on_gpu else H.tune_allocator(ds.config)
 
 
 def adapt_model(rt: Runtime, model: torch.nn.Module) -> torch.nn.Module:
@@ -124,26 +127,13 @@ def adapt_model(rt: Runtime, model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def compile_plan(ds: dict[str, Any], on_gpu: bool) -> tuple[bool, str]:
-    """Whether this run compiles its model (the DeepSpeed JSON's ``torch_compile``, decided by
-    ``compiling.decide``: "auto" compiles on CUDA only, where it pays) and a note to log."""
-    from alum_ds import compiling
-    from alum_ds.ds_config import compile_setting, offloaded, zero_stage_of
-
-    return compiling.decide(compile_setting(ds), on_gpu=on_gpu, zero_stage=zero_stage_of(ds),
-                            offload=offloaded(ds))
-
-
-def compile_model(model: torch.nn.Module, ds: dict[str, Any], cache: Path) -> None:
+def compile_model(model: torch.nn.Module, ds: DsPlan, cache: Path) -> None:
     """Compile ``model``'s pieces in place, kernels cached in ``cache`` for later runs; under
     "auto" a compilation that fails falls back to eager (dynamo's ``suppress_errors``), under
     ``true`` it is an error."""
     import torch._dynamo
 
-    from alum_ds import compiling
-    from alum_ds.ds_config import compile_setting
-
-    torch._dynamo.config.suppress_errors = compile_setting(ds) == "auto"
+    torch._dynamo.config.suppress_errors = ds.compile_setting == "auto"
     compiling.use_cache(cache / "inductor")
     compiling.compile_model(model)
 
@@ -168,14 +158,75 @@ def build_engine(objective: torch.nn.Module, *, optim: OptimConfig, schedule: Sc
     return engine
 
 
-def run_micro_steps(engine: Any, window: StepWindow, seed: int,
-                    micro: Iterable[tuple[int, tuple[Any, ...], dict[str, Any]]]) -> None:
-    """One optimizer step: for each ``(position, args, kwargs)`` micro-batch, seed it, run the
-    objective through the engine, backward once, step (DeepSpeed steps the optimizer at the end
-    of the accumulation) and add its statistics to the window."""
-    for position, args, kwargs in micro:
-        seed_micro_step(seed, position)
-        loss, stats = engine(*args, **kwargs)
+@dataclass(frozen=True)
+class MicroBatch:
+    """One micro-batch as the engine receives it, for either objective: its tensors and flags are
+    the keyword arguments of the objective's ``forward`` (those left None are not passed)."""
+
+    position: int
+    """The global position of its first sample (sequence or example): what seeds it."""
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    alum_on: bool
+    attention_mask: torch.Tensor | None = None
+    token_type_ids: torch.Tensor | None = None
+    token_weight: float | None = None
+    """Pretraining's gradient normalisation over the optimizer step's masked tokens."""
+
+    def inputs(self) -> dict[str, Any]:
+        return {f.name: v for f in dataclasses.fields(self) if f.name != "position"
+                and (v := getattr(self, f.name)) is not None}
+
+
+def run_micro_steps(engine: Any, window: StepWindow, seed: int, micro: Iterable[MicroBatch]) -> None:
+    """One optimizer step: seed each micro-batch, run the objective through the engine, backward
+    once, step (DeepSpeed steps the optimizer at the end of the accumulation) and add its
+    statistics to the window."""
+    for mb in micro:
+        seed_micro_step(seed, mb.position)
+        loss, stats = engine(**mb.inputs())
         engine.backward(loss)
         engine.step()
         window.add(stats)
+
+
+@dataclass(frozen=True)
+class Run:
+    """What a started run uses: its process, DeepSpeed plan, model, objective and engine."""
+
+    rt: Runtime
+    ds: DsPlan
+    model: torch.nn.Module
+    objective: Any
+    engine: Any
+    n_params: int
+    """Parameters of the model, counted before ZeRO-3 partitions them."""
+
+    def banner(self) -> str:
+        """The run's systems in words, the head of its first line."""
+        return (f"{self.rt.world} rank(s) on {self.rt.dev.name}, ZeRO-{self.ds.zero_stage}, "
+                f"{self.ds.precision}{', compiled' if self.ds.compile else ''} (DeepSpeed config "
+                f"{self.ds.path})")
+
+
+def build_run(dev: Device, ds: DsPlan | Callable[[Runtime], DsPlan], *, seed: int,
+              model: Callable[[Runtime], torch.nn.Module], objective: Callable[..., Any],
+              alum: AlumConfig, optim: OptimConfig, schedule: ScheduleBase, total_steps: int,
+              cache: Path, activation_checkpointing: bool, expect_world: int | None = None) -> Run:
+    """The setup of a run, the same for pretraining and fine-tuning: start the process, resolve
+    the DeepSpeed plan (``ds``, or ``ds(runtime)`` where it needs the world), tune the host, seed,
+    build (``model(runtime)``), adapt and compile the model, wrap it in ``objective`` and start
+    the engine."""
+    rt = start(dev, expect_world=expect_world)
+    plan = ds(rt) if callable(ds) else ds
+    tune_host(rt, plan)
+    torch.manual_seed(seed)  # identical initial weights (and classifier head) on every rank
+    net = adapt_model(rt, model(rt))
+    if plan.compile:
+        compile_model(net, plan, cache)
+    n_params = sum(p.numel() for p in net.parameters())
+    obj = objective(net, alum, any_rank=rt.any_rank(),
+                    freeze_ascent=plan.compile and not activation_checkpointing)
+    engine = build_engine(obj, optim=optim, schedule=schedule, ds=plan.config,
+                          total_steps=total_steps, on_gpu=rt.on_gpu)
+    return Run(rt, plan, net, obj, engine, n_params)

@@ -2,19 +2,16 @@
 
 ``train`` reads top to bottom: everything that can be refused is decided from the config, the
 DeepSpeed JSON and the checkpoint's JSON state before a process group or model exists (so a bad
-input is a one-line error that changes nothing); then the engine is built, the checkpoint (if
-any) loaded, and ``Loop`` runs the steps with the cadence of logging, evaluation and saving.
+input is a one-line error that changes nothing); then ``runtime.build_run`` starts the process and
+builds the engine (as for fine-tuning), the checkpoint (if any) is loaded, and ``Loop`` runs the
+steps, logging, evaluation, stopping and saving each on its cadence (``alum_ds.cadence``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
-import io
 import json
-import math
 import os
-import shutil
 import signal
 import time
 from dataclasses import dataclass
@@ -24,15 +21,16 @@ from typing import Any
 import torch
 
 from alum_ds import checkpoint as C
-from alum_ds import compiling
 from alum_ds import distributed as D
 from alum_ds import metrics as MT
 from alum_ds import runtime as R
-from alum_ds.config import AlumConfig, ConfigError, RunConfig, for_world
+from alum_ds.cadence import Every, StopAfter
+from alum_ds.config import AlumConfig, Batching, ConfigError, RunConfig, batching_for
 from alum_ds.data.prepare import ensure_embedded
 from alum_ds.data.shards import check_vocab, read_manifest, sha256_file
-from alum_ds.data.stream import TrainStream, check_splits, validation_batches
-from alum_ds.ds_config import precision_of, resolve_ds_config, resolve_ds_path, zero_stage_of
+from alum_ds.data.stream import TrainStream, check_splits
+from alum_ds.ds_config import DsPlan, plan_ds
+from alum_ds.evaluation import Validator, show_fill_mask
 from alum_ds.model import PADDED_VOCAB_ROWS, build_model, non_embedding_params
 from alum_ds.objective import AlumObjective
 from alum_ds.optim import planned_steps
@@ -98,18 +96,18 @@ class Signals:
 class Plan:
     """What a run will do, decided before any process group, model or engine exists."""
 
-    cfg: RunConfig  # schedule.grad_accum resolved for this world size
-    ds: dict[str, Any]
-    world: int
+    batching: Batching
+    ds: DsPlan
     run_dir: Path
     point: C.ResumePoint | None
     universal: bool
-    global_batch: int
     last_step: int
     branch: bool = False
     """``point`` is another run's checkpoint this run starts from (``run.branch_from``)."""
-    compile: bool = False
-    compile_note: str = ""
+
+    @property
+    def world(self) -> int:
+        return self.batching.world
 
 
 def plan_run(cfg: RunConfig, ds_path: str, *, resume: str, world: int, on_gpu: bool,
@@ -120,21 +118,23 @@ def plan_run(cfg: RunConfig, ds_path: str, *, resume: str, world: int, on_gpu: b
     _check_run_dir(run_dir, cfg)
     if cfg.data.dir:  # the embedded default is prepared later, by the ranks
         check_splits(cfg.data.dir, cfg.data.seq_len)
-    ecfg = for_world(cfg, world)
-    ds = resolve_ds_config(ds_path, ecfg, world_size=world, bf16_supported=bf16_supported, on_gpu=on_gpu)
-    gb = ecfg.schedule.micro_batch_size * ecfg.schedule.grad_accum * world
-    total = planned_steps(cfg, gb)
+    batching = batching_for(cfg, world)
+    ds = plan_ds(ds_path, cfg, batching, bf16_supported=bf16_supported, on_gpu=on_gpu)
+    total = planned_steps(cfg, batching.global_batch)
     point = C.find_resume(run_dir, resume)
     branch = point is None and bool(cfg.run.branch_from)
     if branch:
         point = C.find_resume(run_dir, cfg.run.branch_from, option="run.branch_from")
-    universal = point is not None and C.check_resume(point, cfg, world=world, zero_stage=zero_stage_of(ds),
+    universal = point is not None and C.check_resume(point, cfg, world=world, zero_stage=ds.zero_stage,
                                                      branch=branch, total_steps=total)
     if universal:
-        section = ds.setdefault("checkpoint", {})
-        if not isinstance(section, dict):
-            raise ConfigError(f"DeepSpeed config {ds_path}: checkpoint must be an object")
-        section["load_universal"] = True
+        ds = ds.loading_universal()
+    _check_optional(cfg)
+    return Plan(batching, ds, run_dir, point, universal, total, branch)
+
+
+def _check_optional(cfg: RunConfig) -> None:
+    """The packages and model folder the config names, before anything starts."""
     if cfg.logging.wandb and importlib.util.find_spec("wandb") is None:
         raise ConfigError("logging.wandb=true needs the wandb package (pip install wandb), which "
                           "is not installed")
@@ -145,9 +145,6 @@ def plan_run(cfg: RunConfig, ds_path: str, *, resume: str, world: int, on_gpu: b
             check_mlm_folder(cfg.model.pretrained)
         except ValueError as e:
             raise ConfigError(f"model.pretrained {e}") from None
-    compiled, note = R.compile_plan(ds, on_gpu)
-    return Plan(ecfg, ds, world, run_dir, point, universal, gb, total, branch,
-                compiled, note)
 
 
 def _alum_words(alum: AlumConfig, total: int) -> str:
@@ -165,75 +162,92 @@ def train(cfg: RunConfig, ds_path: str, *, resume: str = "", check: bool = False
                     on_gpu=dev.on_gpu, bf16_supported=dev.bf16_supported)
     if check:
         start = f"resumes at step {plan.point.step}" if plan.point else "a new run"
-        print(f"alum-ds: check passed: run folder {plan.run_dir} ({start}), ZeRO-"
-              f"{zero_stage_of(plan.ds)}, {precision_of(plan.ds)}, global batch {plan.global_batch}, "
-              f"{plan.last_step} steps, {_alum_words(cfg.alum, plan.last_step)}; nothing was written")
+        print(f"alum-ds: check passed: run folder {plan.run_dir} ({start}), ZeRO-{plan.ds.zero_stage}, "
+              f"{plan.ds.precision}, global batch {plan.batching.global_batch}, {plan.last_step} steps, "
+              f"{_alum_words(cfg.alum, plan.last_step)}; nothing was written")
         return plan.run_dir
-    rt = R.start(dev, expect_world=plan.world)
-    data_dir = resolve_data(cfg)
-    manifest = read_manifest(data_dir)
-    vocab = int(manifest["tokenizer"]["vocab_size"])
-
-    R.tune_host(rt, plan.ds)
-    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
-    try:
-        mlm = build_model(arch=cfg.model.arch, preset=cfg.model.preset, vocab_size=vocab,
-                          seq_len=cfg.data.seq_len, dropout=cfg.model.dropout,
-                          pretrained=cfg.model.pretrained,
-                          activation_checkpointing=cfg.model.activation_checkpointing)
-    except ValueError as e:  # a pretrained model that does not fit the data
-        raise ConfigError(str(e)) from None
-    R.adapt_model(rt, mlm)
-    if plan.compile:
-        R.compile_model(mlm, plan.ds, R.cache_dir(cfg.data.cache_dir))
-    check_vocab(data_dir, mlm.config.vocab_size,
-                padded_rows=PADDED_VOCAB_ROWS if cfg.model.pretrained else 0)
-    shape = model_shape(mlm)
-    n_params = sum(p.numel() for p in mlm.parameters())  # before ZeRO-3 partitions them
-    fpt = MT.flops_per_token(non_embedding_params(mlm), mlm.config.num_hidden_layers,
-                             mlm.config.hidden_size, cfg.data.seq_len)
-    if plan.point and plan.point.state.get("model_shape") not in (None, shape):
-        raise ConfigError(f"checkpoint {plan.point.path} holds a model of shape "
-                          f"{plan.point.state['model_shape']}, this run builds {shape}")
-    objective = AlumObjective(mlm, cfg.alum, any_rank=rt.any_rank(),
-                              freeze_ascent=plan.compile and not cfg.model.activation_checkpointing)
-    load_root = _universal_root(plan, rt) if plan.universal else None
-    engine = R.build_engine(objective, optim=cfg.optim, schedule=plan.cfg.schedule, ds=plan.ds,
-                            total_steps=plan.last_step, on_gpu=rt.on_gpu)
-    stream = TrainStream(data_dir, seq_len=cfg.data.seq_len, seed=cfg.data.seed, masking=cfg.masking)
-    step = 0
-    if plan.point:
-        C.load(engine, load_root or plan.point.root, plan.point.tag)
-        stream.load_state_dict(plan.point.state["stream"])
-        step = plan.point.step
-        if load_root is not None:
-            D.barrier()  # every rank has read the converted copy
-            if rt.rank == 0:
-                C.remove_universal(plan.run_dir)
-
-    log = MT.MetricsLogger(plan.run_dir, enabled=rt.rank == 0, tensorboard=cfg.logging.tensorboard,
+    data = Pretraining(cfg, plan)
+    run = R.build_run(dev, plan.ds, expect_world=plan.world, seed=cfg.run.seed, model=data.model,
+                      objective=AlumObjective, alum=cfg.alum, optim=cfg.optim,
+                      schedule=cfg.schedule, total_steps=plan.last_step,
+                      cache=R.cache_dir(cfg.data.cache_dir),
+                      activation_checkpointing=cfg.model.activation_checkpointing)
+    stream = TrainStream(data.dir, seq_len=cfg.data.seq_len, seed=cfg.data.seed, masking=cfg.masking)
+    step = _load_checkpoint(plan, run, stream)
+    log = MT.MetricsLogger(plan.run_dir, enabled=run.rt.rank == 0, tensorboard=cfg.logging.tensorboard,
                            total_steps=plan.last_step, resume_step=step, wandb=_wandb_args(cfg, plan))
-    if rt.rank == 0:
-        _write_resolved(plan.run_dir, cfg, plan.ds, data_dir)
-    sc = plan.cfg.schedule
+    if run.rt.rank == 0:
+        _write_resolved(plan.run_dir, cfg, plan.ds.config, data.dir)
+    _announce(cfg, plan, run, data, stream, log)
+    loop = Loop(plan=plan, cfg=cfg, run=run, stream=stream, log=log, data_dir=data.dir,
+                shape=data.shape, flops_per_token=data.flops_per_token,
+                peak=MT.peak_flops(dev.model_name) * run.rt.world)
+    return loop.run(step)
+
+
+class Pretraining:
+    """Pretraining's model on the started process: the prepared data it is built for (the
+    embedded default prepared here), checked against the data and the checkpoint."""
+
+    def __init__(self, cfg: RunConfig, plan: Plan) -> None:
+        self.cfg, self.plan = cfg, plan
+        self.dir = Path()
+        self.manifest: dict[str, Any] = {}
+        self.shape: dict[str, int] = {}
+        self.flops_per_token = 0.0
+
+    def model(self, rt: R.Runtime) -> torch.nn.Module:
+        cfg, point = self.cfg, self.plan.point
+        self.dir = resolve_data(cfg)
+        self.manifest = read_manifest(self.dir)
+        try:
+            mlm = build_model(arch=cfg.model.arch, preset=cfg.model.preset,
+                              vocab_size=int(self.manifest["tokenizer"]["vocab_size"]),
+                              seq_len=cfg.data.seq_len, dropout=cfg.model.dropout,
+                              pretrained=cfg.model.pretrained,
+                              activation_checkpointing=cfg.model.activation_checkpointing)
+        except ValueError as e:  # a pretrained model that does not fit the data
+            raise ConfigError(str(e)) from None
+        check_vocab(self.dir, mlm.config.vocab_size,
+                    padded_rows=PADDED_VOCAB_ROWS if cfg.model.pretrained else 0)
+        self.shape = model_shape(mlm)
+        self.flops_per_token = MT.flops_per_token(non_embedding_params(mlm), mlm.config.num_hidden_layers,
+                                                  mlm.config.hidden_size, cfg.data.seq_len)
+        if point and point.state.get("model_shape") not in (None, self.shape):
+            raise ConfigError(f"checkpoint {point.path} holds a model of shape "
+                              f"{point.state['model_shape']}, this run builds {self.shape}")
+        return mlm
+
+
+def _load_checkpoint(plan: Plan, run: R.Run, stream: TrainStream) -> int:
+    """Load the checkpoint the plan resumes (or branches) from, if any; return its step."""
+    if not plan.point:
+        return 0
+    load_root = _universal_root(plan, run.rt) if plan.universal else None
+    C.load(run.engine, load_root or plan.point.root, plan.point.tag)
+    stream.load_state_dict(plan.point.state["stream"])
+    if load_root is not None:
+        D.barrier()  # every rank has read the converted copy
+        if run.rt.rank == 0:
+            C.remove_universal(plan.run_dir)
+    return plan.point.step
+
+
+def _announce(cfg: RunConfig, plan: Plan, run: R.Run, data: Pretraining, stream: TrainStream,
+              log: MT.MetricsLogger) -> None:
+    b = plan.batching
     log.message(
-        f"alum_ds: {rt.world} rank(s) on {dev.name}, ZeRO-{zero_stage_of(plan.ds)}, "
-        f"{precision_of(plan.ds)}{', compiled' if plan.compile else ''} (DeepSpeed config "
-        f"{resolve_ds_path(ds_path)}), model "
+        f"alum_ds: {run.banner()}, model "
         f"{cfg.model.pretrained or cfg.model.arch + ' ' + cfg.model.preset} "
-        f"({n_params / 1e6:.2f}M params), "
-        f"{_alum_words(cfg.alum, plan.last_step)}, global batch {plan.global_batch} "
-        f"({sc.micro_batch_size} x {sc.grad_accum} accumulation x {rt.world}), data {data_dir} "
+        f"({run.n_params / 1e6:.2f}M params), "
+        f"{_alum_words(cfg.alum, plan.last_step)}, global batch {b.global_batch} "
+        f"({b.micro_batch} x {b.accum} accumulation x {run.rt.world}), data {data.dir} "
         f"({len(stream.seqs)} sequences/epoch), run {plan.run_dir}"
     )
     _report_resume(plan, log)
-    if plan.compile_note:
-        log.message(plan.compile_note)
-    _check_tokenizer(cfg, manifest, log)
-    loop = Loop(plan=plan, user_cfg=cfg, engine=engine, objective=objective, stream=stream, log=log,
-                rt=rt, data_dir=data_dir, shape=shape, flops_per_token=fpt,
-                peak=MT.peak_flops(dev.model_name) * rt.world)
-    return loop.run(step)
+    if plan.ds.compile_note:
+        log.message(plan.ds.compile_note)
+    _check_tokenizer(cfg, data.manifest, log)
 
 
 def _universal_root(plan: Plan, rt: R.Runtime) -> Path:
@@ -261,18 +275,18 @@ def _wandb_args(cfg: RunConfig, plan: Plan) -> dict[str, Any] | None:
 
 
 def _report_resume(plan: Plan, log: MT.MetricsLogger) -> None:
-    p = plan.point
+    p, gb = plan.point, plan.batching.global_batch
     if p is None:
         return
     how = f" (universal: saved by {p.world_size} rank(s), now {plan.world})" if plan.universal else ""
     log.message(f"{'branched' if plan.branch else 'resumed'} from {p.path} at step {p.step}{how}")
-    if plan.universal and 3 in (p.zero_stage, zero_stage_of(plan.ds)):
+    if plan.universal and 3 in (p.zero_stage, plan.ds.zero_stage):
         log.message("warning: DeepSpeed's universal load under ZeRO-3 restores the optimizer only "
                     "approximately (measured: the loss drifts ~1e-3 relative within 2 steps); "
                     "ZeRO-1/2 resume exactly")
-    if p.state.get("global_batch", plan.global_batch) != plan.global_batch:
+    if p.state.get("global_batch", gb) != gb:
         log.message(f"warning: the global batch changes from {p.state['global_batch']} to "
-                    f"{plan.global_batch} sequences; set schedule.global_batch_size to keep it")
+                    f"{gb} sequences; set schedule.global_batch_size to keep it")
 
 
 def _check_tokenizer(cfg: RunConfig, manifest: dict[str, Any], log: MT.MetricsLogger) -> None:
@@ -291,58 +305,47 @@ def model_shape(mlm: torch.nn.Module) -> dict[str, int]:
 
 
 class Loop:
-    """The steps of one invocation and their cadence: log, evaluate, save, stop."""
+    """The steps of one invocation; logging, evaluation, stopping and saving each on its cadence."""
 
-    def __init__(self, *, plan: Plan, user_cfg: RunConfig, engine: Any, objective: AlumObjective,
-                 stream: TrainStream, log: MT.MetricsLogger, rt: R.Runtime, data_dir: Path,
-                 shape: dict[str, int], flops_per_token: float, peak: float) -> None:
-        self.plan, self.user_cfg, self.cfg = plan, user_cfg, plan.cfg
-        self.engine, self.objective, self.stream, self.log = engine, objective, stream, log
-        self.device, self.data_dir, self.on_gpu, self.shape = rt.device, data_dir, rt.on_gpu, shape
+    def __init__(self, *, plan: Plan, cfg: RunConfig, run: R.Run, stream: TrainStream,
+                 log: MT.MetricsLogger, data_dir: Path, shape: dict[str, int],
+                 flops_per_token: float, peak: float) -> None:
+        self.plan, self.cfg, self.batching = plan, cfg, plan.batching
+        self.engine, self.objective, self.stream, self.log = run.engine, run.objective, stream, log
+        self.device, self.data_dir, self.on_gpu, self.shape = run.rt.device, data_dir, run.rt.on_gpu, shape
         self.fpt, self.peak = flops_per_token, peak
-        self.rank, self.world = rt.rank, rt.world
-        self.window = MT.StepWindow(rt.device)
-        self._unigram: float | None = None
-        self.compile_clock = compiling.Clock() if plan.compile else None
+        self.rank, self.world = run.rt.rank, run.rt.world
+        self.window = MT.StepWindow(run.rt.device)
+        self.steps = MT.StepLogger(log, self.window, all_reduce=D.all_reduce, world=self.world,
+                                   alpha=cfg.alum.alpha, task="mlm", compiled=plan.ds.compile)
+        self.validator = Validator(self.engine, cfg, data_dir, device=self.device, rank=self.rank,
+                                   world=self.world, log=log)
+        last = plan.last_step
+        self.log_every = Every(cfg.logging.every, last, final=True)
+        self.eval_every = Every(cfg.eval.every, last, final=False)
+        self.save_every = Every(cfg.checkpoint.every, last)
 
     def run(self, step: int) -> Path:
-        cfg, last = self.cfg, self.plan.last_step
-        alum_start = cfg.alum.start_for(last)
-        first = step
-        signals = Signals()
-        t_last, since = time.time(), 0
-        preempted = False
+        last, alum_start = self.plan.last_step, self.cfg.alum.start_for(self.plan.last_step)
+        stop = StopAfter(self.cfg.run.stop_after, step, last)
+        signals, preempted = Signals(), False
         self.engine.train()
         try:
             while step < last:
-                alum_on = cfg.alum.enabled and step >= alum_start
+                alum_on = self.cfg.alum.enabled and step >= alum_start
                 if not self.train_step(alum_on, signals.requested):
+                    self.preempt(step)
+                step += 1
+                self.steps.step_done()
+                if self.log_every.due(step):
+                    self.log_step(step, alum_on)
+                if self.eval_every.due(step):
+                    self.validator.run(step)
+                if stop.due(step):
+                    return self.stop(step)
+                if self.save_every.due(step):
                     self.save(step)
-                    self.log.message(f"stopped by signal after saving step {step}; rerun to resume "
-                                     f"(exit code {EXIT_PREEMPTED})")
-                    raise Preempted()
-                step, since = step + 1, since + 1
-                if step % cfg.logging.every == 0 or step == last:
-                    self.log_step(step, alum_on, since, time.time() - t_last - self.compile_time(step))
-                    t_last, since = time.time(), 0
-                if cfg.eval.every and step % cfg.eval.every == 0 and step < last:
-                    self.evaluate_and_log(step)
-                if cfg.run.stop_after and step - first >= cfg.run.stop_after and step < last:
-                    self.save(step)
-                    self.log.message(f"run.stop_after: stopped after saving step {step}; rerun to continue")
-                    self.log.message(f"run folder: {self.plan.run_dir.resolve()}")
-                    return self.plan.run_dir
-                if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
-                    self.save(step)
-            self.save(step)  # a no-op where `latest` already names this step
-            if cfg.schedule.max_tokens and last < cfg.schedule.steps:
-                self.log.message(f"token budget of {cfg.schedule.max_tokens:,} reached at step {last}")
-            ev = self.evaluate_and_log(step)
-            _write_summary(self.plan.run_dir, self.rank, step, ev, self.engine)
-            if self.cfg.eval.fill_mask and self.rank == 0:
-                self.show_what_it_learned()
-            self.log.message(f"run folder: {self.plan.run_dir.resolve()}")
-            return self.plan.run_dir
+            return self.finish(step)
         except Preempted:
             preempted = True
             raise
@@ -351,10 +354,10 @@ class Loop:
             self.log.close()
 
     def train_step(self, alum_on: bool, signalled: bool) -> bool:
-        """One optimizer step of ``grad_accum`` micro-steps. Returns False, untrained and with the
+        """One optimizer step of ``accum`` micro-steps. Returns False, untrained and with the
         stream unmoved, when any rank has been signalled: the decision is collective, carried by
         the step's one small all-reduce."""
-        mb, accum = self.cfg.schedule.micro_batch_size, self.cfg.schedule.grad_accum
+        mb, accum = self.batching.micro_batch, self.batching.accum
         start = self.stream.state.consumed
         batches = []
         for _ in range(accum):
@@ -371,127 +374,69 @@ class Loop:
             return False
         weight = self.world * accum / max(masked, 1.0)
         R.run_micro_steps(self.engine, self.window, self.cfg.run.seed, (
-            (position, (torch.from_numpy(x).to(self.device), torch.from_numpy(y).to(self.device),
-                        alum_on, weight), {})
+            R.MicroBatch(position, torch.from_numpy(x).to(self.device),
+                         torch.from_numpy(y).to(self.device), alum_on, token_weight=weight)
             for position, (x, y) in batches))
         return True
 
-    def compile_time(self, step: int) -> float:
-        """Seconds compiled since the last window, reported on their own line (and as
-        ``compile_seconds``, ``graphs_compiled``), left out of the window's step times."""
-        spent = self.compile_clock.take() if self.compile_clock is not None else 0.0
-        if spent:
-            graphs = compiling.graphs_compiled()
-            self.log.log(step, {"compile_seconds": spent, "graphs_compiled": graphs})
-            self.log.message(f"compiled {graphs} graph(s) so far, {spent:.1f} s before step {step} "
-                             "(not counted in step times)")
-        return spent
+    def log_step(self, step: int, alum_on: bool) -> None:
+        self.steps.flush(step, alum_on=alum_on, engine=self.engine,
+                         skipped_total=self.objective.skipped_total,
+                         extra=lambda r, steps, seconds: self.throughput(alum_on, steps, seconds))
 
-    def log_step(self, step: int, alum_on: bool, steps: int, seconds: float) -> None:
+    def throughput(self, alum_on: bool, steps: int, seconds: float) -> dict[str, Any]:
+        """Tokens/s, MFU, the stream's position and peak memory of a logging window."""
         cfg = self.cfg
-        r = self.window.reduce(D.all_reduce, self.world, cfg.alum.alpha)
         mem = D.all_reduce(torch.tensor(MT.peak_memory_gb(self.on_gpu), device=self.device), "max").tolist()
-        tps = self.plan.global_batch * cfg.data.seq_len * steps / max(seconds, 1e-9)
+        tps = self.batching.global_batch * cfg.data.seq_len * steps / max(seconds, 1e-9)
         ascents = 0 if cfg.alum.perturbation == "random" else cfg.alum.ascent_steps  # no pass in the control
         passes = MT.forward_equivalents(alum_on, ascents)
-        values = MT.window_values(r, task="mlm", alum_on=alum_on, engine=self.engine,
-                                  skipped_total=self.objective.skipped_total)
-        values.update({
+        values = {
             "tokens_per_s": tps, "sequences_per_s": tps / cfg.data.seq_len,
             "step_time_s": seconds / steps,
             "mfu": tps * self.fpt * passes / 3.0 / self.peak if self.peak == self.peak else None,
             "alum_on": alum_on, "consumed_sequences": self.stream.state.consumed,
             "consumed_tokens": self.stream.state.consumed * cfg.data.seq_len, "epoch": self.stream.epoch,
             "peak_rss_gb": mem[0],
-        })
+        }
         if self.on_gpu:
             values["max_memory_gb"] = mem[1]
-        self.log.window(step, values, r["adv_skipped"])
+        return values
 
-    def evaluate_and_log(self, step: int) -> float:
-        ev = evaluate(self.engine, self.cfg, self.data_dir, self.device, self.rank, self.world,
-                      max_sequences=self.cfg.eval.max_sequences)
-        ppl = math.exp(min(ev, 50))
-        line = self.unigram_line()
-        self.log.log(step, {"eval_loss": ev, "eval_perplexity": ppl, "unigram_loss": line})
-        gap = line - ev
-        self.log.message(f"eval at step {step}: masked-LM loss {ev:.4f}, perplexity {ppl:.2f}; a model "
-                         f"of token frequencies alone: {line:.4f} (the run is {abs(gap):.2f} nats "
-                         f"{'below' if gap >= 0 else 'above'} it)")
-        return ev
+    def preempt(self, step: int) -> None:
+        self.save(step)
+        self.log.message(f"stopped by signal after saving step {step}; rerun to resume "
+                         f"(exit code {EXIT_PREEMPTED})")
+        raise Preempted()
 
-    def unigram_line(self) -> float:
-        """The eval loss a model of token frequencies alone reaches on the same targets (rank 0
-        computes it once: counting the training tokens is a bincount over the shards)."""
-        if self._unigram is None and self.rank == 0:
-            from alum_ds.data.unigram import unigram_line
+    def stop(self, step: int) -> Path:
+        self.save(step)
+        self.log.message(f"run.stop_after: stopped after saving step {step}; rerun to continue")
+        self.log.message(f"run folder: {self.plan.run_dir.resolve()}")
+        return self.plan.run_dir
 
-            self._unigram = unigram_line(self.data_dir, seq_len=self.cfg.data.seq_len,
-                                         seed=self.cfg.data.seed, masking=self.cfg.masking,
-                                         max_sequences=self.cfg.eval.max_sequences).eval_nats
-        return self._unigram if self._unigram is not None else math.nan
-
-    def show_what_it_learned(self) -> None:
-        """Rank 0: export the run's last checkpoint (as ``alum-ds export`` does) into a scratch
-        folder and print the fill-mask answers for ``eval.fill_mask`` held-out sentences."""
-        import numpy
-
-        from alum_ds import showcase
-        from alum_ds.data.tokenizer import load_tokenizer
-        from alum_ds.data.unigram import token_counts, unigram_log_probs
-        from alum_ds.export import export
-
-        examples = showcase.masked_examples(self.data_dir, load_tokenizer(self.data_dir / "tokenizer"),
-                                            self.cfg.eval.fill_mask, seq_len=self.cfg.data.seq_len)
-        if not examples:
-            return
-        scratch = self.plan.run_dir / "fill_mask.tmp"
-        try:
-            # DeepSpeed's consolidation prints, and draws a bar for two shards.
-            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-                folder = export(str(self.plan.run_dir), str(scratch))
-            # The model of token frequencies that the unigram line is the loss of.
-            frequencies = numpy.exp(unigram_log_probs(token_counts(self.data_dir)))
-            results = showcase.fill_mask(folder, examples, token_probs=frequencies)
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-        (self.plan.run_dir / "fill_mask.json").write_text(json.dumps(results, indent=1))
-        self.log.message("held-out sentences, one word masked (fill-mask on the exported model):\n"
-                         + "\n".join(showcase.lines(results)))
+    def finish(self, step: int) -> Path:
+        """The end of the run: the last save, the final evaluation, the summary and showcase."""
+        cfg, last = self.cfg, self.plan.last_step
+        self.save(step)  # a no-op where `latest` already names this step
+        if cfg.schedule.max_tokens and last < cfg.schedule.steps:
+            self.log.message(f"token budget of {cfg.schedule.max_tokens:,} reached at step {last}")
+        ev = self.validator.run(step)
+        _write_summary(self.plan.run_dir, self.rank, step, ev, self.engine)
+        if cfg.eval.fill_mask and self.rank == 0:
+            show_fill_mask(self.plan.run_dir, self.data_dir, cfg, self.log)
+        self.log.message(f"run folder: {self.plan.run_dir.resolve()}")
+        return self.plan.run_dir
 
     def save(self, step: int) -> None:
-        cfg, stream = self.user_cfg, self.stream
-        state = {"step": step, "world_size": self.world, "zero_stage": zero_stage_of(self.plan.ds),
-                 "global_batch": self.plan.global_batch,
-                 "micro_batch_size": self.cfg.schedule.micro_batch_size,
-                 "grad_accum": self.cfg.schedule.grad_accum, "stream": stream.state_dict(),
+        cfg, stream, b = self.cfg, self.stream, self.batching
+        state = {"step": step, "world_size": self.world, "zero_stage": self.plan.ds.zero_stage,
+                 "global_batch": b.global_batch, "micro_batch_size": b.micro_batch,
+                 "grad_accum": b.accum, "stream": stream.state_dict(),
                  "consumed_tokens": stream.state.consumed * cfg.data.seq_len,
                  "config_hash": cfg.fingerprint(), "config": cfg.to_dict(), "model_shape": self.shape,
                  "data_dir": str(self.data_dir.resolve())}
         C.save(self.engine, self.plan.run_dir, step, state, cfg.checkpoint.keep)
-
-
-def evaluate(engine: Any, cfg: RunConfig, data_dir: Path, device: torch.device, rank: int,
-             world: int, max_sequences: int = 512) -> float:
-    """Masked-LM loss on the held-out split, token-weighted, reduced over ranks."""
-    batches = validation_batches(data_dir, seq_len=cfg.data.seq_len, seed=cfg.data.seed,
-                                 masking=cfg.masking, batch=cfg.schedule.micro_batch_size,
-                                 rank=rank, world=world, max_sequences=max_sequences)
-    # Every rank must run the same number of forwards (ZeRO-3 gathers collectively).
-    n = torch.tensor([float(len(batches))], device=device)
-    n_max = int(D.all_reduce(n, "max").item())
-    total = torch.zeros(2, dtype=torch.float64)
-    engine.eval()
-    with torch.no_grad():
-        for i in range(n_max):
-            x, y = batches[i] if i < len(batches) else batches[0]
-            loss, st = engine(torch.from_numpy(x).to(device), torch.from_numpy(y).to(device), False)
-            if i < len(batches):
-                total += torch.tensor([float(loss) * st["rows"], st["rows"]],
-                                      dtype=torch.float64)
-    engine.train()
-    total = D.all_reduce(total.to(device), "sum").cpu()
-    return float(total[0] / total[1]) if total[1] > 0 else float("nan")
 
 
 def _check_run_dir(run_dir: Path, cfg: RunConfig) -> None:
@@ -544,4 +489,4 @@ def _write_summary(run_dir: Path, rank: int, step: int, eval_loss: float, engine
     (run_dir / f"summary.rank{rank}.json").write_text(json.dumps(out))
 
 
-__all__ = ["train", "plan_run", "evaluate", "EXIT_PREEMPTED", "Signals"]
+__all__ = ["train", "plan_run", "EXIT_PREEMPTED", "Signals"]

@@ -322,8 +322,8 @@ def rank_main(args: argparse.Namespace) -> None:
     from alum_ds import compiling
     from alum_ds import distributed as D
     from alum_ds import runtime as R
-    from alum_ds.config import AlumConfig, RunConfig
-    from alum_ds.ds_config import precision_of, resolve_ds_config, zero_stage_of
+    from alum_ds.config import AlumConfig, RunConfig, batching_for
+    from alum_ds.ds_config import plan_ds
     from alum_ds.model import build_model
     from alum_ds.optim import make_optimizer
 
@@ -336,13 +336,13 @@ def rank_main(args: argparse.Namespace) -> None:
     cfg.schedule.micro_batch_size = args.micro_batch
     cfg.data.seq_len = args.seq_len
     cfg.schedule.warmup_steps = 0
-    ds = resolve_ds_config(str(ROOT / args.ds), cfg, world_size=world,
-                           bf16_supported=dev.bf16_supported, on_gpu=on_gpu)
-    stage, precision = zero_stage_of(ds), precision_of(ds)
+    plan = plan_ds(str(ROOT / args.ds), cfg, batching_for(cfg, world),
+                   bf16_supported=dev.bf16_supported, on_gpu=on_gpu)
+    ds, stage, precision = plan.config, plan.zero_stage, plan.precision
     if not on_gpu and args.phase == "time":
         # The trainer's allocator policy; the memory phase keeps MALLOC_MMAP_THRESHOLD_ instead,
         # so that the RSS follows what torch holds.
-        R.tune_host(rt, ds)
+        R.tune_host(rt, plan)
     alum = AlumConfig()
     if precision != "fp32":  # the default radius rounds away in 16-bit (the precision guard)
         alum.eta = alum.epsilon = 1e-2

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from alum_ds.cli import main, train_main
-from alum_ds.config import ConfigError, load_config
+from alum_ds.config import ConfigError, batching_for, load_config
 from alum_ds.ds_config import resolve_ds_config
 from tests.conftest import ROOT, run
 
@@ -76,8 +76,9 @@ def test_malformed_config_file(tmp_path: Path, capsys) -> None:
 def _resolve(ds: dict, tmp_path: Path, overrides=(), world=2, on_gpu=False) -> dict:
     p = tmp_path / "ds.json"
     p.write_text(json.dumps(ds))
-    return resolve_ds_config(str(p), load_config(None, list(overrides)), world_size=world,
-                             bf16_supported=True, on_gpu=on_gpu)
+    cfg = load_config(None, list(overrides))
+    return resolve_ds_config(str(p), cfg, batching_for(cfg, world), bf16_supported=True,
+                             on_gpu=on_gpu)
 
 
 def test_ds_json_contradicting_run_config(tmp_path: Path) -> None:

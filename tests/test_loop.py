@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 
 from alum_ds import checkpoint as C
+from alum_ds.cadence import Every, StopAfter
 from alum_ds.cli import main, train_main
-from alum_ds.config import ConfigError, grad_accum_for, load_config
+from alum_ds.config import ConfigError, batching_for, grad_accum_for, load_config
 from alum_ds.metrics import MetricsLogger, StepWindow, flops_per_token, forward_equivalents
 from alum_ds.optim import lr_lambda, planned_steps
 from alum_ds.trainer import EXIT_PREEMPTED, Signals
@@ -63,6 +64,35 @@ def test_global_batch_derives_accumulation() -> None:
     assert load_config(None, ["--schedule.micro_batch_size=4"]).fingerprint() != load_config().fingerprint()
     with pytest.raises(ConfigError, match="schedule.grad_accum: is derived"):
         load_config(None, ["--schedule.global_batch_size=32", "--schedule.grad_accum=2"])
+
+    # The batching is derived beside the config, which stays the user's.
+    b = batching_for(cfg, 2)
+    assert (b.micro_batch, b.accum, b.world, b.global_batch) == (4, 4, 2, 32)
+    assert cfg.schedule.grad_accum == 1
+
+
+def test_cadences_decide_when_work_is_due() -> None:
+    log, ev, save = Every(5, 12, final=True), Every(5, 12, final=False), Every(5, 12)
+    steps = range(1, 13)
+    assert [s for s in steps if log.due(s)] == [5, 10, 12]  # the last step is always logged
+    assert [s for s in steps if ev.due(s)] == [5, 10]  # the final evaluation follows the loop
+    assert [s for s in steps if save.due(s)] == [5, 10]
+    assert not any(Every(0, 12).due(s) for s in steps)
+    stop = StopAfter(4, 3, 12)
+    assert [s for s in range(4, 13) if stop.due(s)][0] == 7 and not stop.due(12)
+    assert not any(StopAfter(0, 0, 12).due(s) for s in steps)
+
+
+def test_micro_batch_passes_what_is_set() -> None:
+    import torch
+
+    from alum_ds.runtime import MicroBatch
+
+    x = torch.zeros(2, 3, dtype=torch.long)
+    assert set(MicroBatch(8, x, x, True, token_weight=0.5).inputs()) == {
+        "input_ids", "labels", "alum_on", "token_weight"}
+    assert set(MicroBatch(0, x, x[:, 0], False, attention_mask=x).inputs()) == {
+        "input_ids", "labels", "alum_on", "attention_mask"}
 
 
 # ---- signals --------------------------------------------------------------------------------

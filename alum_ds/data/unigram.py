@@ -5,7 +5,7 @@ context (fill-mask answers "the" everywhere). The frequencies are counted over t
 split's tokens and add-one smoothed over the whole vocabulary,
 ``p(t) = (count(t) + 1) / (N + V)``, and the line is the mean of ``-log p(t)`` (nats) over
 
-- the targets ``trainer.evaluate`` scores: the labels != -100 of ``validation_batches`` (the
+- the targets ``evaluation.evaluate`` scores: the labels != -100 of ``validation_batches`` (the
   first ``eval.max_sequences`` packed validation sequences, masked as the evaluation masks them;
   the masks depend on the sequence index only, so this is the union over any number of ranks);
 - for comparison, every non-special token of the validation split.
@@ -52,7 +52,7 @@ def unigram_cross_entropy(counts: np.ndarray, targets: np.ndarray) -> float:
 
 def eval_targets(data_dir: str | Path, *, seq_len: int, seed: int, masking: MaskingConfig,
                  max_sequences: int = 512) -> np.ndarray:
-    """The token ids ``trainer.evaluate`` scores (its ``data.seq_len``, ``data.seed``, masking and
+    """The token ids ``evaluation.evaluate`` scores (its ``data.seq_len``, ``data.seed``, masking and
     ``eval.max_sequences``), flat."""
     batches = validation_batches(data_dir, seq_len=seq_len, seed=seed, masking=masking, batch=256,
                                  rank=0, world=1, max_sequences=max_sequences)

@@ -12,23 +12,22 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from alum_ds import compiling
 from alum_ds import distributed as D
 from alum_ds import metrics as MT
 from alum_ds import runtime as R
-from alum_ds.config import ConfigError
+from alum_ds.cadence import Every
+from alum_ds.config import Batching, ConfigError
 from alum_ds.data.shards import DataError
-from alum_ds.ds_config import precision_of, resolve_ds_config, resolve_ds_path, zero_stage_of
+from alum_ds.ds_config import DsPlan, plan_ds
 from alum_ds.finetune import data as FD
 from alum_ds.finetune.config import FinetuneConfig
-from alum_ds.finetune.evaluate import evaluate
+from alum_ds.finetune.evaluate import Validator
 from alum_ds.finetune.objective import ClassifierObjective
 from alum_ds.finetune.source import ModelSource, build_classifier, load_checked_tokenizer, resolve_source
 from alum_ds.finetune.tasks import ensure_topic_task
@@ -116,125 +115,114 @@ def finetune(cfg: FinetuneConfig, ds_path: str) -> dict[str, Any]:
     prep = prepare(cfg)
     try:
         dev = R.detect()
-        rt = R.start(dev)
-        ds = resolve_ds_config(ds_path, cfg, world_size=rt.world, bf16_supported=dev.bf16_supported,
-                               on_gpu=rt.on_gpu)
-        R.tune_host(rt, ds)
-        compiled, compile_note = R.compile_plan(ds, rt.on_gpu)
-        torch.manual_seed(cfg.run.seed)  # the same classifier head on every rank
-        model = build_classifier(prep.source, prep.labels.names, dropout=cfg.model.dropout,
-                                 activation_checkpointing=cfg.model.activation_checkpointing)
-        R.adapt_model(rt, model)
-        if compiled:
-            R.compile_model(model, ds, R.cache_dir(cfg.task.cache_dir))
+        sched = cfg.schedule
+
+        def ds(rt: R.Runtime) -> DsPlan:
+            return plan_ds(ds_path, cfg, Batching(sched.micro_batch_size, sched.grad_accum, rt.world),
+                           bf16_supported=dev.bf16_supported, on_gpu=rt.on_gpu)
+
+        run = R.build_run(dev, ds, seed=cfg.run.seed, model=lambda rt: build_classifier(
+                              prep.source, prep.labels.names, dropout=cfg.model.dropout,
+                              activation_checkpointing=cfg.model.activation_checkpointing),
+                          objective=ClassifierObjective, alum=cfg.alum, optim=cfg.optim,
+                          schedule=sched, total_steps=sched.steps,
+                          cache=R.cache_dir(cfg.task.cache_dir),
+                          activation_checkpointing=cfg.model.activation_checkpointing)
     finally:
         prep.source.cleanup()
-    n_params = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
-    objective = ClassifierObjective(model, cfg.alum, any_rank=rt.any_rank(),
-                                    freeze_ascent=compiled and not cfg.model.activation_checkpointing)
-    engine = R.build_engine(objective, optim=cfg.optim, schedule=cfg.schedule, ds=ds,
-                            total_steps=cfg.schedule.steps, on_gpu=rt.on_gpu)
-    if rt.rank == 0:
+    if run.rt.rank == 0:
         _prepare_run_dir(run_dir)
     D.barrier()
-    log = MT.MetricsLogger(run_dir, enabled=rt.rank == 0, tensorboard=cfg.logging.tensorboard,
-                           total_steps=cfg.schedule.steps)
-    alum_on = cfg.alum.enabled and cfg.alum.alpha > 0
+    log = MT.MetricsLogger(run_dir, enabled=run.rt.rank == 0, tensorboard=cfg.logging.tensorboard,
+                           total_steps=sched.steps)
+    _announce(cfg, run, prep, log)
+    return Loop(cfg=cfg, run=run, prep=prep, log=log, run_dir=run_dir).run()
+
+
+def _alum_on(cfg: FinetuneConfig) -> bool:
+    return cfg.alum.enabled and cfg.alum.alpha > 0
+
+
+def _announce(cfg: FinetuneConfig, run: R.Run, prep: Prepared, log: MT.MetricsLogger) -> None:
     pair = " (text pairs)" if prep.train.pairs else ""
     log.message(
-        f"alum_ds finetune: {rt.world} rank(s) on {dev.name}, ZeRO-{zero_stage_of(ds)}, "
-        f"{precision_of(ds)}{', compiled' if compiled else ''} (DeepSpeed config "
-        f"{resolve_ds_path(ds_path)}), model from "
-        f"{prep.source.description} ({n_params / 1e6:.2f}M params), "
-        f"ALUM {'on (alpha=' + format(cfg.alum.alpha, 'g') + ')' if alum_on else 'off'}, "
+        f"alum_ds finetune: {run.banner()}, model from "
+        f"{prep.source.description} ({run.n_params / 1e6:.2f}M params), "
+        f"ALUM {'on (alpha=' + format(cfg.alum.alpha, 'g') + ')' if _alum_on(cfg) else 'off'}, "
         f"task {prep.task}{pair}: {len(prep.train)} training / {len(prep.validation)} validation "
         f"examples, labels {', '.join(prep.labels.names)}")
+    if run.ds.compile_note:
+        log.message(run.ds.compile_note)
 
-    if compile_note:
-        log.message(compile_note)
-    clock = compiling.Clock() if compiled else None
-    pad = int(prep.tokenizer.pad_token_id)
-    eval_kw = dict(num_labels=len(prep.labels.names), pad_id=pad, batch=cfg.eval.batch, device=rt.device)
-    mb, accum = cfg.schedule.micro_batch_size, cfg.schedule.grad_accum
-    window = MT.StepWindow(rt.device, extra=("correct",))
-    t_last, steps_since = time.time(), 0
-    engine.train()
-    for step in range(cfg.schedule.steps):
+
+class Loop:
+    """The steps of a fine-tuning; logging and evaluation each on its cadence."""
+
+    def __init__(self, *, cfg: FinetuneConfig, run: R.Run, prep: Prepared, log: MT.MetricsLogger,
+                 run_dir: Path) -> None:
+        self.cfg, self.prep, self.log, self.run_dir = cfg, prep, log, run_dir
+        self.engine, self.objective, self.model = run.engine, run.objective, run.model
+        self.device, self.rank, self.world = run.rt.device, run.rt.rank, run.rt.world
+        sched = cfg.schedule
+        self.batching = Batching(sched.micro_batch_size, sched.grad_accum, self.world)
+        self.pad = int(prep.tokenizer.pad_token_id)
+        self.alum_on = _alum_on(cfg)
+        self.window = MT.StepWindow(self.device, extra=("correct",))
+        self.steps = MT.StepLogger(log, self.window, all_reduce=D.all_reduce, world=self.world,
+                                   alpha=cfg.alum.alpha, task="ce", compiled=run.ds.compile,
+                                   record_compile=False)
+        self.validator = Validator(self.engine, cfg, prep.validation, prep.extra,
+                                   num_labels=len(prep.labels.names), pad_id=self.pad,
+                                   device=self.device, log=log)
+        self.log_every = Every(cfg.logging.every, sched.steps, final=True)
+        self.eval_every = Every(cfg.eval.every, sched.steps, final=False)
+
+    def run(self) -> dict[str, Any]:
+        step, last = 0, self.cfg.schedule.steps
+        self.engine.train()
+        while step < last:
+            self.train_step(step)
+            step += 1
+            self.steps.step_done()
+            if self.log_every.due(step):
+                self.log_step(step)
+            if self.eval_every.due(step):
+                self.validator.run(step)
+        return self.finish(step)
+
+    def train_step(self, step: int) -> None:
+        b = self.batching
         micro = []
         for position, idx in FD.train_batch_indices(
-                len(prep.train), step=step, micro=mb, accum=accum, rank=rt.rank, world=rt.world,
-                seed=cfg.run.seed):
-            batch = {k: torch.from_numpy(a).to(rt.device) for k, a in prep.train.batch(idx, pad).items()}
-            micro.append((position, (), {**batch, "alum_on": alum_on}))
-        R.run_micro_steps(engine, window, cfg.run.seed, micro)
-        done = step + 1
-        steps_since += 1
-        if done % cfg.logging.every == 0 or done == cfg.schedule.steps:
-            now = time.time()
-            spent = clock.take() if clock is not None else 0.0
-            if spent:
-                log.message(f"compiled {compiling.graphs_compiled()} graph(s) so far, {spent:.1f} s "
-                            f"before step {done} (not counted in step times)")
-            t_last += spent
-            r = window.reduce(D.all_reduce, rt.world, cfg.alum.alpha)
-            values = MT.window_values(r, task="ce", alum_on=alum_on, engine=engine,
-                                      skipped_total=objective.skipped_total)
-            values.update(train_accuracy=r["correct"] / max(r["rows"], 1.0),
-                          examples_per_s=r["rows"] / (now - t_last),
-                          step_time_s=(now - t_last) / steps_since)
-            log.window(done, values, r["adv_skipped"])
-            t_last, steps_since = now, 0
-        if cfg.eval.every and done % cfg.eval.every == 0 and done < cfg.schedule.steps:
-            ev = evaluate(engine, prep.validation, **eval_kw)
-            log.log(done, {f"eval_{k}": v for k, v in ev.items()})
-            log.message(f"eval at step {done}: accuracy {ev['accuracy']:.4f}, "
-                        f"macro F1 {ev['macro_f1']:.4f}")
+                len(self.prep.train), step=step, micro=b.micro_batch, accum=b.accum, rank=self.rank,
+                world=self.world, seed=self.cfg.run.seed):
+            batch = {k: torch.from_numpy(a).to(self.device)
+                     for k, a in self.prep.train.batch(idx, self.pad).items()}
+            micro.append(R.MicroBatch(position, alum_on=self.alum_on, **batch))
+        R.run_micro_steps(self.engine, self.window, self.cfg.run.seed, micro)
 
-    results = _final_eval(engine, prep, cfg, eval_kw)
-    log.log(cfg.schedule.steps, {f"eval_{k}": v for k, v in _flat(results).items()})
-    for line in _result_lines(results):
-        log.message(line)
-    results.update(steps=cfg.schedule.steps, alum=alum_on, alpha=cfg.alum.alpha if alum_on else 0.0,
-                   checkpoint=cfg.task.checkpoint, task=prep.task, labels=prep.labels.names,
-                   world_size=rt.world, config=cfg.to_dict())
-    if cfg.run.save_model:
-        _save_model(engine, model, prep, run_dir / "model", rt.rank)
-    if rt.rank == 0:
-        (run_dir / "results.json").write_text(json.dumps(results, indent=2))
-    log.message(f"run folder: {run_dir.resolve()}")
-    log.close()
-    return results
+    def log_step(self, step: int) -> None:
+        def accuracy(r: dict[str, float], steps: int, seconds: float) -> dict[str, Any]:
+            return {"train_accuracy": r["correct"] / max(r["rows"], 1.0),
+                    "examples_per_s": r["rows"] / seconds, "step_time_s": seconds / steps}
 
+        self.steps.flush(step, alum_on=self.alum_on, engine=self.engine,
+                         skipped_total=self.objective.skipped_total, extra=accuracy)
 
-def _final_eval(engine: Any, prep: Prepared, cfg: FinetuneConfig, kw: dict) -> dict[str, Any]:
-    steps = cfg.eval.pgd_steps
-    radii = tuple(r for r in cfg.eval.robust_radius if r > 0) if steps else ()
-    out: dict[str, Any] = {"validation": evaluate(engine, prep.validation, robust_radii=radii,
-                                                  pgd_steps=steps, **kw)}
-    out["pgd"] = {"steps": steps, "radii": list(radii), "norm": "linf per element"}
-    out["adversarial"] = {name: evaluate(engine, enc, **kw) for name, enc in prep.extra.items()}
-    return out
-
-
-def _flat(results: dict[str, Any]) -> dict[str, float]:
-    flat = {k: v for k, v in results["validation"].items() if k != "examples"}
-    for i, ev in enumerate(results["adversarial"].values()):
-        flat[f"adversarial{i}_accuracy"] = ev["accuracy"]
-    return flat
-
-
-def _result_lines(results: dict[str, Any]) -> list[str]:
-    v = results["validation"]
-    line = (f"validation ({v['examples']} examples): accuracy {v['accuracy']:.4f}, "
-            f"macro F1 {v['macro_f1']:.4f}")
-    for k, x in v.items():
-        if k.startswith("robust_accuracy@"):
-            line += f", robust accuracy (PGD-{results['pgd']['steps']}, radius {k.split('@')[1]}) {x:.4f}"
-    lines = [line]
-    for name, ev in results["adversarial"].items():
-        lines.append(f"adversarial set {name} ({ev['examples']} examples): accuracy {ev['accuracy']:.4f}, "
-                     f"macro F1 {ev['macro_f1']:.4f}")
-    return lines
+    def finish(self, step: int) -> dict[str, Any]:
+        """The final evaluation, the results and the model."""
+        cfg, prep = self.cfg, self.prep
+        results = self.validator.final(step)
+        results.update(steps=step, alum=self.alum_on, alpha=cfg.alum.alpha if self.alum_on else 0.0,
+                       checkpoint=cfg.task.checkpoint, task=prep.task, labels=prep.labels.names,
+                       world_size=self.world, config=cfg.to_dict())
+        if cfg.run.save_model:
+            _save_model(self.engine, self.model, prep, self.run_dir / "model", self.rank)
+        if self.rank == 0:
+            (self.run_dir / "results.json").write_text(json.dumps(results, indent=2))
+        self.log.message(f"run folder: {self.run_dir.resolve()}")
+        self.log.close()
+        return results
 
 
 def _save_model(engine: Any, model: Any, prep: Prepared, out: Path, rank: int) -> None:

@@ -1,0 +1,108 @@
+"""Pretraining's evaluation: the masked-LM loss on the held-out split, the unigram line it is read
+against, and the fill-mask showcase of the exported model at the end of a run."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from alum_ds import distributed as D
+from alum_ds.config import RunConfig
+from alum_ds.data.stream import validation_batches
+from alum_ds.metrics import MetricsLogger
+
+
+def evaluate(engine: Any, cfg: RunConfig, data_dir: Path, device: torch.device, rank: int,
+             world: int, max_sequences: int = 512) -> float:
+    """Masked-LM loss on the held-out split, token-weighted, reduced over ranks."""
+    batches = validation_batches(data_dir, seq_len=cfg.data.seq_len, seed=cfg.data.seed,
+                                 masking=cfg.masking, batch=cfg.schedule.micro_batch_size,
+                                 rank=rank, world=world, max_sequences=max_sequences)
+    # Every rank must run the same number of forwards (ZeRO-3 gathers collectively).
+    n = torch.tensor([float(len(batches))], device=device)
+    n_max = int(D.all_reduce(n, "max").item())
+    total = torch.zeros(2, dtype=torch.float64)
+    engine.eval()
+    with torch.no_grad():
+        for i in range(n_max):
+            x, y = batches[i] if i < len(batches) else batches[0]
+            loss, st = engine(torch.from_numpy(x).to(device), torch.from_numpy(y).to(device), False)
+            if i < len(batches):
+                total += torch.tensor([float(loss) * st["rows"], st["rows"]],
+                                      dtype=torch.float64)
+    engine.train()
+    total = D.all_reduce(total.to(device), "sum").cpu()
+    return float(total[0] / total[1]) if total[1] > 0 else float("nan")
+
+
+class Validator:
+    """The periodic and final evaluation of a pretraining run, logged with the unigram line."""
+
+    def __init__(self, engine: Any, cfg: RunConfig, data_dir: Path, *, device: torch.device,
+                 rank: int, world: int, log: MetricsLogger) -> None:
+        self.engine, self.cfg, self.data_dir, self.log = engine, cfg, data_dir, log
+        self.device, self.rank, self.world = device, rank, world
+        self._unigram: float | None = None
+
+    def run(self, step: int) -> float:
+        """Evaluate, log ``eval_loss``, ``eval_perplexity``, ``unigram_loss`` and the line that
+        reads the loss against the unigram line; return the loss."""
+        ev = evaluate(self.engine, self.cfg, self.data_dir, self.device, self.rank, self.world,
+                      max_sequences=self.cfg.eval.max_sequences)
+        ppl = math.exp(min(ev, 50))
+        line = self.unigram_line()
+        self.log.log(step, {"eval_loss": ev, "eval_perplexity": ppl, "unigram_loss": line})
+        gap = line - ev
+        self.log.message(f"eval at step {step}: masked-LM loss {ev:.4f}, perplexity {ppl:.2f}; a model "
+                         f"of token frequencies alone: {line:.4f} (the run is {abs(gap):.2f} nats "
+                         f"{'below' if gap >= 0 else 'above'} it)")
+        return ev
+
+    def unigram_line(self) -> float:
+        """The eval loss a model of token frequencies alone reaches on the same targets (rank 0
+        computes it once: counting the training tokens is a bincount over the shards)."""
+        if self._unigram is None and self.rank == 0:
+            from alum_ds.data.unigram import unigram_line
+
+            self._unigram = unigram_line(self.data_dir, seq_len=self.cfg.data.seq_len,
+                                         seed=self.cfg.data.seed, masking=self.cfg.masking,
+                                         max_sequences=self.cfg.eval.max_sequences).eval_nats
+        return self._unigram if self._unigram is not None else math.nan
+
+
+def show_fill_mask(run_dir: Path, data_dir: Path, cfg: RunConfig, log: MetricsLogger) -> None:
+    """Rank 0: export the run's last checkpoint (as ``alum-ds export`` does) into a scratch
+    folder and print the fill-mask answers for ``eval.fill_mask`` held-out sentences."""
+    # The showcase's libraries (numpy, the exporter, the tokenizer) load only for a run that
+    # shows it, at its end.
+    import numpy
+
+    from alum_ds import showcase
+    from alum_ds.data.tokenizer import load_tokenizer
+    from alum_ds.data.unigram import token_counts, unigram_log_probs
+    from alum_ds.export import export
+
+    examples = showcase.masked_examples(data_dir, load_tokenizer(data_dir / "tokenizer"),
+                                        cfg.eval.fill_mask, seq_len=cfg.data.seq_len)
+    if not examples:
+        return
+    scratch = run_dir / "fill_mask.tmp"
+    try:
+        # DeepSpeed's consolidation prints, and draws a bar for two shards.
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            folder = export(str(run_dir), str(scratch))
+        # The model of token frequencies that the unigram line is the loss of.
+        frequencies = numpy.exp(unigram_log_probs(token_counts(data_dir)))
+        results = showcase.fill_mask(folder, examples, token_probs=frequencies)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    (run_dir / "fill_mask.json").write_text(json.dumps(results, indent=1))
+    log.message("held-out sentences, one word masked (fill-mask on the exported model):\n"
+                + "\n".join(showcase.lines(results)))
