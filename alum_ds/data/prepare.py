@@ -405,7 +405,7 @@ def verify(data_dir: str | Path) -> dict[str, Any]:
     summary = S.verify_folder(data_dir)
     d = Path(data_dir)
     m = S.read_manifest(d)["tokenizer"]
-    tok_dir = d / m["dir"]
+    tok_dir = S._safe_path(d, m["dir"], d / S.MANIFEST)  # a tokenizer outside the folder: refused
     tok = load_tokenizer(tok_dir)
     for key, value in tokenizer_ids(tok).items():
         if m.get(key) != value:
