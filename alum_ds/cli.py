@@ -118,7 +118,8 @@ def prepare_main(argv: list[str]) -> int:
                    "folders written by datasets' save_to_disk; hf:NAME for a Hub dataset")
     p.add_argument("--out", help="output folder")
     p.add_argument("--vocab-size", type=int, default=8192)
-    p.add_argument("--tokenizer", default="", help="existing local tokenizer folder")
+    p.add_argument("--tokenizer", default="", help="existing tokenizer: a local folder or a Hub id "
+                   "ORG/NAME[@REVISION] (a local folder of that name wins)")
     p.add_argument("--tokenizer-kind", choices=("bpe", "wordpiece"), default="bpe",
                    help="tokenizer to learn when no --tokenizer is given: byte-level BPE (RoBERTa's) "
                         "or WordPiece (BERT's: [CLS] [SEP] [PAD] [MASK], lower-cased)")
@@ -157,13 +158,21 @@ def prepare_main(argv: list[str]) -> int:
             return _fail(str(e))
         if workers < 0:
             return _fail(f"--workers {workers}: expected 0 or more encoding processes")
-        m = prepare_inputs(a.inputs, a.out, vocab_size=a.vocab_size, tokenizer=a.tokenizer,
+        tokenizer = a.tokenizer
+        if tokenizer:
+            from alum_ds.hub import resolve
+
+            found = resolve(tokenizer, "--tokenizer", kind="tokenizer folder", weights=False)
+            tokenizer = str(found.path)
+            if found.from_hub:
+                print(f"tokenizer: {found.describe()}", file=sys.stderr)
+        m = prepare_inputs(a.inputs, a.out, vocab_size=a.vocab_size, tokenizer=tokenizer,
                            val_fraction=a.val_fraction, seed=a.seed, text_field=a.text_field,
                            split=a.split, hf_config=a.hf_config, streaming=a.streaming,
                            tokenizer_sample_bytes=a.tokenizer_sample_bytes, fresh=a.fresh,
                            progress=not a.quiet, encode_workers=workers,
                            tokenizer_kind=a.tokenizer_kind)
-    except DataError as e:
+    except (ConfigError, DataError) as e:
         return _fail(str(e))
     except KeyboardInterrupt:
         print(f"\nalum-ds: prepare interrupted; rerun the same command to continue {a.out}",

@@ -99,8 +99,18 @@ class ModelConfig(ModelBase):
     preset: str = "tiny"
     """Size preset: tiny, small, base (RoBERTa-/BERT-base shape) or large (RoBERTa-large)."""
     pretrained: str = ""
-    """Local Hugging Face folder to start from (continual pretraining; overrides arch and preset):
-    BERT, RoBERTa, XLM-RoBERTa, DeBERTa-v2/v3, ELECTRA generator or ModernBERT, with its MLM head."""
+    """Hugging Face model to start from (continual pretraining; overrides arch and preset): a local
+    folder, or a Hub id ORG/NAME[@REVISION] (alum_ds.hub; a local folder of that name wins). BERT,
+    RoBERTa, XLM-RoBERTa, DeBERTa-v2/v3, ELECTRA generator or ModernBERT, with its MLM head."""
+    new_head: bool = False
+    """Continue from a model.pretrained without an MLM head (ELECTRA's discriminator, a BertModel
+    or sentence-transformers folder, DeBERTa-v3 without head): the head is created as the family's
+    MaskedLM class initialises it, its decoder tied to the embeddings where the family ties it."""
+
+    def checks(self) -> list[Check]:
+        return [*super().checks(),
+                ("model.new_head", not (self.new_head and not self.pretrained),
+                 "needs model.pretrained (a model built from a preset has its head)")]
 
 
 @dataclass
@@ -362,6 +372,8 @@ class RunConfig(Config):
         d.pop("checkpoint", None)
         d.pop("eval", None)
         d["data"].pop("cache_dir", None)  # where the embedded default is prepared, not what
+        if not d["model"].get("new_head"):  # off: the hash of every config that never sets it
+            d["model"].pop("new_head", None)
         for key in ("steps", "max_tokens"):  # extending a run is allowed
             d["schedule"].pop(key, None)
         if self.schedule.global_batch_size:

@@ -104,6 +104,8 @@ class Plan:
     last_step: int
     branch: bool = False
     """``point`` is another run's checkpoint this run starts from (``run.branch_from``)."""
+    pretrained: Any = None
+    """``model.pretrained`` resolved (``alum_ds.hub.Folder``: a local folder or a Hub snapshot)."""
 
     @property
     def world(self) -> int:
@@ -130,7 +132,7 @@ def plan_run(cfg: RunConfig, ds_path: str, *, resume: str, world: int, on_gpu: b
     if universal:
         ds = ds.loading_universal()
     _check_optional(cfg)
-    return Plan(batching, ds, run_dir, point, universal, total, branch)
+    return Plan(batching, ds, run_dir, point, universal, total, branch, _resolve_pretrained(cfg, run_dir))
 
 
 def _check_optional(cfg: RunConfig) -> None:
@@ -138,13 +140,25 @@ def _check_optional(cfg: RunConfig) -> None:
     if cfg.logging.wandb and importlib.util.find_spec("wandb") is None:
         raise ConfigError("logging.wandb=true needs the wandb package (pip install wandb), which "
                           "is not installed")
-    if cfg.model.pretrained:
-        from alum_ds.arch import check_mlm_folder
 
-        try:  # a supported family with an MLM head, from config.json alone
-            check_mlm_folder(cfg.model.pretrained)
-        except ValueError as e:
-            raise ConfigError(f"model.pretrained {e}") from None
+
+def _resolve_pretrained(cfg: RunConfig, run_dir: Path) -> Any:
+    """``model.pretrained`` as a local folder (a Hub id downloaded once per node; a resumed run
+    keeps the commit it recorded), checked from its config.json alone: a supported family with
+    an MLM head, or any supported encoder under ``model.new_head``."""
+    if not cfg.model.pretrained:
+        return None
+    from alum_ds import hub
+    from alum_ds.arch import check_mlm_folder
+
+    spec = cfg.model.pretrained
+    pinned = hub.pinned_commit(run_dir, "model.pretrained", spec)
+    folder = hub.resolve(spec, "model.pretrained", pinned=pinned)
+    try:
+        check_mlm_folder(folder.path, new_head=cfg.model.new_head)
+    except ValueError as e:
+        raise ConfigError(f"model.pretrained {e}") from None
+    return folder
 
 
 def _alum_words(alum: AlumConfig, total: int) -> str:
@@ -177,7 +191,8 @@ def train(cfg: RunConfig, ds_path: str, *, resume: str = "", check: bool = False
     log = MT.MetricsLogger(plan.run_dir, enabled=run.rt.rank == 0, tensorboard=cfg.logging.tensorboard,
                            total_steps=plan.last_step, resume_step=step, wandb=_wandb_args(cfg, plan))
     if run.rt.rank == 0:
-        _write_resolved(plan.run_dir, cfg, plan.ds.config, data.dir)
+        _write_resolved(plan.run_dir, cfg, plan.ds.config, data.dir,
+                        {"model.pretrained": plan.pretrained} if plan.pretrained else {})
     _announce(cfg, plan, run, data, stream, log)
     loop = Loop(plan=plan, cfg=cfg, run=run, stream=stream, log=log, data_dir=data.dir,
                 shape=data.shape, flops_per_token=data.flops_per_token,
@@ -204,7 +219,8 @@ class Pretraining:
             mlm = build_model(arch=cfg.model.arch, preset=cfg.model.preset,
                               vocab_size=int(self.manifest["tokenizer"]["vocab_size"]),
                               seq_len=cfg.data.seq_len, dropout=cfg.model.dropout,
-                              pretrained=cfg.model.pretrained,
+                              pretrained=str(self.plan.pretrained.path) if self.plan.pretrained else "",
+                              new_head=cfg.model.new_head,
                               activation_checkpointing=cfg.model.activation_checkpointing)
         except ValueError as e:  # a pretrained model that does not fit the data
             raise ConfigError(str(e)) from None
@@ -238,16 +254,20 @@ def _announce(cfg: RunConfig, plan: Plan, run: R.Run, data: Pretraining, stream:
     b = plan.batching
     log.message(
         f"alum_ds: {run.banner()}, model "
-        f"{cfg.model.pretrained or cfg.model.arch + ' ' + cfg.model.preset} "
-        f"({run.n_params / 1e6:.2f}M params), "
+        f"{plan.pretrained.describe() if plan.pretrained else cfg.model.arch + ' ' + cfg.model.preset} "
+        f"({run.n_params / 1e6:.2f}M params{', new MLM head' if cfg.model.new_head else ''}), "
         f"{_alum_words(cfg.alum, plan.last_step)}, global batch {b.global_batch} "
         f"({b.micro_batch} x {b.accum} accumulation x {run.rt.world}), data {data.dir} "
         f"({len(stream.seqs)} sequences/epoch), run {plan.run_dir}"
     )
     _report_resume(plan, log)
+    if cfg.model.new_head:
+        log.message(f"warning: model.new_head=true: {type(run.model).__name__}'s MLM head is new, "
+                    "initialised as that class initialises it (decoder tied to the word embeddings "
+                    "where the family ties them); nothing of it comes from model.pretrained")
     if plan.ds.compile_note:
         log.message(plan.ds.compile_note)
-    _check_tokenizer(cfg, data.manifest, log)
+    _check_tokenizer(cfg, plan, data.manifest, log)
 
 
 def _universal_root(plan: Plan, rt: R.Runtime) -> Path:
@@ -289,10 +309,10 @@ def _report_resume(plan: Plan, log: MT.MetricsLogger) -> None:
                     f"{gb} sequences; set schedule.global_batch_size to keep it")
 
 
-def _check_tokenizer(cfg: RunConfig, manifest: dict[str, Any], log: MT.MetricsLogger) -> None:
-    if not cfg.model.pretrained:
+def _check_tokenizer(cfg: RunConfig, plan: Plan, manifest: dict[str, Any], log: MT.MetricsLogger) -> None:
+    if plan.pretrained is None:
         return
-    tj = Path(cfg.model.pretrained) / "tokenizer.json"
+    tj = plan.pretrained.path / "tokenizer.json"
     if tj.is_file() and sha256_file(tj)[:16] != manifest["tokenizer"].get("fingerprint"):
         log.message(f"warning: the data's tokenizer differs from {tj}; prepare the data with "
                     f"`alum-ds prepare --tokenizer {cfg.model.pretrained}`")
@@ -469,10 +489,15 @@ def _check_run_dir(run_dir: Path, cfg: RunConfig) -> None:
         )
 
 
-def _write_resolved(run_dir: Path, cfg: RunConfig, ds: dict, data_dir: Path) -> None:
+def _write_resolved(run_dir: Path, cfg: RunConfig, ds: dict, data_dir: Path,
+                    sources: dict[str, Any]) -> None:
+    from alum_ds.hub import sources_record
+
     run_dir.mkdir(parents=True, exist_ok=True)
+    # "sources": the Hub commits the run read (outside the hash: a rerun of the same command
+    # resumes, and keeps those commits).
     doc = {"config_hash": cfg.fingerprint(), "config": cfg.to_dict(), "deepspeed": ds,
-           "data_dir": str(data_dir)}
+           "data_dir": str(data_dir), "sources": sources_record(sources)}
     tmp = run_dir / "config.resolved.json.tmp"
     tmp.write_text(json.dumps(doc, indent=2))
     os.replace(tmp, run_dir / "config.resolved.json")

@@ -147,7 +147,7 @@ def _announce(cfg: FinetuneConfig, run: R.Run, prep: Prepared, log: MT.MetricsLo
     pair = " (text pairs)" if prep.train.pairs else ""
     log.message(
         f"alum_ds finetune: {run.banner()}, model from "
-        f"{prep.source.description} ({run.n_params / 1e6:.2f}M params), "
+        f"{prep.source.description} ({run.n_params / 1e6:.2f}M params){prep.source.tokenizer_note}, "
         f"ALUM {'on (alpha=' + format(cfg.alum.alpha, 'g') + ')' if _alum_on(cfg) else 'off'}, "
         f"task {prep.task}{pair}: {len(prep.train)} training / {len(prep.validation)} validation "
         f"examples, labels {', '.join(prep.labels.names)}")
@@ -215,7 +215,7 @@ class Loop:
         results = self.validator.final(step)
         results.update(steps=step, alum=self.alum_on, alpha=cfg.alum.alpha if self.alum_on else 0.0,
                        checkpoint=cfg.task.checkpoint, task=prep.task, labels=prep.labels.names,
-                       world_size=self.world, config=cfg.to_dict())
+                       world_size=self.world, config=cfg.to_dict(), sources=prep.source.hub)
         if cfg.run.save_model:
             _save_model(self.engine, self.model, prep, self.run_dir / "model", self.rank)
         if self.rank == 0:
