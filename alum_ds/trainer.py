@@ -26,11 +26,12 @@ from alum_ds import metrics as MT
 from alum_ds import runtime as R
 from alum_ds.cadence import Every, StopAfter
 from alum_ds.config import AlumConfig, Batching, ConfigError, RunConfig, batching_for
+from alum_ds.data import integrity, mixture
 from alum_ds.data.prepare import ensure_embedded
-from alum_ds.data.shards import check_vocab, read_manifest, sha256_file
+from alum_ds.data.shards import DataError, check_vocab, read_manifest, sha256_file
 from alum_ds.data.stream import TrainStream, check_splits
 from alum_ds.ds_config import DsPlan, plan_ds
-from alum_ds.evaluation import Validator, show_fill_mask
+from alum_ds.evaluation import MixtureValidator, Validator, show_fill_mask
 from alum_ds.model import PADDED_VOCAB_ROWS, build_model, non_embedding_params
 from alum_ds.objective import AlumObjective
 from alum_ds.optim import planned_steps
@@ -45,6 +46,8 @@ class Preempted(SystemExit):
 
 def resolve_data(cfg: RunConfig) -> Path:
     """The prepared data folder; the embedded default is prepared by one rank per node."""
+    if cfg.data.sources:  # a mixture: the first source's tokenizer is every source's
+        return mixture.sources_of(cfg.data)[0].dir
     if cfg.data.dir:
         return Path(cfg.data.dir)
     cache = R.cache_dir(cfg.data.cache_dir)
@@ -54,6 +57,24 @@ def resolve_data(cfg: RunConfig) -> Path:
     if D.local_rank() != 0:
         out = ensure_embedded(cache, vocab_size=cfg.data.vocab_size, seed=cfg.data.seed)
     return out
+
+
+def verify_data(dirs: list[Path], cfg: RunConfig, rt: R.Runtime) -> dict[str, float] | None:
+    """Every shard hashed once per node before the first step (by its local rank 0; the other
+    ranks wait). A refusal is raised where it was found; the other ranks exit with its code."""
+    error, result = "", None
+    if D.local_rank() == 0:
+        try:
+            result = integrity.verify_for_training(dirs, R.cache_dir(cfg.data.cache_dir),
+                                                   progress=rt.rank == 0)
+        except DataError as e:
+            error = str(e)
+    failed = D.all_reduce(torch.tensor([1.0 if error else 0.0], device=rt.device), "max").item()
+    if error:
+        raise DataError(error)
+    if failed:
+        raise SystemExit(2)  # the rank that found it has printed the one-line error
+    return result
 
 
 class Signals:
@@ -132,6 +153,7 @@ def plan_run(cfg: RunConfig, ds_path: str, *, resume: str, world: int, on_gpu: b
     if universal:
         ds = ds.loading_universal()
     _check_optional(cfg)
+    mixture.check_sources(cfg.data)
     return Plan(batching, ds, run_dir, point, universal, total, branch, _resolve_pretrained(cfg, run_dir))
 
 
@@ -186,7 +208,7 @@ def train(cfg: RunConfig, ds_path: str, *, resume: str = "", check: bool = False
                       schedule=cfg.schedule, total_steps=plan.last_step,
                       cache=R.cache_dir(cfg.data.cache_dir),
                       activation_checkpointing=cfg.model.activation_checkpointing)
-    stream = TrainStream(data.dir, seq_len=cfg.data.seq_len, seed=cfg.data.seed, masking=cfg.masking)
+    stream = mixture.open_train_stream(cfg.data, data.dir, seed=cfg.data.seed, masking=cfg.masking)
     step = _load_checkpoint(plan, run, stream)
     log = MT.MetricsLogger(plan.run_dir, enabled=run.rt.rank == 0, tensorboard=cfg.logging.tensorboard,
                            total_steps=plan.last_step, resume_step=step, wandb=_wandb_args(cfg, plan))
@@ -210,10 +232,12 @@ class Pretraining:
         self.manifest: dict[str, Any] = {}
         self.shape: dict[str, int] = {}
         self.flops_per_token = 0.0
+        self.verified: dict[str, float] | None = None
 
     def model(self, rt: R.Runtime) -> torch.nn.Module:
         cfg, point = self.cfg, self.plan.point
         self.dir = resolve_data(cfg)
+        self.verified = verify_data([s.dir for s in mixture.sources_of(cfg.data)] or [self.dir], cfg, rt)
         self.manifest = read_manifest(self.dir)
         try:
             mlm = build_model(arch=cfg.model.arch, preset=cfg.model.preset,
@@ -260,6 +284,10 @@ def _announce(cfg: RunConfig, plan: Plan, run: R.Run, data: Pretraining, stream:
         f"({b.micro_batch} x {b.accum} accumulation x {run.rt.world}), data {data.dir} "
         f"({len(stream.seqs)} sequences/epoch), run {plan.run_dir}"
     )
+    if data.verified is not None:
+        log.message(integrity.describe(data.verified))
+    if isinstance(stream, mixture.MixtureStream):
+        log.message(stream.describe())
     _report_resume(plan, log)
     if cfg.model.new_head:
         log.message(f"warning: model.new_head=true: {type(run.model).__name__}'s MLM head is new, "
@@ -338,8 +366,13 @@ class Loop:
         self.window = MT.StepWindow(run.rt.device)
         self.steps = MT.StepLogger(log, self.window, all_reduce=D.all_reduce, world=self.world,
                                    alpha=cfg.alum.alpha, task="mlm", compiled=plan.ds.compile)
-        self.validator = Validator(self.engine, cfg, data_dir, device=self.device, rank=self.rank,
-                                   world=self.world, log=log)
+        if isinstance(stream, mixture.MixtureStream):
+            self.validator: Validator = MixtureValidator(self.engine, cfg, stream, device=self.device,
+                                                         rank=self.rank, world=self.world, log=log)
+        else:
+            self.validator = Validator(self.engine, cfg, data_dir, device=self.device, rank=self.rank,
+                                       world=self.world, log=log)
+        self._logged_consumed = stream.state.consumed
         last = plan.last_step
         self.log_every = Every(cfg.logging.every, last, final=True)
         self.eval_every = Every(cfg.eval.every, last, final=False)
@@ -421,6 +454,11 @@ class Loop:
         }
         if self.on_gpu:
             values["max_memory_gb"] = mem[1]
+        if isinstance(self.stream, mixture.MixtureStream):
+            values.update(self.stream.log_values())
+            for line in self.stream.new_epochs(self._logged_consumed):
+                self.log.message(f"{line} (by sequence {self.stream.state.consumed:,} of the mixture)")
+        self._logged_consumed = self.stream.state.consumed
         return values
 
     def preempt(self, step: int) -> None:

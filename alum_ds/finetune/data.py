@@ -239,6 +239,25 @@ class LabelSet:
         return out
 
 
+class RealLabels:
+    """A regression target (``task.type=regression``): each label read as a real number; the
+    model has one output, named ``score``."""
+
+    names = ["score"]
+
+    def ids(self, ex: Examples) -> np.ndarray:
+        out = np.empty(len(ex), dtype=np.float32)
+        for i, label in enumerate(ex.labels):
+            try:
+                out[i] = float(label)
+            except ValueError:
+                raise DataError(f"{ex.rows[i]}: label {label!r} is not a number (task.type="
+                                "regression needs real-valued labels)") from None
+            if not np.isfinite(out[i]):
+                raise DataError(f"{ex.rows[i]}: label {label!r} is not a finite number")
+        return out
+
+
 def _is_int(s: str) -> bool:
     try:
         int(s)
@@ -280,7 +299,7 @@ class Encoded:
         return out
 
 
-def encode(ex: Examples, labels: LabelSet, tokenizer: Any, max_length: int) -> Encoded:
+def encode(ex: Examples, labels: LabelSet | RealLabels, tokenizer: Any, max_length: int) -> Encoded:
     """Tokenize with the model's tokenizer (``<s> a </s></s> b </s>`` for pairs), truncating the
     longer text first to ``max_length`` tokens."""
     y = labels.ids(ex)
