@@ -8,6 +8,15 @@ writes its shards; barrier; rank 0 writes ``alum_state.json`` (the completion ma
 complete checkpoint; a folder without ``alum_state.json`` is a leftover of an interrupted save:
 it is never loaded, and it is removed by the next save (of any step).
 
+Integrity: every rank hashes the files it wrote (sha256 and size; DeepSpeed names a rank's shards
+``*zero_pp_rank_<r>_*``, the rest are rank 0's), the digests are gathered over the ranks (each
+node hashes its own files, so node-local disks work too) and rank 0 records them under ``files``
+in ``alum_state.json``. Loading checks them first (``verify``: each rank its own share), so a
+flipped bit, a truncated or missing shard is found before DeepSpeed unpickles anything; the
+trainer then resumes from the newest intact checkpoint. A save that cannot be written (a full
+disk) is one collective error naming the folder and the bytes needed; the partial folder is
+removed and ``latest`` is untouched.
+
 Resuming reads only JSON before the engine exists, so a checkpoint from another config, model
 shape or ZeRO layout is refused before anything is built, and a change of world size is known in
 time to ask DeepSpeed for a universal-checkpoint load (``"checkpoint": {"load_universal": true}``
@@ -17,6 +26,8 @@ loading one runs code, so resume only from your own runs.
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import re
@@ -27,6 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from alum_ds import distributed as D
 from alum_ds.config import ConfigError, RunConfig
 
@@ -34,6 +47,12 @@ TAG_RE = re.compile(r"^step(\d{8})$")
 STATE_FILE = "alum_state.json"
 STATE_VERSION = 1
 UNIVERSAL_DIR = "universal"
+DAMAGED_SUFFIX = ".damaged"
+_RANK_FILE = re.compile(r"zero_pp_rank_(\d+)_")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be written; the message is one line and names the folder."""
 
 
 def tag_for(step: int) -> str:
@@ -52,12 +71,29 @@ def root_of(path: Path) -> Path | None:
     return path if (path / "latest").is_file() else None
 
 
+def _latest_text(ckpt_root: Path) -> str | None:
+    """What ``latest`` says, or None where it is not a tag name (garbage bytes, a torn write)."""
+    try:
+        tag = (ckpt_root / "latest").read_bytes().decode("ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return tag if TAG_RE.match(tag) else None
+
+
 def read_latest(ckpt_root: Path) -> str | None:
     p = ckpt_root / "latest"
     if not p.is_file():
         return None
-    tag = p.read_text().strip()
-    return tag if (ckpt_root / tag).is_dir() else None
+    tag = _latest_text(ckpt_root)
+    return tag if tag is not None and (ckpt_root / tag).is_dir() else None
+
+
+def complete_tags(ckpt_root: Path) -> list[str]:
+    """Tags of the complete checkpoints under ``ckpt_root``, newest first."""
+    if not ckpt_root.is_dir():
+        return []
+    return sorted((p.name for p in ckpt_root.iterdir()
+                   if p.is_dir() and TAG_RE.match(p.name) and (p / STATE_FILE).is_file()), reverse=True)
 
 
 def read_state(tag_dir: Path) -> dict[str, Any] | None:
@@ -109,9 +145,61 @@ def _write_latest(ckpt_root: Path, tag: str) -> None:
     _atomic_write(ckpt_root / "latest", tag)
 
 
+def file_digest(path: Path) -> dict[str, Any]:
+    with open(path, "rb") as f:
+        return {"size": os.fstat(f.fileno()).st_size, "sha256": hashlib.file_digest(f, "sha256").hexdigest()}
+
+
+def owner_of(name: str) -> int:
+    """The rank that writes a checkpoint file (DeepSpeed's naming)."""
+    m = _RANK_FILE.search(name)
+    return int(m.group(1)) if m else 0
+
+
+def hash_own_files(tag_dir: Path, rank: int) -> dict[str, dict[str, Any]]:
+    return {f.name: {**file_digest(f), "rank": rank} for f in sorted(tag_dir.iterdir())
+            if f.is_file() and f.name != STATE_FILE and owner_of(f.name) == rank}
+
+
+def gather_json(obj: Any, device: torch.device) -> list[Any]:
+    """Every rank's ``obj`` (JSON-serialisable), in rank order, on every rank: two all-reduces of
+    a byte table (each rank fills its own row), so no object collective is needed."""
+    world, rank = D.world(), D.rank()
+    if world == 1:
+        return [obj]
+    data = json.dumps(obj).encode()
+    n = int(D.all_reduce(torch.tensor([float(len(data))], device=device), "max").item())
+    table = torch.zeros(world, n, dtype=torch.float32, device=device)
+    table[rank, :len(data)] = torch.tensor(list(data), dtype=torch.float32, device=device)
+    rows = D.all_reduce(table, "sum").to(torch.uint8).cpu()
+    return [json.loads(bytes(r.tolist()).rstrip(b"\0")) for r in rows]
+
+
+def checkpoint_bytes(tag_dir: Path) -> int:
+    """The size of a complete checkpoint from its recorded files (0 if unknown)."""
+    state = read_state(tag_dir) if tag_dir.is_dir() else None
+    return sum(int(m.get("size", 0)) for m in (state or {}).get("files", {}).values())
+
+
+def _write_failure(root: Path, tag: str, errors: list[str], written: int) -> CheckpointError:
+    latest = read_latest(root)
+    free = shutil.disk_usage(root).free if root.is_dir() else 0
+    need = max(checkpoint_bytes(root / latest) if latest else 0, written)
+    first = next(e for e in errors if e)
+    full = "No space left" in first or "iostream error" in first or "failed writing" in first
+    head = (f"no space left on the device of {root} while saving checkpoint {tag}" if full or free < need
+            else f"could not write checkpoint {root / tag}: {first}")
+    return CheckpointError(
+        f"{head}: a checkpoint needs {'about ' if latest else 'at least '}{need:,} bytes there "
+        f"({need / 2**30:.2f} GiB; the previous one is only removed after the next is complete), "
+        f"{free:,} are free; free space (or move --run.dir, or lower checkpoint.keep) and rerun "
+        f"to resume from {latest or 'the start'} (checkpoints/latest is unchanged)")
+
+
 def save(engine: Any, run_dir: Path, step: int, state: dict[str, Any], keep: int) -> Path:
     """Save on every rank; complete the checkpoint and move ``latest`` only once all ranks have
-    written; prune. ``state`` is this run's JSON state (see ``STATE_FILE``)."""
+    written and hashed their files; prune. ``state`` is this run's JSON state (see
+    ``STATE_FILE``). A write that fails on any rank raises ``CheckpointError`` on every rank."""
     root = checkpoint_dir(run_dir)
     tag = tag_for(step)
     path = root / tag
@@ -120,16 +208,78 @@ def save(engine: Any, run_dir: Path, step: int, state: dict[str, Any], keep: int
     if D.rank() == 0 and path.exists():
         shutil.rmtree(path)  # a leftover of an interrupted save, or of an abandoned later run
     D.barrier()
-    # universal_checkpoint_info lets ds_to_universal convert this checkpoint for another world size.
-    engine.save_checkpoint(str(root), tag=tag, save_latest=False,
-                           client_state={"universal_checkpoint_info": {"universal_checkpoint_version": 0.4}})
-    D.barrier()
+    error, files = "", {}
+    try:
+        # universal_checkpoint_info lets ds_to_universal convert this checkpoint for another world size.
+        info = {"universal_checkpoint_info": {"universal_checkpoint_version": 0.4}}
+        engine.save_checkpoint(str(root), tag=tag, save_latest=False, client_state=info)
+        files = hash_own_files(path, D.rank())
+    except (OSError, RuntimeError) as e:  # torch.save reports ENOSPC as a RuntimeError
+        error = (os.strerror(errno.ENOSPC) if getattr(e, "errno", None) == errno.ENOSPC
+                 else (str(e).strip().splitlines() or [type(e).__name__])[-1])
+        D.barrier()  # the one that ends save_checkpoint, where the ranks that wrote are waiting
+    # The gather is also the barrier after the ranks' writes.
+    reports = gather_json({"error": error, "files": files}, engine.device)
+    errors = [r["error"] for r in reports]
+    if any(errors):
+        written = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
+        D.barrier()
+        if D.rank() == 0:
+            shutil.rmtree(path, ignore_errors=True)
+        D.barrier()
+        raise _write_failure(root, tag, errors, written)
+    done = ""
     if D.rank() == 0:
-        _atomic_write(path / STATE_FILE, json.dumps({"version": STATE_VERSION, **state}, indent=1))
-        _write_latest(root, tag)
-        prune(root, keep)
-    D.barrier()
+        record = {name: meta for r in reports for name, meta in r["files"].items()}
+        try:
+            _atomic_write(path / STATE_FILE, json.dumps({"version": STATE_VERSION, **state,
+                                                         "files": record}, indent=1))
+            _write_latest(root, tag)
+        except OSError as e:
+            done = os.strerror(e.errno) if e.errno else str(e)
+            (path / STATE_FILE).unlink(missing_ok=True)
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            prune(root, keep)
+    failed = D.all_reduce(torch.tensor([1.0 if done else 0.0], device=engine.device), "max").item() > 0
+    if failed:
+        raise _write_failure(root, tag, [done or "rank 0 could not complete the checkpoint"],
+                             sum(int(m["size"]) for r in reports for m in r["files"].values()))
     return path
+
+
+def verify(point: ResumePoint, rank: int = 0, world: int = 1) -> str:
+    """'' if this rank's share of ``point``'s recorded files (all of them for ``world`` 1) is
+    intact, else one line naming the first damaged file. A checkpoint without a record (written
+    before checksums were kept) passes."""
+    files = point.state.get("files")
+    if not isinstance(files, dict):
+        return ""
+    for name, meta in sorted(files.items()):
+        if int(meta.get("rank", 0)) % world != rank:
+            continue
+        f = point.path / name
+        if not f.is_file():
+            return f"{f} is missing"
+        size = f.stat().st_size
+        if size != meta.get("size"):
+            return f"{f} has {size:,} bytes, {meta.get('size'):,} were written (truncated or replaced)"
+        if file_digest(f)["sha256"] != meta.get("sha256"):
+            return f"{f} does not match the sha256 recorded when it was written (damaged bytes)"
+    return ""
+
+
+def set_aside(root: Path, tags: list[str], good: str) -> list[str]:
+    """Rename damaged checkpoints out of the way (``<tag>.damaged``, kept for inspection, never
+    pruned) and point ``latest`` at ``good``; returns the new names. Rank 0 only."""
+    out = []
+    for tag in tags:
+        dest = root / (tag + DAMAGED_SUFFIX)
+        shutil.rmtree(dest, ignore_errors=True)
+        (root / tag).rename(dest)
+        out.append(str(dest))
+    _write_latest(root, good)
+    return out
 
 
 def prune(root: Path, keep: int) -> None:
@@ -160,6 +310,8 @@ class ResumePoint:
     root: Path
     tag: str
     state: dict[str, Any]
+    note: str = ""
+    """Why this checkpoint and not the one ``latest`` names (a damaged ``latest``)."""
 
     @property
     def path(self) -> Path:
@@ -203,7 +355,16 @@ def find_resume(run_dir: Path, resume: str = "", *, option: str = "--resume") ->
     root = checkpoint_dir(run_dir)
     if not (root / "latest").is_file():
         return None
-    tag = (root / "latest").read_text().strip()
+    tag = _latest_text(root)
+    if tag is None:
+        tags = complete_tags(root)
+        if not tags:
+            raise ConfigError(f"run folder {run_dir}: checkpoints/latest is damaged (not a checkpoint "
+                              "name) and no complete checkpoint is there: use a new --run.dir")
+        point = _point(root, tags[0], f"run folder {run_dir}")
+        point.note = (f"checkpoints/latest is damaged (not a checkpoint name): resuming from the "
+                      f"newest complete checkpoint, {tags[0]}")
+        return point
     if not (root / tag).is_dir():
         raise ConfigError(f"run folder {run_dir}: checkpoints/latest names {tag!r}, which is missing: "
                           f"pass --resume CHECKPOINT or use a new --run.dir")

@@ -80,8 +80,14 @@ def _runtime_failure(e: RuntimeError) -> int:
     """A one-line error for the runtime failures that are the user's to fix; re-raise the rest."""
     from alum_ds import compiling
     from alum_ds.adversarial import PrecisionError
+    from alum_ds.checkpoint import CheckpointError
+    from alum_ds.guard import EXIT_DIVERGED, Diverged
 
-    if isinstance(e, (PrecisionError, compiling.CompileError)):  # not a traceback from the step
+    if isinstance(e, Diverged):
+        _fail(str(e))
+        return EXIT_DIVERGED
+    # not a traceback from the step
+    if isinstance(e, (PrecisionError, compiling.CompileError, CheckpointError)):
         return _fail(str(e))
     if compiling.failure(e):
         return _fail(compiling.failure(e))

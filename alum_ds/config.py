@@ -360,6 +360,41 @@ class CheckpointConfig(Section):
 
 
 @dataclass
+class GuardConfig(Section):
+    """The divergence policy (``alum_ds.guard``): what a step with a non-finite loss or gradient
+    norm, or a loss spike, does to the run and to its checkpoints."""
+
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"action": ("rollback", "stop")}
+
+    enabled: bool = True
+    """Check every step's loss and gradient norm (no extra host sync: the values ride on the
+    step's own all-reduce); false: no step is skipped and saves are not checked."""
+    max_nonfinite: int = 3
+    """This many optimizer steps in a row with a non-finite loss or gradient norm (each skipped:
+    no optimizer update) trigger ``action``."""
+    spike_factor: float = 2.0
+    """A step's masked-LM loss above this multiple of the running median is a spike (0: off)."""
+    spike_window: int = 100
+    """Steps in the running median (spikes are not added to it); spikes are judged once it holds
+    10 steps or the whole window, whichever is fewer."""
+    spike_steps: int = 10
+    """This many spiking steps in a row trigger ``action``."""
+    action: str = "rollback"
+    """``rollback``: reload the newest healthy checkpoint, skip the data seen since it and go on
+    (the PaLM recipe); ``stop``: end the run with a one-line error (exit code 3)."""
+    max_rollbacks: int = 3
+    """Rollbacks allowed in one invocation; one more divergence stops the run."""
+
+    def checks(self) -> list[Check]:
+        return [("guard.max_nonfinite", self.max_nonfinite >= 1, "must be >= 1"),
+                ("guard.spike_factor", self.spike_factor == 0 or 1 < self.spike_factor < math.inf,
+                 "must be 0 (off) or a finite number above 1"),
+                ("guard.spike_window", self.spike_window >= 1, "must be >= 1"),
+                ("guard.spike_steps", self.spike_steps >= 1, "must be >= 1"),
+                ("guard.max_rollbacks", self.max_rollbacks >= 0, "must be >= 0")]
+
+
+@dataclass
 class LoggingConfig(Section):
     every: int = 10
     """Log metrics every N optimizer steps."""
@@ -401,6 +436,7 @@ class RunConfig(Config):
         steps=1250, warmup_steps=100, micro_batch_size=32))
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def fingerprint(self, *, without: tuple[str, ...] = ()) -> str:
@@ -413,6 +449,7 @@ class RunConfig(Config):
         d.pop("logging", None)
         d.pop("checkpoint", None)
         d.pop("eval", None)
+        d.pop("guard", None)  # how a divergence is handled, not what a healthy step computes
         d["data"].pop("cache_dir", None)  # where the embedded default is prepared, not what
         if not d["model"].get("new_head"):  # off: the hash of every config that never sets it
             d["model"].pop("new_head", None)

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from alum_ds.checkpoint import STATE_FILE, read_latest, read_state, root_of
+from alum_ds.checkpoint import STATE_FILE, ResumePoint, read_latest, read_state, root_of, verify
 from alum_ds.config import ConfigError, config_from_dict
 
 
@@ -66,6 +66,10 @@ def export(checkpoint: str, out_dir: str) -> Path:
     state = read_state(root / tag)
     if state is None:
         raise FileNotFoundError(f"checkpoint {root / tag} is incomplete (no {STATE_FILE})")
+    damage = verify(ResumePoint(root, tag, state))  # before DeepSpeed unpickles a byte of it
+    if damage:
+        raise ConfigError(f"checkpoint {root / tag} is damaged: {damage}; export an older checkpoint "
+                          f"(a folder under {root}) or restore the file")
     data_dir = Path(state["data_dir"])
     mcfg = model_config_of(state, int(read_manifest(data_dir)["tokenizer"]["vocab_size"]), run_dir)
     with torch.device("meta"):

@@ -105,8 +105,10 @@ class StepLogger:
     window over ranks and logs its values, the task's own (``extra``) added."""
 
     def __init__(self, log: MetricsLogger, window: StepWindow, *, all_reduce: Callable, world: int,
-                 alpha: float, task: str, compiled: bool, record_compile: bool = True) -> None:
+                 alpha: float, task: str, compiled: bool, record_compile: bool = True,
+                 stop_on_nonfinite: bool = True) -> None:
         self.log, self.window, self.all_reduce, self.world = log, window, all_reduce, world
+        self.stop_on_nonfinite = stop_on_nonfinite
         self.alpha, self.task, self.record_compile = alpha, task, record_compile
         self.clock = compiling.Clock() if compiled else None
         self.t_last, self.steps = time.time(), 0
@@ -123,7 +125,7 @@ class StepLogger:
         values = window_values(r, task=self.task, alum_on=alum_on, engine=engine,
                                skipped_total=skipped_total)
         values.update(extra(r, self.steps, seconds))
-        self.log.window(step, values, r["adv_skipped"])
+        self.log.window(step, values, r["adv_skipped"], stop_on_nonfinite=self.stop_on_nonfinite)
         self.t_last, self.steps = time.time(), 0
 
     def _compile_time(self, step: int) -> float:
@@ -154,6 +156,7 @@ class MetricsLogger:
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
+        self.run_dir = run_dir
         path = run_dir / "metrics.jsonl"
         _truncate_after(path, resume_step)
         self.jsonl = open(path, "a", buffering=1)
@@ -206,16 +209,33 @@ class MetricsLogger:
         print(" | ".join([f"step {step}/{self.total}", *parts, f"{elapsed:.0f}s"]),
               file=sys.stderr, flush=True)
 
-    def window(self, step: int, values: dict[str, Any], skipped: float) -> None:
+    def window(self, step: int, values: dict[str, Any], skipped: float, *,
+               stop_on_nonfinite: bool = True) -> None:
         """Log a window's values and its progress line; warn about skipped adversarial terms;
-        stop on a non-finite loss (on every rank: each computes the same reduced values)."""
+        stop on a non-finite loss (on every rank: each computes the same reduced values) unless
+        ``stop_on_nonfinite`` is false (the divergence guard decides instead)."""
         if skipped:
             self.message(f"warning: adversarial term skipped on {int(skipped)} micro-step(s) "
                          f"before step {step} (non-finite ascent gradient or loss)")
         self.log(step, values)
         self.progress(step, values)
-        if not all(math.isfinite(v) for k, v in values.items() if k.endswith("loss")):
+        if stop_on_nonfinite and not all(math.isfinite(v) for k, v in values.items() if k.endswith("loss")):
             raise FloatingPointError(f"training loss became non-finite at step {step}")
+
+    def rewind(self, step: int) -> None:
+        """Drop the records after ``step`` (a rollback continues from there), as a resume does."""
+        if not self.enabled:
+            return
+        self.jsonl.close()
+        _truncate_after(self.run_dir / "metrics.jsonl", step)
+        self.jsonl = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
+        if self.tb is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb.close()
+            self.tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=step + 1)
+        if self.bar is not None:
+            self.bar.n = step
 
     def message(self, text: str) -> None:
         if not self.enabled:

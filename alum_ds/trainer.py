@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import signal
 import time
@@ -22,6 +23,7 @@ import torch
 
 from alum_ds import checkpoint as C
 from alum_ds import distributed as D
+from alum_ds import guard as G
 from alum_ds import metrics as MT
 from alum_ds import runtime as R
 from alum_ds.cadence import Every, StopAfter
@@ -127,6 +129,8 @@ class Plan:
     """``point`` is another run's checkpoint this run starts from (``run.branch_from``)."""
     pretrained: Any = None
     """``model.pretrained`` resolved (``alum_ds.hub.Folder``: a local folder or a Hub snapshot)."""
+    resume: str = ""
+    """The ``--resume`` argument the plan was made with."""
 
     @property
     def world(self) -> int:
@@ -143,6 +147,7 @@ def plan_run(cfg: RunConfig, ds_path: str, *, resume: str, world: int, on_gpu: b
         check_splits(cfg.data.dir, cfg.data.seq_len)
     batching = batching_for(cfg, world)
     ds = plan_ds(ds_path, cfg, batching, bf16_supported=bf16_supported, on_gpu=on_gpu)
+    G.check_ds(ds.config, cfg.guard)
     total = planned_steps(cfg, batching.global_batch)
     point = C.find_resume(run_dir, resume)
     branch = point is None and bool(cfg.run.branch_from)
@@ -154,7 +159,8 @@ def plan_run(cfg: RunConfig, ds_path: str, *, resume: str, world: int, on_gpu: b
         ds = ds.loading_universal()
     _check_optional(cfg)
     mixture.check_sources(cfg.data)
-    return Plan(batching, ds, run_dir, point, universal, total, branch, _resolve_pretrained(cfg, run_dir))
+    return Plan(batching, ds, run_dir, point, universal, total, branch,
+                pretrained=_resolve_pretrained(cfg, run_dir), resume=resume)
 
 
 def _check_optional(cfg: RunConfig) -> None:
@@ -203,11 +209,21 @@ def train(cfg: RunConfig, ds_path: str, *, resume: str = "", check: bool = False
               f"{_alum_words(cfg.alum, plan.last_step)}; nothing was written")
         return plan.run_dir
     data = Pretraining(cfg, plan)
-    run = R.build_run(dev, plan.ds, expect_world=plan.world, seed=cfg.run.seed, model=data.model,
+
+    def ds_plan(rt: R.Runtime) -> DsPlan:
+        # The process group exists now: check the checkpoint's files collectively (each rank its
+        # own share) before anything is built from them; a fallback re-plans from an older one.
+        nonlocal plan
+        plan = data.plan = _intact_plan(plan, cfg, ds_path, rt, dev)
+        return plan.ds
+
+    run = R.build_run(dev, ds_plan, expect_world=plan.world, seed=cfg.run.seed, model=data.model,
                       objective=AlumObjective, alum=cfg.alum, optim=cfg.optim,
                       schedule=cfg.schedule, total_steps=plan.last_step,
                       cache=R.cache_dir(cfg.data.cache_dir),
                       activation_checkpointing=cfg.model.activation_checkpointing)
+    if cfg.guard.enabled:
+        G.install(run.engine)
     stream = mixture.open_train_stream(cfg.data, data.dir, seed=cfg.data.seed, masking=cfg.masking)
     step = _load_checkpoint(plan, run, stream)
     log = MT.MetricsLogger(plan.run_dir, enabled=run.rt.rank == 0, tensorboard=cfg.logging.tensorboard,
@@ -298,6 +314,41 @@ def _announce(cfg: RunConfig, plan: Plan, run: R.Run, data: Pretraining, stream:
     _check_tokenizer(cfg, plan, data.manifest, log)
 
 
+def _intact_plan(plan: Plan, cfg: RunConfig, ds_path: str, rt: R.Runtime, dev: R.Device) -> Plan:
+    """The plan with a checkpoint whose files match their recorded checksums: each rank checks its
+    own share, collectively. A damaged checkpoint of the run's own folder is set aside for the
+    newest intact one (said in one line); a damaged ``--resume`` or ``run.branch_from``
+    checkpoint, or none intact, is refused (one line, nothing changed)."""
+    damaged: list[tuple[str, str]] = []
+    point = plan.point
+    own = not plan.resume and not plan.branch
+    while point is not None:
+        problems = [p for p in C.gather_json(C.verify(point, rt.rank, rt.world), rt.device) if p]
+        if not problems:
+            break
+        damaged.append((point.tag, problems[0]))
+        older = [t for t in C.complete_tags(point.root) if t < point.tag] if own else []
+        if not older:
+            newer = f" (and so are the {len(damaged) - 1} newer ones)" if len(damaged) > 1 else ""
+            fix = ("no older complete checkpoint is there: restore the file or use a new --run.dir"
+                   if own else "resume from another checkpoint")
+            raise ConfigError(f"checkpoint {point.path} is damaged: {problems[0]}{newer}; {fix}")
+        point = C.ResumePoint(point.root, older[0], C.read_state(point.root / older[0]) or {})
+    if not damaged:
+        return plan
+    assert point is not None
+    if rt.rank == 0:
+        C.set_aside(point.root, [t for t, _ in damaged], point.tag)
+    D.barrier()
+    new = plan_run(cfg, ds_path, resume="", world=plan.world, on_gpu=dev.on_gpu,
+                   bf16_supported=dev.bf16_supported)
+    assert new.point is not None and new.point.tag == point.tag
+    new.point.note = "; ".join([*([plan.point.note] if plan.point and plan.point.note else []), *(
+        f"checkpoint {t} is damaged ({why}), set aside as {t}{C.DAMAGED_SUFFIX}" for t, why in damaged)]
+    ) + f": resuming from {point.tag}"
+    return new
+
+
 def _universal_root(plan: Plan, rt: R.Runtime) -> Path:
     """Rank 0 converts the checkpoint to a universal one; the others wait for it."""
     assert plan.point is not None
@@ -327,6 +378,8 @@ def _report_resume(plan: Plan, log: MT.MetricsLogger) -> None:
     if p is None:
         return
     how = f" (universal: saved by {p.world_size} rank(s), now {plan.world})" if plan.universal else ""
+    if p.note:
+        log.message(f"warning: {p.note}")
     log.message(f"{'branched' if plan.branch else 'resumed'} from {p.path} at step {p.step}{how}")
     if plan.universal and 3 in (p.zero_stage, plan.ds.zero_stage):
         log.message("warning: DeepSpeed's universal load under ZeRO-3 restores the optimizer only "
@@ -364,8 +417,14 @@ class Loop:
         self.fpt, self.peak = flops_per_token, peak
         self.rank, self.world = run.rt.rank, run.rt.world
         self.window = MT.StepWindow(run.rt.device)
+        self.guard = G.Guard(cfg.guard, run.rt.device, count_grad_skips=plan.ds.precision != "fp16")
+        if plan.point is not None and not plan.branch:
+            self.guard.load_state_dict(plan.point.state.get("guard", {}))
+        self.sink = G.Tee(self.window, self.guard)
+        # With the guard on, a non-finite window is its business (a skipped step), not an error.
         self.steps = MT.StepLogger(log, self.window, all_reduce=D.all_reduce, world=self.world,
-                                   alpha=cfg.alum.alpha, task="mlm", compiled=plan.ds.compile)
+                                   alpha=cfg.alum.alpha, task="mlm", compiled=plan.ds.compile,
+                                   stop_on_nonfinite=not cfg.guard.enabled)
         if isinstance(stream, mixture.MixtureStream):
             self.validator: Validator = MixtureValidator(self.engine, cfg, stream, device=self.device,
                                                          rank=self.rank, world=self.world, log=log)
@@ -384,9 +443,18 @@ class Loop:
         signals, preempted = Signals(), False
         self.engine.train()
         try:
-            while step < last:
+            while True:
+                if step >= last:
+                    if not self.save(step):  # the last step triggered the divergence policy
+                        step = self.recover(step)
+                        continue
+                    return self.finish(step)
                 alum_on = self.cfg.alum.enabled and step >= alum_start
-                if not self.train_step(alum_on, signals.requested):
+                status = self.train_step(alum_on, signals.requested, step)
+                if status == "diverged":
+                    step = self.recover(step)
+                    continue
+                if status == "signalled":
                     self.preempt(step)
                 step += 1
                 self.steps.step_done()
@@ -395,10 +463,12 @@ class Loop:
                 if self.eval_every.due(step):
                     self.validator.run(step)
                 if stop.due(step):
+                    if not self.save(step):
+                        step = self.recover(step)
+                        continue
                     return self.stop(step)
-                if self.save_every.due(step):
-                    self.save(step)
-            return self.finish(step)
+                if self.save_every.due(step) and not self.save(step):
+                    step = self.recover(step)
         except Preempted:
             preempted = True
             raise
@@ -406,10 +476,11 @@ class Loop:
             signals.ignore() if preempted else signals.restore()
             self.log.close()
 
-    def train_step(self, alum_on: bool, signalled: bool) -> bool:
-        """One optimizer step of ``accum`` micro-steps. Returns False, untrained and with the
-        stream unmoved, when any rank has been signalled: the decision is collective, carried by
-        the step's one small all-reduce."""
+    def train_step(self, alum_on: bool, signalled: bool, step: int) -> str:
+        """Optimizer step ``step + 1``, of ``accum`` micro-steps: "ok"; or, untrained and with the
+        stream unmoved, "signalled" when any rank has been signalled, "diverged" when the guard's
+        verdict on step ``step`` calls for its policy. Both decisions are collective, carried by
+        the step's one small all-reduce (with the guard's values of step ``step``)."""
         mb, accum = self.batching.micro_batch, self.batching.accum
         start = self.stream.state.consumed
         batches = []
@@ -420,22 +491,83 @@ class Loop:
         local = sum(int((y != -100).sum()) for _, (_, y) in batches)
         # The gradient is normalised by the masked tokens of the entire optimizer step, so
         # 2 x b accumulated equals 2b at once.
-        masked, stop = D.all_reduce(torch.tensor([float(local), float(signalled)], device=self.device),
-                                    "sum").tolist()
-        if stop:
+        reduced = D.all_reduce(torch.cat([
+            torch.tensor([float(local), float(signalled)], device=self.device), self.guard.payload()]),
+            "sum").tolist()
+        masked, stop = reduced[:2]
+        verdict = self.guard.judge(reduced[2:])
+        self.report(verdict)
+        if stop or (verdict is not None and verdict.trigger):
             self.stream.state.consumed = start
-            return False
+            return "signalled" if stop else "diverged"
         weight = self.world * accum / max(masked, 1.0)
-        R.run_micro_steps(self.engine, self.window, self.cfg.run.seed, (
+        skipped_before = self.engine.skipped_steps
+        R.run_micro_steps(self.engine, self.sink, self.cfg.run.seed, (
             R.MicroBatch(position, torch.from_numpy(x).to(self.device),
                          torch.from_numpy(y).to(self.device), alum_on, token_weight=weight)
             for position, (x, y) in batches))
-        return True
+        self.guard.stepped(step + 1, self.engine, skipped_before)
+        return "ok"
+
+    def report(self, v: G.Verdict | None) -> None:
+        if v is None or (math.isfinite(v.loss) and not v.skipped):
+            return
+        what = "loss" if not math.isfinite(v.loss) else "gradient norm"
+        done = "no optimizer update" if v.skipped else "the update was applied (finite gradients)"
+        self.log.message(f"warning: step {v.step}: non-finite {what}: {done} "
+                         f"({self.guard.nonfinite_run} in a row, {self.guard.skipped_total} skipped in all)")
+
+    def recover(self, step: int) -> int:
+        """The policy after a trigger at ``step``: stop (``Diverged``), or reload the newest intact
+        checkpoint of this run and continue from it with the stream where it is now, so the
+        window of data since that checkpoint is skipped. Returns the step to continue from."""
+        g = self.cfg.guard
+        why = self.guard.last_trigger
+        root = C.checkpoint_dir(self.plan.run_dir)
+        latest = C.read_latest(root)
+        keep = (f"checkpoints/latest names {latest}, the newest healthy checkpoint" if latest
+                else "no checkpoint was saved")
+        if g.action == "stop" or self.guard.rollbacks >= g.max_rollbacks:
+            limit = ("" if g.action == "stop"
+                     else f" after {self.guard.rollbacks} rollback(s) (guard.max_rollbacks)")
+            raise G.Diverged(f"training diverged at step {step}: {why}; stopped{limit}; {keep}: "
+                             f"rerun with a lower --optim.lr or a longer warm-up")
+        point = None
+        for tag in C.complete_tags(root):
+            candidate = C.ResumePoint(root, tag, C.read_state(root / tag) or {})
+            if candidate.state.get("world_size") != self.world:
+                break  # saved by another number of ranks: it needs a universal load
+            problems = [p for p in C.gather_json(C.verify(candidate, self.rank, self.world),
+                                                 self.device) if p]
+            if not problems:
+                point = candidate
+                break
+            self.log.message(f"warning: checkpoint {candidate.path} is damaged ({problems[0]}); "
+                             "trying an older one")
+        if point is None:
+            raise G.Diverged(f"training diverged at step {step}: {why}; no intact checkpoint of this run "
+                             "(on these ranks) to roll back to: rerun with a lower --optim.lr or a "
+                             "longer warm-up")
+        C.load(self.engine, point.root, point.tag)
+        since, now = int(point.state["stream"]["consumed"]), self.stream.state.consumed
+        self.guard.reset()
+        self.guard.rollbacks += 1
+        self.window.sum.zero_()
+        self.steps.t_last, self.steps.steps = time.time(), 0
+        self.log.rewind(point.step)
+        self.log.log(point.step, {"guard_rollback_from": step, "guard_skipped_sequences": now - since})
+        self.log.message(f"guard: {why}: rolled back to {point.path} (step {point.step}) and skipped "
+                         f"the {now - since:,} sequences seen since it (rollback {self.guard.rollbacks} "
+                         f"of guard.max_rollbacks={g.max_rollbacks})")
+        return point.step
 
     def log_step(self, step: int, alum_on: bool) -> None:
         self.steps.flush(step, alum_on=alum_on, engine=self.engine,
                          skipped_total=self.objective.skipped_total,
                          extra=lambda r, steps, seconds: self.throughput(alum_on, steps, seconds))
+
+    def guard_values(self) -> dict[str, Any]:
+        return {"skipped_steps_total": self.guard.skipped_total} if self.guard.cfg.enabled else {}
 
     def throughput(self, alum_on: bool, steps: int, seconds: float) -> dict[str, Any]:
         """Tokens/s, MFU, the stream's position and peak memory of a logging window."""
@@ -459,12 +591,14 @@ class Loop:
             for line in self.stream.new_epochs(self._logged_consumed):
                 self.log.message(f"{line} (by sequence {self.stream.state.consumed:,} of the mixture)")
         self._logged_consumed = self.stream.state.consumed
+        values.update(self.guard_values())
         return values
 
     def preempt(self, step: int) -> None:
-        self.save(step)
-        self.log.message(f"stopped by signal after saving step {step}; rerun to resume "
-                         f"(exit code {EXIT_PREEMPTED})")
+        root = C.checkpoint_dir(self.plan.run_dir)
+        saved = self.save(step) and C.read_latest(root) == C.tag_for(step)
+        self.log.message(f"stopped by signal after {'saving' if saved else 'not saving'} step {step}; "
+                         f"rerun to resume (exit code {EXIT_PREEMPTED})")
         raise Preempted()
 
     def stop(self, step: int) -> Path:
@@ -476,7 +610,6 @@ class Loop:
     def finish(self, step: int) -> Path:
         """The end of the run: the last save, the final evaluation, the summary and showcase."""
         cfg, last = self.cfg, self.plan.last_step
-        self.save(step)  # a no-op where `latest` already names this step
         if cfg.schedule.max_tokens and last < cfg.schedule.steps:
             self.log.message(f"token budget of {cfg.schedule.max_tokens:,} reached at step {last}")
         ev = self.validator.run(step)
@@ -486,15 +619,35 @@ class Loop:
         self.log.message(f"run folder: {self.plan.run_dir.resolve()}")
         return self.plan.run_dir
 
-    def save(self, step: int) -> None:
+    def save(self, step: int) -> bool:
+        """Save step ``step`` (a no-op where `latest` already names it) if the model is finite and
+        the recent loss healthy. Settles the guard's pending step first (one all-reduce, with the
+        finiteness of every rank's parameters); False, nothing saved, when that step triggers the
+        divergence policy."""
         cfg, stream, b = self.cfg, self.stream, self.batching
+        if self.guard.cfg.enabled:
+            reduced = D.all_reduce(torch.cat([self.guard.payload(),
+                                              G.params_finite(self.engine.module).to(self.device)]),
+                                   "sum").tolist()
+            verdict = self.guard.judge(reduced[:2])
+            self.report(verdict)
+            if verdict is not None and verdict.trigger:
+                return False
+            why = self.guard.healthy() or ("" if reduced[2] >= self.world
+                                           else "the model has non-finite parameters")
+            if why:
+                latest = C.read_latest(C.checkpoint_dir(self.plan.run_dir))
+                self.log.message(f"guard: step {step} not saved: {why}; checkpoints/latest stays "
+                                 f"{latest or 'unset'}")
+                return True
         state = {"step": step, "world_size": self.world, "zero_stage": self.plan.ds.zero_stage,
                  "global_batch": b.global_batch, "micro_batch_size": b.micro_batch,
                  "grad_accum": b.accum, "stream": stream.state_dict(),
                  "consumed_tokens": stream.state.consumed * cfg.data.seq_len,
                  "config_hash": cfg.fingerprint(), "config": cfg.to_dict(), "model_shape": self.shape,
-                 "data_dir": str(self.data_dir.resolve())}
+                 "data_dir": str(self.data_dir.resolve()), "guard": self.guard.state_dict()}
         C.save(self.engine, self.plan.run_dir, step, state, cfg.checkpoint.keep)
+        return True
 
 
 def _check_run_dir(run_dir: Path, cfg: RunConfig) -> None:
