@@ -561,13 +561,13 @@ def validate(cfg: Config) -> None:
     """Raise ConfigError (one line, naming the key) for the first value a section refuses."""
     for name in _field_types(type(cfg)):
         sec = getattr(cfg, name)
-        _check_finite(name, sec)
         for key, choices in sec.CHOICES.items():
             if getattr(sec, key) not in choices:
                 raise ConfigError(f"{name}.{key}: {getattr(sec, key)!r} is not one of {', '.join(choices)}")
         for key, ok, msg in sec.checks():
             if not ok:
                 raise ConfigError(f"{key}: {msg}")
+        _check_finite(name, sec)  # after the section's own checks: theirs name the range
 
 
 class DuplicateKeyError(ValueError):
