@@ -226,6 +226,29 @@ def surviving_radius(h: torch.Tensor, norm: str = "linf") -> float:
     return math.ceil(r / 10**exp) * 10**exp
 
 
+def _lost_perturbation(h: torch.Tensor, delta: torch.Tensor, frac: float, cfg: AlumConfig) -> str:
+    """The precision guard's message. In fp16/bf16 it names a radius the dtype keeps. In fp32 (or
+    with non-finite values) the dtype is not the cause: the embedding output has grown so large
+    that any ordinary radius rounds away, which is what a diverged run looks like."""
+    dtype = str(h.dtype).removeprefix("torch.")
+    lost = (f"only {frac:.0%} of the ALUM perturbation reaches the encoder (alum.eta={cfg.eta:g}, "
+            f"alum.epsilon={cfg.epsilon:g})")
+    hd = h.detach()
+    if not (bool(torch.isfinite(hd).all()) and bool(torch.isfinite(delta.detach()).all())):
+        return (f"{lost}: the embedding output or the perturbation is not finite, so the run has "
+                "diverged (it is not the perturbation's precision): lower optim.lr, or resume from "
+                "an earlier checkpoint")
+    r = surviving_radius(h, cfg.norm)
+    if r > 0:
+        return (f"ALUM perturbation does not survive {dtype}: {lost}. Use a radius of at least "
+                f"{r:g} (--alum.eta={r:g} --alum.epsilon={r:g}) or train in fp32")
+    big = float(hd.float().abs().max())
+    return (f"{lost} in {dtype}: the embedding output reaches |h| = {big:.3g}, so the step rounds "
+            f"away; with activations that large the run has diverged (lower optim.lr, or resume "
+            f"from an earlier checkpoint), else raise alum.eta and alum.epsilon above "
+            f"{big * float(torch.finfo(h.dtype).eps):.1g}")
+
+
 def init_delta(h: torch.Tensor, sigma: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """The initial perturbation delta_0 ~ N(0, sigma^2), fp32, shaped like ``h``."""
     return torch.randn(h.shape, dtype=torch.float32, device=h.device, generator=generator) * sigma
@@ -355,13 +378,7 @@ def adversarial_loss(
     ascent_ok, loss_ok, frac_v = torch.stack(
         [ok.to(frac.dtype), torch.isfinite(loss.detach()).to(frac.dtype), frac]).tolist()
     if ascent_ok and frac_v < cfg.min_surviving_fraction:
-        r = surviving_radius(h, cfg.norm)
-        raise PrecisionError(
-            f"ALUM perturbation does not survive {str(h.dtype).removeprefix('torch.')}: only "
-            f"{frac_v:.0%} of it reaches the encoder (alum.eta={cfg.eta:g}, "
-            f"alum.epsilon={cfg.epsilon:g}). Use a radius of at least {r:g} "
-            f"(--alum.eta={r:g} --alum.epsilon={r:g}) or train in fp32"
-        )
+        raise PrecisionError(_lost_perturbation(h, delta, frac_v, cfg))
     skipped = not (ascent_ok and loss_ok)
     zero = torch.zeros((), device=h.device)
     if any_rank(skipped):

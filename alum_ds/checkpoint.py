@@ -110,7 +110,29 @@ def read_state(tag_dir: Path) -> dict[str, Any] | None:
         raise ConfigError(f"checkpoint {tag_dir}: {STATE_FILE} is not valid JSON") from None
     if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
         raise ConfigError(f"checkpoint {tag_dir}: {STATE_FILE} has an unknown format")
+    problem = _state_problem(state)
+    if problem:
+        raise ConfigError(f"checkpoint {tag_dir}: {STATE_FILE} is damaged ({problem}): resume from "
+                          "another checkpoint (--resume) or use a new --run.dir")
     return state
+
+
+def _state_problem(state: dict[str, Any]) -> str:
+    """What makes a checkpoint's state unusable to the resume checks, or "" (they then index it
+    without a KeyError or TypeError)."""
+    def count(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    if not (count(state.get("step")) and count(state.get("world_size")) and state["world_size"] >= 1):
+        return "step and world_size must be counts"
+    if state.get("zero_stage") not in (0, 1, 2, 3) or isinstance(state.get("zero_stage"), bool):
+        return "zero_stage must be 0-3"
+    config = state.get("config")
+    if not isinstance(config, dict) or not all(isinstance(v, dict) for v in config.values()):
+        return "config must be an object of sections"
+    if not isinstance(state.get("config_hash"), str) or not isinstance(state.get("stream"), dict):
+        return "config_hash and stream are missing"
+    return ""
 
 
 def _atomic_write(path: Path, text: str) -> None:

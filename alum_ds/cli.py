@@ -13,9 +13,12 @@ from alum_ds.config import Config, ConfigError, RunConfig, load_config
 from alum_ds.data.shards import DataError
 from alum_ds.ds_config import DEFAULT as DEFAULT_DS_CONFIG
 
+_LINE_BREAKS = {ord(c): repr(c)[1:-1] for c in "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"}
+
 
 def _fail(msg: str) -> int:
-    print(f"alum-ds: error: {msg}", file=sys.stderr)
+    # One line even when the message quotes a key or path holding a line break.
+    print(f"alum-ds: error: {msg.translate(_LINE_BREAKS)}", file=sys.stderr)
     return 2
 
 
@@ -96,11 +99,14 @@ def train_main(argv: list[str] | None = None, prog: str = "alum-ds train") -> in
                     "config (e.g. --schedule.steps=1000 --alum.alpha=1).")
     p.add_argument("--resume", default="", help="checkpoint folder to resume from "
                    "(default: the run folder's latest, if any)")
+    p.add_argument("--check", action="store_true", help="check the config, the DeepSpeed JSON, the "
+                   "run folder, its checkpoint and the data folder as the run would, say what it "
+                   "would do and exit without writing anything")
 
     def start(cfg: Config, args: argparse.Namespace) -> None:
         from alum_ds.trainer import train
 
-        train(cfg, args.ds_config, resume=args.resume)
+        train(cfg, args.ds_config, resume=args.resume, check=args.check)
 
     return _run(list(sys.argv[1:] if argv is None else argv), p, RunConfig, start)
 
@@ -158,15 +164,16 @@ def prepare_main(argv: list[str]) -> int:
     p.add_argument("--verify", metavar="DIR", help="check a prepared folder fully and exit")
     a = p.parse_args(argv)
     from alum_ds.data.encoding import default_workers
-    from alum_ds.data.prepare import prepare_inputs
-    from alum_ds.data.shards import verify_folder
+    from alum_ds.data.prepare import prepare_inputs, verify
 
     try:
         if a.verify:
-            print(json.dumps(verify_folder(a.verify), indent=2))
+            print(json.dumps(verify(a.verify), indent=2))
             return 0
         if not a.inputs or not a.out:
             return _fail("prepare needs INPUT... and --out DIR (or --verify DIR)")
+        if not 0 < a.val_fraction < 1:  # training evaluates on the validation split
+            return _fail(f"--val-fraction {a.val_fraction}: expected a fraction above 0 and below 1")
         # Checked before any work: a bad count must not surface after the tokenizer is learned.
         try:
             workers = default_workers() if a.workers is None else a.workers

@@ -26,6 +26,15 @@ from typing import Any, ClassVar
 
 Check = tuple[str, bool, str]
 
+SEED_LIMIT = 2**63
+"""Seeds feed torch.manual_seed and numpy's generators: non-negative and below 2**63 for both."""
+FLOAT_LIMIT = 3.4028234663852886e38
+"""fp32's largest finite value: every float setting reaches fp32 tensors (a larger one is inf)."""
+
+
+def seed_check(key: str, seed: int) -> Check:
+    return (key, 0 <= seed < SEED_LIMIT, "must be an integer in [0, 2**63)")
+
 
 class ConfigError(ValueError):
     """A bad config value or file; the message is one line and names the key."""
@@ -49,6 +58,10 @@ class RunBase(Section):
     seed: int = 42
     """Seeds model initialisation, dropout and the perturbation noise."""
 
+    def checks(self) -> list[Check]:
+        return [("run.dir", bool(self.dir), "is empty: name the run folder (e.g. runs/my_run)"),
+                seed_check("run.seed", self.seed)]
+
 
 @dataclass
 class RunSection(RunBase):
@@ -64,7 +77,7 @@ class RunSection(RunBase):
     scratch with its config would."""
 
     def checks(self) -> list[Check]:
-        return [("run.stop_after", self.stop_after >= 0, "must be >= 0")]
+        return [*super().checks(), ("run.stop_after", self.stop_after >= 0, "must be >= 0")]
 
 
 @dataclass
@@ -158,6 +171,7 @@ class DataConfig(Section):
         return [("data.sources", not (self.sources and self.dir),
                  "give either data.dir (one folder) or data.sources (a mixture), not both"),
                 ("data.seq_len", self.seq_len >= 8, "must be at least 8"),
+                seed_check("data.seed", self.seed),
                 ("data.vocab_size", self.vocab_size >= 300, "must be at least 300 (256 bytes + specials)")]
 
 
@@ -277,6 +291,9 @@ class OptimConfig(Section):
 
     def checks(self) -> list[Check]:
         return [("optim.lr", self.lr > 0, "must be > 0"),
+                ("optim.weight_decay", self.weight_decay >= 0, "must be >= 0"),
+                ("optim.betas", all(0 <= b < 1 for b in self.betas), "must be two numbers in [0, 1)"),
+                ("optim.eps", self.eps > 0, "must be > 0"),
                 ("optim.grad_clip", self.grad_clip >= 0, "must be >= 0")]
 
 
@@ -557,6 +574,21 @@ def _clear_alternatives(cfg: Config, explicit: set[str]) -> None:
                 setattr(sec, key, type(getattr(sec, key))())  # 0 / 0.0 / "" / False
 
 
+def _check_finite(name: str, sec: Section) -> None:
+    """Every float setting, alone or in a tuple/list: finite and within fp32's range (an ``inf``
+    learning rate passed ``> 0`` and trained NaNs; ``1e300`` becomes inf in the step's tensors);
+    every integer within int64 (numpy and torch take no more)."""
+    for key in _field_types(type(sec)):
+        value = getattr(sec, key)
+        values = value if isinstance(value, (tuple, list)) else (value,)
+        for v in values:
+            if isinstance(v, float) and not (math.isfinite(v) and abs(v) <= FLOAT_LIMIT):
+                raise ConfigError(f"{name}.{key}: {v!r} is not a finite number within fp32's range "
+                                  f"(|x| <= {FLOAT_LIMIT:.3g})")
+            if isinstance(v, int) and not isinstance(v, bool) and not -SEED_LIMIT <= v < SEED_LIMIT:
+                raise ConfigError(f"{name}.{key}: {v} is outside the 64-bit integer range")
+
+
 def validate(cfg: Config) -> None:
     """Raise ConfigError (one line, naming the key) for the first value a section refuses."""
     for name in _field_types(type(cfg)):
@@ -567,6 +599,26 @@ def validate(cfg: Config) -> None:
         for key, ok, msg in sec.checks():
             if not ok:
                 raise ConfigError(f"{key}: {msg}")
+        _check_finite(name, sec)  # after the section's own checks: theirs name the range
+
+
+class DuplicateKeyError(ValueError):
+    """A JSON object names one key twice (``json`` keeps the last silently)."""
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise DuplicateKeyError(key)
+        out[key] = value
+    return out
+
+
+def loads_json(text: str) -> Any:
+    """``json.loads`` that refuses a key given twice in one object (DuplicateKeyError, a
+    ValueError naming the key): the last one would otherwise win without a word."""
+    return json.loads(text, object_pairs_hook=_no_duplicates)
 
 
 def read_config_file(path: str) -> dict[str, dict[str, Any]]:
@@ -576,13 +628,16 @@ def read_config_file(path: str) -> dict[str, dict[str, Any]]:
         raise ConfigError(f"config file {path} not found")
     try:
         if p.suffix == ".json":
-            data = json.loads(p.read_text())
+            data = loads_json(p.read_text())
         elif tomllib is None:
             raise ConfigError(f"config file {path}: TOML needs Python 3.11+, use JSON")
         else:
             data = tomllib.loads(p.read_text())
     except ConfigError:
         raise
+    except DuplicateKeyError as e:
+        raise ConfigError(f"config file {path} gives the key {e.args[0]!r} twice in one table: "
+                          "keep one (the last would win silently)") from None
     except (ValueError, UnicodeDecodeError) as e:  # JSON and TOML decode errors are ValueErrors
         raise ConfigError(f"config file {path} is malformed: {e}") from None
     if not isinstance(data, dict):

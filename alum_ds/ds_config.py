@@ -17,11 +17,12 @@ import copy
 import dataclasses
 import json
 import os
+from collections.abc import KeysView
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
-from alum_ds.config import Batching, ConfigError, RunConfig
+from alum_ds.config import Batching, ConfigError, DuplicateKeyError, RunConfig, loads_json
 
 if TYPE_CHECKING:  # fine-tuning's config builds on this package's; a name for the hints only
     from alum_ds.finetune.config import FinetuneConfig
@@ -66,7 +67,10 @@ def read_ds_json(path: str, file: Path | None = None) -> dict[str, Any]:
     ``resolve_ds_path``); missing or malformed files raise a one-line ConfigError."""
     p = file or resolve_ds_path(path)
     try:
-        data = json.loads(p.read_text())
+        data = loads_json(p.read_text())
+    except DuplicateKeyError as e:
+        raise ConfigError(f"DeepSpeed config {path} gives the key {e.args[0]!r} twice in one "
+                          "object: keep one (the last would win silently)") from None
     except json.JSONDecodeError as e:
         raise ConfigError(
             f"DeepSpeed config {path} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}"
@@ -143,7 +147,7 @@ def resolve_ds_config(path: str, cfg: AnyConfig, batching: Batching, *, bf16_sup
     if not isinstance(zero, dict):
         raise ConfigError(f"DeepSpeed config {path}: zero_optimization must be an object")
     stage = zero.get("stage", 0)
-    if stage not in (0, 1, 2, 3):
+    if isinstance(stage, bool) or stage not in (0, 1, 2, 3):  # True == 1: not a stage
         raise ConfigError(f"DeepSpeed config {path}: zero_optimization.stage must be 0-3, got {stage!r}")
 
     b = batching
@@ -159,9 +163,9 @@ def resolve_ds_config(path: str, cfg: AnyConfig, batching: Batching, *, bf16_sup
     ds["train_batch_size"] = b.global_batch
 
     for name in ("bf16", "fp16"):
-        sec = ds.get(name)
-        if sec is None:
+        if name not in ds:
             continue
+        sec = ds[name]
         if not isinstance(sec, dict) or "enabled" not in sec:
             raise ConfigError(f"DeepSpeed config {path}: {name} must be an object with 'enabled'")
         if sec["enabled"] == "auto":
@@ -183,7 +187,95 @@ def resolve_ds_config(path: str, cfg: AnyConfig, batching: Batching, *, bf16_sup
     # Step logging is ours (metrics); DeepSpeed's own per-step prints would interleave with it.
     ds.setdefault("steps_per_print", 1 << 30)
     compile_setting(ds)
+    check_with_deepspeed(ds, path)
     return ds
+
+
+OWN_KEYS = ("torch_compile",)
+"""Top-level keys of the JSON that alum_ds reads and DeepSpeed does not."""
+
+
+class _ReadKeys(dict):
+    """A dict that records which keys are asked for, by lookup or membership test (also through
+    ``keys()``): the keys DeepSpeed's config reader knows are the ones it asks for."""
+
+    def __init__(self, *args: Any, seen: set[str] | None = None) -> None:
+        super().__init__(*args)
+        self.seen: set[str] = set() if seen is None else seen
+
+    def __getitem__(self, key: Any) -> Any:
+        self.seen.add(key)
+        return super().__getitem__(key)
+
+    def __contains__(self, key: object) -> bool:
+        self.seen.add(key)  # type: ignore[arg-type]
+        return super().__contains__(key)
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        self.seen.add(key)
+        return super().get(key, default)
+
+    def pop(self, key: Any, *default: Any) -> Any:
+        self.seen.add(key)
+        return super().pop(key, *default)
+
+    def setdefault(self, key: Any, default: Any = None) -> Any:
+        self.seen.add(key)
+        return super().setdefault(key, default)
+
+    def keys(self) -> KeysView[Any]:
+        return KeysView(self)  # its membership test goes through __contains__
+
+    def __copy__(self) -> _ReadKeys:
+        return _ReadKeys(self, seen=self.seen)
+
+
+def check_with_deepspeed(ds: dict[str, Any], path: str) -> None:
+    """Refuse, as a one-line ConfigError, what DeepSpeed's own config classes refuse (an unknown
+    key inside ``zero_optimization``, a negative bucket size, a bad offload device...) and
+    top-level keys DeepSpeed does not read, before any process group: ``deepspeed.initialize``
+    would raise them as a traceback, and an unknown top-level key it ignores (a misspelt
+    ``"zero_optimisation"`` trains without ZeRO). The schema is DeepSpeed's: its pydantic models
+    validate, and the keys it knows are those its config reader asks for."""
+    import pydantic
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    # train_batch_size is checked against the world size above; DeepSpeed's reader, without a
+    # process group, would check it against one rank.
+    candidate = _ReadKeys({k: copy.deepcopy(v) for k, v in ds.items()
+                           if k not in OWN_KEYS and k != "train_batch_size"})
+    try:
+        DeepSpeedConfig(candidate)
+    except pydantic.ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"])
+        where = _section_of(ds, err["loc"]) or e.title
+        raise ConfigError(f"DeepSpeed config {path}: {where}.{loc} is refused by DeepSpeed: "
+                          f"{err['msg']} (got {err.get('input')!r:.60})") from None
+    except (ValueError, TypeError, KeyError, AssertionError, AttributeError) as e:
+        msg = " ".join(str(e).split()) or type(e).__name__
+        raise ConfigError(f"DeepSpeed config {path} is refused by DeepSpeed: {msg:.300}") from None
+    unknown = sorted(k for k in candidate if k not in candidate.seen)
+    if unknown:
+        import difflib
+
+        near = difflib.get_close_matches(unknown[0], sorted(candidate.seen | set(OWN_KEYS)), n=1)
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        raise ConfigError(f"DeepSpeed config {path}: unknown key {unknown[0]!r}{hint}: DeepSpeed "
+                          "does not read it; remove it or fix its spelling")
+
+
+def _section_of(ds: dict[str, Any], loc: tuple[Any, ...]) -> str:
+    """The top-level key under which the path ``loc`` of a validation error lies, if one does."""
+    for key, value in ds.items():
+        node: Any = value
+        for part in loc:
+            if not isinstance(node, dict) or part not in node:
+                break
+            node = node[part]
+        else:
+            return key
+    return ""
 
 
 def precision_of(ds: dict[str, Any]) -> str:

@@ -31,7 +31,7 @@ from alum_ds.config import AlumConfig, Batching, ConfigError, RunConfig, batchin
 from alum_ds.data import integrity, mixture
 from alum_ds.data.prepare import ensure_embedded
 from alum_ds.data.shards import DataError, check_vocab, read_manifest, sha256_file
-from alum_ds.data.stream import TrainStream
+from alum_ds.data.stream import TrainStream, check_splits
 from alum_ds.ds_config import DsPlan, plan_ds
 from alum_ds.evaluation import MixtureValidator, Validator, show_fill_mask
 from alum_ds.model import PADDED_VOCAB_ROWS, build_model, non_embedding_params
@@ -143,6 +143,8 @@ def plan_run(cfg: RunConfig, ds_path: str, *, resume: str, world: int, on_gpu: b
     cannot divide, a checkpoint of another config or model shape, a missing optional package."""
     run_dir = Path(cfg.run.dir)
     _check_run_dir(run_dir, cfg)
+    if cfg.data.dir:  # the embedded default is prepared later, by the ranks
+        check_splits(cfg.data.dir, cfg.data.seq_len)
     batching = batching_for(cfg, world)
     ds = plan_ds(ds_path, cfg, batching, bf16_supported=bf16_supported, on_gpu=on_gpu)
     G.check_ds(ds.config, cfg.guard)
@@ -194,11 +196,18 @@ def _alum_words(alum: AlumConfig, total: int) -> str:
     return "ALUM on" if start == 0 else f"plain MLM to step {start}, then ALUM (of {total} steps)"
 
 
-def train(cfg: RunConfig, ds_path: str, *, resume: str = "") -> Path:
-    """Run (or continue) training; return the run folder."""
+def train(cfg: RunConfig, ds_path: str, *, resume: str = "", check: bool = False) -> Path:
+    """Run (or continue) training; return the run folder. ``check``: only plan the run (every
+    refusal that needs no process group, model or engine), say what it would do, write nothing."""
     dev = R.detect()
     plan = plan_run(cfg, ds_path, resume=resume, world=int(os.environ.get("WORLD_SIZE", "1")),
                     on_gpu=dev.on_gpu, bf16_supported=dev.bf16_supported)
+    if check:
+        start = f"resumes at step {plan.point.step}" if plan.point else "a new run"
+        print(f"alum-ds: check passed: run folder {plan.run_dir} ({start}), ZeRO-{plan.ds.zero_stage}, "
+              f"{plan.ds.precision}, global batch {plan.batching.global_batch}, {plan.last_step} steps, "
+              f"{_alum_words(cfg.alum, plan.last_step)}; nothing was written")
+        return plan.run_dir
     data = Pretraining(cfg, plan)
 
     def ds_plan(rt: R.Runtime) -> DsPlan:
@@ -646,17 +655,33 @@ class Loop:
 
 
 def _check_run_dir(run_dir: Path, cfg: RunConfig) -> None:
+    """A run folder this run may write: a folder (or one it can create), of no other run."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run.dir {run_dir} is a file, not a folder: choose another --run.dir")
+    parent = next(p for p in (run_dir.absolute(), *run_dir.absolute().parents) if p.exists())
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        what = "not a folder" if not parent.is_dir() else "not writable"
+        raise ConfigError(f"run.dir {run_dir}: {parent} is {what}, so the run folder cannot be "
+                          "written there: choose another --run.dir")
     resolved = run_dir / "config.resolved.json"
-    if resolved.is_file():
-        try:
-            old = json.loads(resolved.read_text()).get("config_hash")
-        except json.JSONDecodeError:
-            old = None
-        if old is not None and old != cfg.fingerprint():
-            raise ConfigError(
-                f"run folder {run_dir} holds another run (config hash {old}, this run "
-                f"{cfg.fingerprint()}): choose another --run.dir; nothing was changed"
-            )
+    if not (resolved.exists() or resolved.is_symlink()):
+        return
+    try:
+        old = json.loads(resolved.read_text()).get("config_hash")
+        damage = "" if isinstance(old, str) and old else "no config_hash"
+    except (OSError, ValueError, AttributeError) as e:  # unreadable, not UTF-8 or JSON, not an object
+        damage = type(e).__name__
+    if damage:
+        raise ConfigError(
+            f"run folder {run_dir}: {resolved.name} is damaged ({damage}), so the run the folder "
+            f"holds is unknown: choose another --run.dir, or delete {resolved} if the folder holds "
+            "this run's config; nothing was changed"
+        )
+    if old != cfg.fingerprint():
+        raise ConfigError(
+            f"run folder {run_dir} holds another run (config hash {old}, this run "
+            f"{cfg.fingerprint()}): choose another --run.dir; nothing was changed"
+        )
 
 
 def _write_resolved(run_dir: Path, cfg: RunConfig, ds: dict, data_dir: Path,

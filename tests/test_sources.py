@@ -25,9 +25,9 @@ def test_crlf_text_splits_into_paragraphs(tmp_path: Path) -> None:
 def test_json_lines_split_only_at_newlines(tmp_path: Path) -> None:
     # U+2028 and U+0085 are legal unescaped in JSON strings; str.splitlines would cut there.
     src = tmp_path / "c.jsonl"
-    src.write_text('{"text": "one\u2028line"}\r\n\n{"text": "two\u0085x", "id": 2}\n{"text": 3}\n',
+    src.write_text('{"text": "one\u2028line"}\r\n\n{"text": "two\u0085x", "id": 2}\n{"text": null}\n',
                    encoding="utf-8")
-    assert list(P.read_documents([src])) == ["one\u2028line", "two\u0085x", "3"]
+    assert list(P.read_documents([src])) == ["one\u2028line", "two\u0085x"]
 
 
 def test_bad_json_lines(tmp_path: Path) -> None:
@@ -40,6 +40,13 @@ def test_bad_json_lines(tmp_path: Path) -> None:
     with pytest.raises(DataError) as e:
         _prepare([src], tmp_path / "data")
     _one_line(e, f"{src}:1", "text")
+    # A number (or list) is not the text: it became "5" and was trained on.
+    for value in ("5", "[1, 2]", "true"):
+        src.write_text('{"text": "fine"}\n{"text": ' + value + '}\n')
+        with pytest.raises(DataError) as e:
+            _prepare([src], tmp_path / "data")
+        _one_line(e, f"{src}:2", "'text'", "--text-field")
+    assert not (tmp_path / "data" / "manifest.json").exists()
 
 
 def test_undecodable_bytes_are_replaced_and_counted(tmp_path: Path) -> None:

@@ -366,18 +366,17 @@ def prepare(
     if sum(e["tokens"] for e in state["splits"]["train"]) == 0:
         names = ", ".join(corpus.labels()[:3])
         raise S.DataError(f"{names}: the training split holds no tokens; add text or lower --val-fraction")
+    if val_fraction > 0 and sum(e["tokens"] for e in state["splits"]["validation"]) == 0:
+        # A run evaluates on it at its end: an empty one failed there, after the whole schedule.
+        names = ", ".join(corpus.labels()[:3])
+        raise S.DataError(f"{names}: the validation split holds no tokens ({n_docs} document(s) "
+                          "in all); add documents (at least two) or raise --val-fraction")
 
-    bos, eos = sequence_ids(tok)  # <s> </s>, or [CLS] [SEP] for a BERT-style tokenizer
     manifest = {
         "tokenizer": {
             "dir": "tokenizer",
             "fingerprint": S.sha256_file(out / "tokenizer" / "tokenizer.json")[:16],
-            "vocab_size": vocab,
-            "bos_id": bos,
-            "eos_id": eos,
-            "pad_id": tok.pad_token_id,
-            "mask_id": tok.mask_token_id,
-            "special_ids": sorted(set(tok.all_special_ids)),
+            **tokenizer_ids(tok),
         },
         "dtype": dtype.name,
         "splits": state["splits"],
@@ -390,6 +389,29 @@ def prepare(
     prog.message(f"wrote {sum(len(v) for v in state['splits'].values())} shard(s), {n_docs:,} "
                  f"documents, {tokens:,} tokens to {out} in {time.time() - t0:,.1f} s")
     return S.read_manifest(out)
+
+
+def tokenizer_ids(tok: Any) -> dict[str, Any]:
+    """The manifest's description of a tokenizer: its size and the ids the data path uses."""
+    bos, eos = sequence_ids(tok)  # <s> </s>, or [CLS] [SEP] for a BERT-style tokenizer
+    return {"vocab_size": len(tok), "bos_id": bos, "eos_id": eos, "pad_id": tok.pad_token_id,
+            "mask_id": tok.mask_token_id, "special_ids": sorted(set(tok.all_special_ids))}
+
+
+def verify(data_dir: str | Path) -> dict[str, Any]:
+    """``alum-ds prepare --verify``: the folder's bytes (``shards.verify_folder``) and its
+    manifest's tokenizer entries against the tokenizer itself (a manifest whose vocabulary size
+    or mask id differs from its tokenizer's would train on the wrong embedding rows or masks)."""
+    summary = S.verify_folder(data_dir)
+    d = Path(data_dir)
+    m = S.read_manifest(d)["tokenizer"]
+    tok_dir = S._safe_path(d, m["dir"], d / S.MANIFEST)  # a tokenizer outside the folder: refused
+    tok = load_tokenizer(tok_dir)
+    for key, value in tokenizer_ids(tok).items():
+        if m.get(key) != value:
+            raise S.DataError(f"{d / S.MANIFEST}: tokenizer.{key} is {m.get(key)!r}, its tokenizer "
+                              f"{tok_dir} has {value!r}: rerun `alum-ds prepare` for {d}")
+    return summary
 
 
 EncodeMap = Callable[[Iterator[tuple[Chunk | None, list[str]]]], Iterator[tuple[Chunk | None, Batch]]]

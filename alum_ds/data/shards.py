@@ -94,7 +94,59 @@ def read_manifest(data_dir: str | Path) -> dict[str, Any]:
             f"{path} has format version {m.get('version')}, this alum_ds reads version "
             f"{VERSION}: prepare the data again with this version"
         )
+    problem = _manifest_problem(m)
+    if problem:
+        raise DataError(f"{path} is damaged: {problem}; rerun `alum-ds prepare` for {d}")
     return m
+
+
+_ENTRY_COUNTS = ("tokens", "documents", "bytes")
+_ENTRY_TEXTS = ("name", "sha256", "index_sha256")
+_TOKEN_IDS = ("bos_id", "eos_id", "pad_id", "mask_id")
+
+
+def _count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _manifest_problem(m: dict[str, Any]) -> str:
+    """What makes a manifest unusable (a missing key, a value of the wrong type or out of range),
+    or "": every reader of a manifest may then index it without a KeyError or TypeError."""
+    if m.get("dtype") not in ("uint16", "uint32"):
+        return f"dtype {m.get('dtype')!r} is not uint16 or uint32"
+    tok = m.get("tokenizer")
+    if not isinstance(tok, dict):
+        return "it has no tokenizer object"
+    vocab = tok.get("vocab_size")
+    if not _count(vocab) or vocab == 0 or vocab > np.iinfo(m["dtype"]).max + 1:
+        return f"tokenizer.vocab_size {vocab!r} is not a vocabulary size its dtype {m['dtype']} holds"
+    for key in ("dir", "fingerprint"):
+        if not isinstance(tok.get(key), str) or not tok[key]:
+            return f"tokenizer.{key} {tok.get(key)!r} is not a string"
+    for key, v in ((k, tok.get(k)) for k in _TOKEN_IDS):
+        if not _count(v) or v >= vocab:
+            return f"tokenizer.{key} {v!r} is not a token id below vocab_size {vocab}"
+    special = tok.get("special_ids")
+    if not isinstance(special, list) or not all(_count(v) and v < vocab for v in special):
+        return "tokenizer.special_ids is not a list of token ids below vocab_size"
+    splits = m.get("splits")
+    if not isinstance(splits, dict) or not all(isinstance(splits.get(s), list)
+                                               for s in ("train", "validation")):
+        return "splits must hold a list of shards for train and for validation"
+    for split, entries in splits.items():
+        if not isinstance(entries, list):
+            return f"splits.{split} is not a list of shards"
+        for i, e in enumerate(entries):
+            where = f"splits.{split}[{i}]"
+            if not isinstance(e, dict):
+                return f"{where} is not an object"
+            for key in _ENTRY_COUNTS:
+                if not _count(e.get(key)):
+                    return f"{where}.{key} {e.get(key)!r} is not a count"
+            for key in _ENTRY_TEXTS:
+                if not isinstance(e.get(key), str) or not e[key]:
+                    return f"{where}.{key} {e.get(key)!r} is not a string"
+    return ""
 
 
 def _safe_path(data_dir: Path, name: str, manifest_path: Path) -> Path:

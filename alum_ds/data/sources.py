@@ -161,9 +161,14 @@ class TextFile(Source):
             if not isinstance(obj, dict) or self.json_field not in obj:
                 raise DataError(f"{self.path}:{n} has no {self.json_field!r} field (use --text-field)")
             value = obj[self.json_field]
-            text_value = value if isinstance(value, str) else ("" if value is None else str(value))
-            if text_value.strip():
-                docs.append(text_value)
+            if value is None:  # a missing text, as an empty one
+                continue
+            if not isinstance(value, str):  # a number or list is not the text (5 became "5")
+                raise DataError(f"{self.path}:{n}: field {self.json_field!r} holds "
+                                f"{type(value).__name__} {json.dumps(value)[:40]}, not text "
+                                "(choose the text field with --text-field)")
+            if value.strip():
+                docs.append(value)
         return docs, replaced
 
 

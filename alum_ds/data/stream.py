@@ -24,6 +24,28 @@ from alum_ds.data.masking import mask_batch, word_start_table
 from alum_ds.data.shards import DataError, open_split, read_manifest
 
 
+def split_sequences(manifest: dict, split: str, seq_len: int) -> int:
+    """Packed sequences of ``seq_len`` in ``split``, from the manifest's counts alone (each
+    document adds one </s>): what ``PackedSequences`` will find."""
+    entries = manifest["splits"].get(split, [])
+    return sum(int(e["tokens"]) + int(e["documents"]) for e in entries) // max(1, seq_len - 2)
+
+
+def check_splits(data_dir: str | Path, seq_len: int) -> None:
+    """Refuse, before a run starts, a data folder whose training or validation split holds no
+    sequence of ``seq_len`` (the run evaluates on the validation split at its end: an empty one
+    failed there, after the whole schedule)."""
+    m = read_manifest(data_dir)
+    for split, fix in (("train", "add text"), ("validation", "prepare it again with more text or "
+                                                             "a larger --val-fraction")):
+        if split_sequences(m, split, seq_len) == 0:
+            entries = m["splits"].get(split, [])
+            tokens = sum(int(e["tokens"]) for e in entries)
+            docs = sum(int(e["documents"]) for e in entries)
+            raise DataError(f"{data_dir}: the {split} split holds {docs} documents ({tokens} tokens), "
+                            f"not one sequence of data.seq_len={seq_len}: {fix}, or lower data.seq_len")
+
+
 class PackedSequences:
     """Random access to the packed sequences of one split, reading shards by memory map."""
 
