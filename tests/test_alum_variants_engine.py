@@ -53,8 +53,14 @@ def runs(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
     assert r.returncode == 0, (r.stdout + r.stderr)[-6000:]
     # The 2-rank checkpoint at step 4 resumed on one rank (a plain process: `alum-ds train`'s
     # one-rank world), once as saved and once with the table file removed.
+    # The table-less copy stands for a checkpoint written without one (its file record without
+    # the entry), not a damaged one: a recorded file that is missing is refused.
     shutil.copytree(base / "ranks", base / "ranks_notable")
-    (base / "ranks_notable" / "checkpoints" / "step00000004" / "alum_objective.safetensors").unlink()
+    tag = base / "ranks_notable" / "checkpoints" / "step00000004"
+    (tag / "alum_objective.safetensors").unlink()
+    state = json.loads((tag / "alum_state.json").read_text())
+    del state["files"]["alum_objective.safetensors"]
+    (tag / "alum_state.json").write_text(json.dumps(state))
     spec1 = base / "spec1.json"
     spec1.write_text(json.dumps({"runs": [
         [str(base / name), str(ROOT / "ds_configs" / "zero2.json"),
