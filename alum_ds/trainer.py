@@ -412,7 +412,7 @@ class Loop:
         self.save(step)  # a no-op where `latest` already names this step
         if cfg.schedule.max_tokens and last < cfg.schedule.steps:
             self.log.message(f"token budget of {cfg.schedule.max_tokens:,} reached at step {last}")
-        ev = self.validator.run(step)
+        ev = self.validator.run(step, final=True)
         _write_summary(self.plan.run_dir, self.rank, step, ev, self.engine)
         if cfg.eval.fill_mask and self.rank == 0:
             show_fill_mask(self.plan.run_dir, self.data_dir, cfg, self.log)
