@@ -118,13 +118,15 @@ def _resume_line(plan: Plan) -> str:
 
 
 def _memory_lines(mem: Memory) -> list[str]:
-    g = lambda x: f"{x / GIB:.2f} GiB"  # noqa: E731
+    def g(x: float) -> str:
+        return f"{x / GIB:.2f} GiB" if x >= GIB / 10 else f"{x / (1 << 20):.1f} MiB"
+
     out = [f"memory per rank (estimate): {g(mem.total)} = parameters {g(mem.params)} + gradients "
            f"{g(mem.grads)} + optimizer state {g(mem.optimizer)} + activations {g(mem.activations)}"]
     if mem.offloaded:
         out.append(f"  offloaded to host memory: {g(mem.offloaded)} per rank")
-    out.append("  (the process itself, Python, torch and DeepSpeed, adds about 1 GiB on a CPU rank; "
-               "measured against bench/results/scale.json in docs/training.md#planning-a-run)")
+    out.append("  (model states and activations only: a CPU rank's own Python, torch and DeepSpeed "
+               "add about 1 GiB, 1-2.7 GiB in all against measured peaks; docs/training.md)")
     return out
 
 

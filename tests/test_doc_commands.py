@@ -3,7 +3,7 @@
 What is checked, command by command (all in this process, in a temporary folder holding links to
 ``ds_configs/``, ``recipes/`` and ``launch/``):
 
-- pretraining (``alum-ds train``, ``deepspeed [launcher options] launch/pretrain.py``,
+- pretraining (``alum-ds train`` and ``alum-ds plan``, ``deepspeed [launcher options] launch/pretrain.py``,
   ``python launch/pretrain.py``, ``sbatch ... launch/slurm/pretrain.sbatch``): ``alum-ds plan``
   with the same arguments succeeds. A command whose DeepSpeed JSON is fp16 or whose recipe is a
   ``*_gpu`` one is planned ``--device=gpu`` (with the world ``sbatch --nodes x --gpus-per-node``
@@ -83,7 +83,8 @@ def _plan(words: list[str], tmp: Path, capsys: pytest.CaptureFixture) -> None:
             folder = tmp / a.split("=", 1)[1]
             folder.mkdir(parents=True, exist_ok=True)
             (folder / "config.json").write_text(json.dumps(TINY_ROBERTA))
-    extra = [f"--device={'gpu' if gpu else 'here'}"] + ([f"--world={world}"] if world else [])
+    extra = [] if words[:2] == ["alum-ds", "plan"] else (
+        [f"--device={'gpu' if gpu else 'here'}"] + ([f"--world={world}"] if world else []))
     code = cli.main(["plan", *args, *extra])
     out, err = capsys.readouterr()
     if code == 0:
@@ -143,7 +144,7 @@ def _check(words: list[str], tmp: Path, capsys: pytest.CaptureFixture,
     line = " ".join(words)
     if head in NOT_OURS:
         return
-    if "pretrain.py" in line or "pretrain.sbatch" in line or words[:2] == ["alum-ds", "train"]:
+    if "pretrain.py" in line or "pretrain.sbatch" in line or words[:2] in (["alum-ds", "train"], ["alum-ds", "plan"]):
         return _plan(words, tmp, capsys)
     if "launch/finetune.py" in line or words[:2] == ["alum-ds", "finetune"]:
         return _finetune(words)
