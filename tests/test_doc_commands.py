@@ -144,7 +144,8 @@ def _check(words: list[str], tmp: Path, capsys: pytest.CaptureFixture,
     line = " ".join(words)
     if head in NOT_OURS:
         return
-    if "pretrain.py" in line or "pretrain.sbatch" in line or words[:2] in (["alum-ds", "train"], ["alum-ds", "plan"]):
+    if ("pretrain.py" in line or "pretrain.sbatch" in line
+            or words[:2] in (["alum-ds", "train"], ["alum-ds", "plan"])):
         return _plan(words, tmp, capsys)
     if "launch/finetune.py" in line or words[:2] == ["alum-ds", "finetune"]:
         return _finetune(words)
