@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from datetime import timedelta
+from typing import Any
 
 import torch
 
@@ -114,3 +115,15 @@ def any_rank_fn(device: torch.device):
         return bool(all_reduce(t, "max").item() > 0)
 
     return any_rank
+
+
+def zero3_partitioned(module: torch.nn.Module) -> bool:
+    """Whether ZeRO-3 has partitioned ``module``'s parameters (DeepSpeed tags each with ``ds_id``)."""
+    return any(hasattr(p, "ds_id") for p in module.parameters())
+
+
+def gathered(module: torch.nn.Module) -> Any:
+    """A context in which ``module``'s parameters are whole on every rank (a no-op below ZeRO-3)."""
+    from deepspeed import zero
+
+    return zero.GatheredParameters(list(module.parameters()), enabled=zero3_partitioned(module))

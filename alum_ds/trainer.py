@@ -455,11 +455,8 @@ def _write_resolved(run_dir: Path, cfg: RunConfig, ds: dict, data_dir: Path) -> 
 
 def _write_summary(run_dir: Path, rank: int, step: int, eval_loss: float, engine: Any) -> None:
     """Per-rank summary; the parameter checksum shows the ranks hold the same model."""
-    from deepspeed import zero
-
-    params = list(engine.module.parameters())
-    with zero.GatheredParameters(params, enabled=hasattr(params[0], "ds_id")):
-        checksum = float(sum(p.detach().double().sum() for p in params))
+    with D.gathered(engine.module):
+        checksum = float(sum(p.detach().double().sum() for p in engine.module.parameters()))
     out = {"step": step, "eval_loss": eval_loss, "param_checksum": checksum}
     (run_dir / f"summary.rank{rank}.json").write_text(json.dumps(out))
 

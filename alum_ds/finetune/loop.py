@@ -227,10 +227,7 @@ class Loop:
 
 def _save_model(engine: Any, model: Any, prep: Prepared, out: Path, rank: int) -> None:
     """A Hugging Face folder (safetensors + tokenizer); ZeRO-3 shards are gathered first."""
-    from deepspeed import zero
-
-    params = list(engine.module.parameters())
-    with zero.GatheredParameters(params, enabled=hasattr(params[0], "ds_id")):
+    with D.gathered(engine.module):
         if rank == 0:
             tmp = out.with_name(out.name + ".partial")
             shutil.rmtree(tmp, ignore_errors=True)
