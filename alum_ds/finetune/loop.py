@@ -98,9 +98,12 @@ def _split(ex: FD.Examples) -> tuple[FD.Examples, FD.Examples]:
     return sub(keep, ex.source), sub(held, f"{ex.source} (every 10th example)")
 
 
-def _prepare_run_dir(run_dir: Path) -> None:
+def _refuse_pretraining_folder(run_dir: Path) -> None:
     if (run_dir / "checkpoints").is_dir() or (run_dir / "config.resolved.json").is_file():
-        raise ConfigError(f"--run.dir {run_dir} is a pretraining run folder; fine-tune into another")
+        raise ConfigError(f"run.dir {run_dir} is a pretraining run folder; fine-tune into another")
+
+
+def _prepare_run_dir(run_dir: Path) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     for name in ("metrics.jsonl", "results.json", "tensorboard", "model"):
         p = run_dir / name
@@ -110,8 +113,7 @@ def _prepare_run_dir(run_dir: Path) -> None:
 def finetune(cfg: FinetuneConfig, ds_path: str) -> dict[str, Any]:
     """Run one fine-tuning; return the results (also written to RUN/results.json on rank 0)."""
     run_dir = Path(cfg.run.dir)
-    if (run_dir / "checkpoints").is_dir() or (run_dir / "config.resolved.json").is_file():
-        raise ConfigError(f"run.dir {run_dir} is a pretraining run folder; fine-tune into another")
+    _refuse_pretraining_folder(run_dir)
     prep = prepare(cfg)
     try:
         dev = R.detect()
