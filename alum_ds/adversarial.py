@@ -286,8 +286,8 @@ def adversarial_loss(
         # Scaling the KL to O(1) before the gradient keeps the ascent gradient away from fp16
         # underflow; the normalisation below makes the step independent of this scale. The scale
         # is capped at 1e8: the KL at delta ~ sigma is below fp32 rounding noise, so it is often
-        # exactly 0 or slightly negative, and the former 1/max(kl, 1e-30) = 1e30 overflowed the
-        # fp16 backward to inf (every step skipped, the precision guard never reached). By
+        # exactly 0 or slightly negative, and a scale of 1/1e-30 = 1e30 overflows the fp16
+        # backward to inf (every step skipped, the precision guard never reached). By
         # Pinsker, |dKL/dlogits| <= sqrt(2 kl), so the scaled gradient stays below ~1.5e4.
         scale = 1.0 / kl.detach().abs().clamp_min(1e-8)
         (g,) = torch.autograd.grad(kl * scale, delta, retain_graph=fused)
