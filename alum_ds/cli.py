@@ -12,6 +12,9 @@ from alum_ds.config import Config, ConfigError, RunConfig, load_config
 from alum_ds.data.shards import DataError
 from alum_ds.ds_config import DEFAULT as DEFAULT_DS_CONFIG
 
+# Each command imports its own modules inside it: `alum-ds --help`, a parse error or a refused
+# config must answer without loading torch, transformers and DeepSpeed (seconds each).
+
 
 def _fail(msg: str) -> int:
     print(f"alum-ds: error: {msg}", file=sys.stderr)
@@ -103,7 +106,7 @@ def plan_main(argv: list[str] | None = None, prog: str = "alum-ds plan") -> int:
             raise ConfigError(f"unrecognised argument {bad[0]!r} (overrides look like "
                               f"--section.key=value; see {prog} --help)")
         cfg = load_config(args.config, rest, cls=RunConfig)
-        from alum_ds.planning import describe  # torch and the model: only for this command
+        from alum_ds.planning import describe
 
         print("\n".join(describe(cfg, args.ds_config, resume=args.resume, world=args.world,
                                  device=args.device)))

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import os
+import socket
 from datetime import timedelta
 from typing import Any
 
 import torch
+
+# deepspeed is imported inside the functions that use it: the model-free modules that import this
+# one (objective, for ZeRO-3 detection) stay importable, and fast to import, without it.
 
 
 def timeout() -> timedelta:
@@ -30,8 +34,6 @@ def _single_process_env() -> None:
     would fall back to MPI discovery (mpi4py). Describe a one-rank world on a free local port."""
     if "RANK" in os.environ or "OMPI_COMM_WORLD_SIZE" in os.environ:
         return
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -24,6 +24,7 @@ from alum_ds import checkpoint as C
 from alum_ds import distributed as D
 from alum_ds import metrics as MT
 from alum_ds import runtime as R
+from alum_ds.arch import check_mlm_folder
 from alum_ds.cadence import Every, StopAfter
 from alum_ds.config import AlumConfig, Batching, ConfigError, RunConfig, batching_for
 from alum_ds.data.prepare import ensure_embedded
@@ -137,8 +138,6 @@ def _check_optional(cfg: RunConfig) -> None:
         raise ConfigError("logging.wandb=true needs the wandb package (pip install wandb), which "
                           "is not installed")
     if cfg.model.pretrained:
-        from alum_ds.arch import check_mlm_folder
-
         try:  # a supported family with an MLM head, from config.json alone
             check_mlm_folder(cfg.model.pretrained)
         except ValueError as e:
