@@ -115,6 +115,26 @@ def symmetric_kl(clean: torch.Tensor, adv: torch.Tensor, clean_target: Target | 
     return _SymmetricKL.apply(clean, adv, t.logp.to(dt), t.p.to(dt))
 
 
+def squared_to_target(target: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """(q - sg(target))^2 summed over outputs, mean over rows, in at least fp32: the regression
+    counterpart of ``kl_to_target`` (the ascent's objective for a real-valued output)."""
+    dt = _kl_dtype(target, q)
+    d = q.to(dt) - target.detach().to(dt)
+    return (d * d).sum(-1).mean()
+
+
+def squared_difference(clean: torch.Tensor, adv: torch.Tensor) -> torch.Tensor:
+    """(clean - adv)^2 summed over outputs, mean over rows, both sides live: the regression
+    counterpart of ``symmetric_kl`` (SMART's and MT-DNN's choice for regression tasks; the
+    gradient pulls each output towards the other, as the symmetric KL does)."""
+    dt = _kl_dtype(clean, adv)
+    d = clean.to(dt) - adv.to(dt)
+    return (d * d).sum(-1).mean()
+
+
+DIVERGENCES = ("kl", "squared")
+
+
 def token_norm(x: torch.Tensor, norm: str) -> torch.Tensor:
     """Per-token norm over the hidden dimension, keeping it for broadcasting."""
     if norm == "linf":
@@ -233,6 +253,7 @@ def adversarial_loss(
     first_logits: torch.Tensor | None = None,
     clean_target: Target | None = None,
     ascent_f: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    divergence: str = "kl",
 ) -> AdvResult:
     """ALUM's regulariser (without alpha). ``f`` must be deterministic in its parameters apart from
     dropout; ``any_rank`` turns a local skip flag into a global one so every rank runs the same
@@ -252,9 +273,15 @@ def adversarial_loss(
     ``clean_target`` is ``Target.of(clean_logits)`` if the caller has it already. ``ascent_f``
     computes the same function as ``f`` for the ascent's passes (e.g. with parameters frozen, so
     that a compiled graph returns the input gradient only); default ``f``.
+
+    ``divergence``: ``"kl"`` (distributions: the symmetric KL above) or ``"squared"`` (a
+    real-valued output, regression: the squared difference of the outputs in place of each KL).
     """
     h = h0.detach()
-    target = clean_target if clean_target is not None else Target.of(clean_logits)
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"unknown divergence {divergence!r}")
+    kl_on = divergence == "kl"
+    target = (clean_target if clean_target is not None else Target.of(clean_logits)) if kl_on else None
     if first_logits is not None and delta0 is None:
         raise ValueError("first_logits needs the delta0 it was computed from")
     if delta0 is None:
@@ -280,7 +307,7 @@ def adversarial_loss(
         if not fused:
             delta.requires_grad_(True)
         adv = first_logits if fused else (ascent_f or f)(add_perturbation(h, delta))
-        kl = kl_to_target(target, adv)
+        kl = kl_to_target(target, adv) if kl_on else squared_to_target(clean_logits, adv)
         if step == 0:
             kl_before = kl.detach()
         # Scaling the KL to O(1) before the gradient keeps the ascent gradient away from fp16
@@ -311,7 +338,8 @@ def adversarial_loss(
     frac = _surviving_fraction(h, delta, h_adv)
     adv_logits = f(h_adv)
     # The live clean logits: KL(sg(p_adv) || p_clean) trains the clean pass too (docs/ALUM.md).
-    loss = symmetric_kl(clean_logits, adv_logits, target)
+    loss = symmetric_kl(clean_logits, adv_logits, target) if kl_on else \
+        squared_difference(clean_logits, adv_logits)
     # The one local host read of the step: [ascent finite, loss finite, fraction surviving].
     ascent_ok, loss_ok, frac_v = torch.stack(
         [ok.to(frac.dtype), torch.isfinite(loss.detach()).to(frac.dtype), frac]).tolist()

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from alum_ds.config import Config, ConfigError, RunConfig, load_config
@@ -60,15 +61,31 @@ def _run(argv: list[str], parser: argparse.ArgumentParser, cls: type[Config],
     except (ConfigError, DataError) as e:
         return _fail(str(e))
     except RuntimeError as e:
-        from alum_ds import compiling
-        from alum_ds.adversarial import PrecisionError
-
-        if isinstance(e, (PrecisionError, compiling.CompileError)):  # not a traceback from the step
-            return _fail(str(e))
-        if compiling.failure(e):
-            return _fail(compiling.failure(e))
-        raise
+        return _runtime_failure(e)
     return 0
+
+
+def _guarded(fn: Callable[[], Any]) -> int:
+    """``fn()``, its refusals as one-line errors with exit code 2."""
+    try:
+        fn()
+    except (ConfigError, DataError) as e:
+        return _fail(str(e))
+    except RuntimeError as e:
+        return _runtime_failure(e)
+    return 0
+
+
+def _runtime_failure(e: RuntimeError) -> int:
+    """A one-line error for the runtime failures that are the user's to fix; re-raise the rest."""
+    from alum_ds import compiling
+    from alum_ds.adversarial import PrecisionError
+
+    if isinstance(e, (PrecisionError, compiling.CompileError)):  # not a traceback from the step
+        return _fail(str(e))
+    if compiling.failure(e):
+        return _fail(compiling.failure(e))
+    raise e
 
 
 def train_main(argv: list[str] | None = None, prog: str = "alum-ds train") -> int:
@@ -145,7 +162,8 @@ def prepare_parser() -> argparse.ArgumentParser:
                    "folders written by datasets' save_to_disk; hf:NAME for a Hub dataset")
     p.add_argument("--out", help="output folder")
     p.add_argument("--vocab-size", type=int, default=8192)
-    p.add_argument("--tokenizer", default="", help="existing local tokenizer folder")
+    p.add_argument("--tokenizer", default="", help="existing tokenizer: a local folder or a Hub id "
+                   "ORG/NAME[@REVISION] (a local folder of that name wins)")
     p.add_argument("--tokenizer-kind", choices=("bpe", "wordpiece"), default="bpe",
                    help="tokenizer to learn when no --tokenizer is given: byte-level BPE (RoBERTa's) "
                         "or WordPiece (BERT's: [CLS] [SEP] [PAD] [MASK], lower-cased)")
@@ -187,13 +205,21 @@ def prepare_main(argv: list[str]) -> int:
             return _fail(str(e))
         if workers < 0:
             return _fail(f"--workers {workers}: expected 0 or more encoding processes")
-        m = prepare_inputs(a.inputs, a.out, vocab_size=a.vocab_size, tokenizer=a.tokenizer,
+        tokenizer = a.tokenizer
+        if tokenizer:
+            from alum_ds.hub import resolve
+
+            found = resolve(tokenizer, "--tokenizer", kind="tokenizer folder", weights=False)
+            tokenizer = str(found.path)
+            if found.from_hub:
+                print(f"tokenizer: {found.describe()}", file=sys.stderr)
+        m = prepare_inputs(a.inputs, a.out, vocab_size=a.vocab_size, tokenizer=tokenizer,
                            val_fraction=a.val_fraction, seed=a.seed, text_field=a.text_field,
                            split=a.split, hf_config=a.hf_config, streaming=a.streaming,
                            tokenizer_sample_bytes=a.tokenizer_sample_bytes, fresh=a.fresh,
                            progress=not a.quiet, encode_workers=workers,
                            tokenizer_kind=a.tokenizer_kind)
-    except DataError as e:
+    except (ConfigError, DataError) as e:
         return _fail(str(e))
     except KeyboardInterrupt:
         print(f"\nalum-ds: prepare interrupted; rerun the same command to continue {a.out}",
@@ -218,6 +244,52 @@ def export_main(argv: list[str]) -> int:
         return _fail(str(e))
     print(f"exported {out}")
     return 0
+
+
+def evaluate_main(argv: list[str] | None = None, prog: str = "alum-ds evaluate") -> int:
+    from alum_ds.finetune import suite as S
+
+    p = _run_parser(prog,
+                    "Fine-tune every task of a suite (GLUE, ANLI or your own TOML) from each "
+                    "CHECKPOINT, plainly, with ALUM or both, over --seeds seeds, and write "
+                    "OUT/suite.md (the table), suite.json and suite.png. Rerunning skips finished "
+                    "runs. Extra --section.key=value settings apply to every fine-tuning "
+                    "(e.g. --schedule.steps=200 for a quick pass).")
+    p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT",
+                   help="a model as task.checkpoint takes it (run, checkpoint or Hugging Face folder)")
+    p.add_argument("--suite", default="glue", help="a shipped suite (" + ", ".join(S.shipped())
+                   + ") or a TOML file of your own tasks; default glue")
+    p.add_argument("--mode", choices=tuple(S.MODES), default="both",
+                   help="plain fine-tuning, ALUM fine-tuning, or both (a table row each); default both")
+    p.add_argument("--seeds", type=int, default=1, help="seeds per task and mode (default 1)")
+    p.add_argument("--out", default="", help="output folder (default runs/evaluate/SUITE)")
+    args, rest = p.parse_known_args(list(sys.argv[1:] if argv is None else argv))
+
+    def start() -> None:
+        bad = [r for r in rest if not (r.startswith("--") and "=" in r)]
+        if bad:
+            raise ConfigError(f"unrecognised argument {bad[0]!r} (settings look like "
+                              "--section.key=value; see alum-ds evaluate --help)")
+        if args.seeds < 1:
+            raise ConfigError(f"--seeds {args.seeds}: expected 1 or more")
+        suite = S.load_suite(args.suite)
+        from alum_ds.ds_config import read_ds_json
+
+        read_ds_json(args.ds_config)
+        names = [c.rstrip("/").rsplit("/", 1)[-1] or c for c in args.checkpoints]
+        labels = [n if names.count(n) == 1 else f"{n}-{i}" for i, n in enumerate(names)]
+        plan = S.Plan(suite, list(zip(labels, args.checkpoints)), S.MODES[args.mode], args.seeds,
+                      Path(args.out or f"runs/evaluate/{suite.name}"), rest, args.ds_config,
+                      args.config)
+        from alum_ds.launching import maybe_respawn_cpu_ranks
+
+        maybe_respawn_cpu_ranks()
+        S.run_suite(plan)
+        from alum_ds.distributed import shutdown
+
+        shutdown()
+
+    return _guarded(start)
 
 
 def plot_main(argv: list[str]) -> int:
@@ -245,6 +317,7 @@ COMMANDS = {
     "export": ("write a Hugging Face model folder from a checkpoint", export_main),
     "plot": ("draw loss / lr / throughput curves of a run into RUN_DIR/curves.png", plot_main),
     "finetune": ("fine-tune a sequence classifier, plainly or with ALUM", finetune_main),
+    "evaluate": ("fine-tune a suite of tasks (GLUE, ANLI, your own) and write its table", evaluate_main),
 }
 
 

@@ -31,9 +31,11 @@ class ConfigError(ValueError):
 
 
 class Section:
-    """A config section: ``CHOICES`` (key -> allowed values) and ``checks`` are its validation."""
+    """A config section: ``CHOICES`` (key -> allowed values) and ``checks`` are its validation;
+    ``PARSE`` (key -> function of (key, value)) reads a value of a key that has its own syntax."""
 
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {}
+    PARSE: ClassVar[dict[str, Any]] = {}
 
     def checks(self) -> list[Check]:
         return []
@@ -85,15 +87,63 @@ class ModelConfig(ModelBase):
     preset: str = "tiny"
     """Size preset: tiny, small, base (RoBERTa-/BERT-base shape) or large (RoBERTa-large)."""
     pretrained: str = ""
-    """Local Hugging Face folder to start from (continual pretraining; overrides arch and preset):
-    BERT, RoBERTa, XLM-RoBERTa, DeBERTa-v2/v3, ELECTRA generator or ModernBERT, with its MLM head."""
+    """Hugging Face model to start from (continual pretraining; overrides arch and preset): a local
+    folder, or a Hub id ORG/NAME[@REVISION] (alum_ds.hub; a local folder of that name wins). BERT,
+    RoBERTa, XLM-RoBERTa, DeBERTa-v2/v3, ELECTRA generator or ModernBERT, with its MLM head."""
+    new_head: bool = False
+    """Continue from a model.pretrained without an MLM head (ELECTRA's discriminator, a BertModel
+    or sentence-transformers folder, DeBERTa-v3 without head): the head is created as the family's
+    MaskedLM class initialises it, its decoder tied to the embeddings where the family ties it."""
+
+    def checks(self) -> list[Check]:
+        return [*super().checks(),
+                ("model.new_head", not (self.new_head and not self.pretrained),
+                 "needs model.pretrained (a model built from a preset has its head)")]
+
+
+def parse_sources(key: str, value: Any) -> list[str]:
+    """``data.sources`` as ``["DIR:WEIGHT", ...]`` from a TOML array of tables
+    (``[[data.sources]] dir = ..., weight = ...``), a list of such strings, or the command line's
+    ``DIR:W,DIR:W``. The weight is kept as written (an exact decimal or ``a/b``)."""
+    from fractions import Fraction
+
+    items = value if isinstance(value, (list, tuple)) else [v for v in str(value).split(",") if v.strip()]
+    out = []
+    for item in items:
+        if isinstance(item, dict):
+            unknown = set(item) - {"dir", "weight"}
+            if unknown or "dir" not in item:
+                raise ConfigError(f"{key}: each source is a table with dir and weight (got keys "
+                                  f"{', '.join(sorted(map(str, item)))})")
+            d, w = str(item["dir"]).strip(), str(item.get("weight", 1)).strip()
+        elif isinstance(item, str):
+            d, sep, w = item.strip().rpartition(":")
+            if not sep or w.startswith("//"):  # no weight ("DIR", or a URL "s3://b/p"): 1
+                d, w = item.strip(), "1"
+        else:
+            raise ConfigError(f"{key}: expected DIR:WEIGHT entries, got {item!r}")
+        try:
+            ok = Fraction(w) > 0
+        except (ValueError, ZeroDivisionError):
+            ok = False
+        if not d or not ok:
+            raise ConfigError(f"{key}: {item!r} needs a folder and a positive weight "
+                              "(DIR:WEIGHT, e.g. data/wiki:0.7)")
+        out.append(f"{d}:{w}")
+    return out
 
 
 @dataclass
 class DataConfig(Section):
+    PARSE: ClassVar[dict[str, Any]] = {"sources": parse_sources}
     dir: str = ""
     """Prepared data folder (``alum-ds prepare``). Empty: the embedded default corpus, prepared
     into the cache folder on first use."""
+    sources: list[str] = field(default_factory=list)
+    """A mixture of prepared folders instead of ``data.dir``: ``DIR:WEIGHT`` entries (TOML
+    ``[[data.sources]]`` tables with ``dir`` and ``weight``; ``--data.sources=A:0.7,B:0.3``). A
+    weight is the share of training sequences drawn from its folder (weights are normalised to
+    sum to 1); every folder must have been prepared with the same tokenizer."""
     cache_dir: str = ""
     """Where the embedded default is prepared. Empty: $ALUM_DS_CACHE or ~/.cache/alum_ds."""
     seq_len: int = 32
@@ -104,7 +154,9 @@ class DataConfig(Section):
     """Seeds the global sample order of every epoch and the masks."""
 
     def checks(self) -> list[Check]:
-        return [("data.seq_len", self.seq_len >= 8, "must be at least 8"),
+        return [("data.sources", not (self.sources and self.dir),
+                 "give either data.dir (one folder) or data.sources (a mixture), not both"),
+                ("data.seq_len", self.seq_len >= 8, "must be at least 8"),
                 ("data.vocab_size", self.vocab_size >= 300, "must be at least 300 (256 bytes + specials)")]
 
 
@@ -344,6 +396,10 @@ class RunConfig(Config):
         d.pop("checkpoint", None)
         d.pop("eval", None)
         d["data"].pop("cache_dir", None)  # where the embedded default is prepared, not what
+        if not d["model"].get("new_head"):  # off: the hash of every config that never sets it
+            d["model"].pop("new_head", None)
+        if not d["data"].get("sources"):
+            d["data"].pop("sources", None)  # one folder: the hash of runs made before mixtures
         for key in ("steps", "max_tokens"):  # extending a run is allowed
             d["schedule"].pop(key, None)
         if self.schedule.global_batch_size:
@@ -417,7 +473,8 @@ def _set(cfg: Config, dotted: str, value: Any) -> str:
     fields = _field_types(type(sec_obj))
     if key not in fields:
         raise ConfigError(f"unknown config key {dotted!r} (keys of [{section}]: {', '.join(fields)})")
-    setattr(sec_obj, key, _coerce(dotted, fields[key], value))
+    parse = sec_obj.PARSE.get(key)
+    setattr(sec_obj, key, parse(dotted, value) if parse else _coerce(dotted, fields[key], value))
     return f"{section}.{key}"
 
 

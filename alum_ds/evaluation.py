@@ -95,6 +95,46 @@ class Validator:
         return self._unigram.get(max_sequences, math.nan)
 
 
+class MixtureValidator(Validator):
+    """A mixture's evaluation: each source's validation split on its own (``eval_loss/NAME``);
+    the mixture's ``eval_loss`` is their share-weighted mean, the loss on sequences drawn as
+    training draws them, read against a unigram of the mixture's token frequencies."""
+
+    def __init__(self, engine: Any, cfg: RunConfig, stream: Any, *, device: torch.device,
+                 rank: int, world: int, log: MetricsLogger) -> None:
+        super().__init__(engine, cfg, stream.sources[0].dir, device=device, rank=rank, world=world,
+                         log=log)
+        self.stream = stream
+        self._mixture_line: float | None = None
+
+    def run(self, step: int, *, final: bool = False) -> float:
+        """As ``Validator.run``; every evaluation, the final one too, reads ``eval.max_sequences``
+        sequences of each source (the mixture's line is drawn on them)."""
+        st, cfg = self.stream, self.cfg
+        losses = [evaluate(self.engine, cfg, s.dir, self.device, self.rank, self.world,
+                           max_sequences=cfg.eval.max_sequences) for s in st.sources]
+        ev = float(sum(w * x for w, x in zip(st.shares, losses)))
+        ppl = math.exp(min(ev, 50))
+        line = self.mixture_line()
+        self.log.log(step, {"eval_loss": ev, "eval_perplexity": ppl, "unigram_loss": line,
+                            **{f"eval_loss/{s.name}": x for s, x in zip(st.sources, losses)}})
+        per = ", ".join(f"{s.name} {x:.4f}" for s, x in zip(st.sources, losses))
+        self.log.message(f"eval at step {step}: masked-LM loss {ev:.4f} (the mixture's; {per}), "
+                         f"perplexity {ppl:.2f}; a model of the mixture's token frequencies alone: "
+                         f"{line:.4f} (the run is {abs(line - ev):.2f} nats "
+                         f"{'below' if line >= ev else 'above'} it)")
+        return ev
+
+    def mixture_line(self) -> float:
+        if self._mixture_line is None and self.rank == 0:
+            from alum_ds.data.mixture import mixture_unigram
+
+            self._mixture_line = mixture_unigram(self.stream, seq_len=self.cfg.data.seq_len,
+                                            seed=self.cfg.data.seed, masking=self.cfg.masking,
+                                            max_sequences=self.cfg.eval.max_sequences)[0]
+        return self._mixture_line if self._mixture_line is not None else math.nan
+
+
 def show_fill_mask(run_dir: Path, data_dir: Path, cfg: RunConfig, log: MetricsLogger) -> None:
     """Rank 0: export the run's last checkpoint (as ``alum-ds export`` does) into a scratch
     folder and print the fill-mask answers for ``eval.fill_mask`` held-out sentences."""

@@ -38,15 +38,20 @@ def locate(checkpoint: str) -> tuple[Path, str, Path]:
     raise FileNotFoundError(f"{p} is neither a run folder nor a checkpoint folder")
 
 
-def model_config_of(state: dict[str, Any], vocab: int) -> Any:
-    """The Hugging Face config of the model a checkpoint holds (its run config rebuilt)."""
+def model_config_of(state: dict[str, Any], vocab: int, run_dir: Path | None = None) -> Any:
+    """The Hugging Face config of the model a checkpoint holds (its run config rebuilt; a Hub
+    ``model.pretrained`` at the commit ``run_dir`` recorded)."""
     from transformers import AutoConfig
 
+    from alum_ds import hub
     from alum_ds.model import model_config
 
     cfg = config_from_dict(state["config"])
     if cfg.model.pretrained:
-        return AutoConfig.from_pretrained(cfg.model.pretrained, local_files_only=True)
+        spec = cfg.model.pretrained
+        pinned = hub.pinned_commit(run_dir, "model.pretrained", spec) if run_dir is not None else ""
+        folder = hub.resolve(spec, "model.pretrained", pinned=pinned)
+        return AutoConfig.from_pretrained(str(folder.path), local_files_only=True)
     return model_config(cfg.model.arch, cfg.model.preset, vocab_size=vocab, seq_len=cfg.data.seq_len,
                         dropout=cfg.model.dropout)
 
@@ -57,12 +62,12 @@ def export(checkpoint: str, out_dir: str) -> Path:
 
     from alum_ds.data.shards import read_manifest
 
-    root, tag, _ = locate(checkpoint)
+    root, tag, run_dir = locate(checkpoint)
     state = read_state(root / tag)
     if state is None:
         raise FileNotFoundError(f"checkpoint {root / tag} is incomplete (no {STATE_FILE})")
     data_dir = Path(state["data_dir"])
-    mcfg = model_config_of(state, int(read_manifest(data_dir)["tokenizer"]["vocab_size"]))
+    mcfg = model_config_of(state, int(read_manifest(data_dir)["tokenizer"]["vocab_size"]), run_dir)
     with torch.device("meta"):
         model = AutoModelForMaskedLM.from_config(mcfg)
     weights = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)

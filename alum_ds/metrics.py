@@ -194,6 +194,10 @@ class MetricsLogger:
                          ("peak_rss_gb", "rss {:.2f} GiB"), ("max_memory_gb", "gpu {:.2f} GiB")):
             if values.get(key) is not None:
                 parts.append(fmt.format(values[key]))
+        sources = [(k[7:], v) for k, v in values.items() if k.startswith("tokens/")]
+        if sources:  # a mixture: each source's tokens and epoch
+            parts.append(" ".join(f"{name} {_human(v)} tok e{values.get('epoch/' + name, 0)}"
+                                  for name, v in sources))
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
             self.bar.set_postfix_str(" | ".join(parts[:5]), refresh=True)
@@ -234,6 +238,13 @@ class MetricsLogger:
         if self.wandb is not None:
             self.wandb.finish()
             self.wandb = None
+
+
+def _human(x: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.2f}{unit}"
+    return f"{x:.0f}"
 
 
 def _truncate_after(path: Path, step: int) -> None:

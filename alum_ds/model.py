@@ -113,14 +113,16 @@ def build_model(
     pretrained: str = "",
     activation_checkpointing: bool = False,
     arch: str = "roberta",
+    new_head: bool = False,
 ) -> torch.nn.Module:
     """Build a fresh ``arch`` model from a preset, or load a local pretrained folder of any
     supported family (``alum_ds.arch.load_mlm``: its MaskedLM model, dropout set under the
-    family's names; a folder without an MLM head is refused). The model is stock: CPU
+    family's names; a folder without an MLM head is refused unless ``new_head``, which creates
+    the head as the family initialises it). The model is stock: CPU
     runs get ``alum_ds.cpu_fastpath`` from ``alum_ds.runtime.adapt_model``."""
     if pretrained:
         try:
-            model = load_mlm(pretrained, dropout=dropout)
+            model = load_mlm(pretrained, dropout=dropout, new_head=new_head)
         except ValueError as e:
             raise ValueError(f"model.pretrained {e}") from None
         have = model.config.vocab_size

@@ -81,6 +81,9 @@ class AdversarialObjective(nn.Module):
 
     task = "task"
     """The task loss's name in the statistics (``{task}_loss``)."""
+    divergence = "kl"
+    """How the regulariser compares outputs (``adversarial.adversarial_loss``): ``"kl"`` for
+    distributions, ``"squared"`` for a real-valued (regression) output."""
 
     def __init__(self, model: nn.Module, alum: AlumConfig, *,
                  any_rank: Callable[[bool], bool] = lambda flag: flag, freeze_ascent: bool = False) -> None:
@@ -115,6 +118,11 @@ class AdversarialObjective(nn.Module):
         """Extra statistics of the clean logits (summed by the step window)."""
         return {}
 
+    def task_loss(self, clean: torch.Tensor, b: Batch, target: Target | None) -> torch.Tensor:
+        """The task's loss, a mean over rows (``target``: ``Target.of(clean)`` when the
+        divergence is the KL, else None): cross-entropy."""
+        return cross_entropy(clean, b.targets, target)
+
     # -- shared ---------------------------------------------------------------------------------
 
     def loss(self, b: Batch, *, alum_on: bool = True, token_weight: float | None = None,
@@ -133,8 +141,9 @@ class AdversarialObjective(nn.Module):
             clean, first = logits[:n], logits[n:]
         else:
             clean = self.logits(h0, b)
-        clean_target = Target.of(clean)  # log-softmax once: the task loss and both KLs use it
-        task_loss = cross_entropy(clean, b.targets, clean_target)
+        # log-softmax once: the task loss and both KLs use it
+        clean_target = Target.of(clean) if self.divergence == "kl" else None
+        task_loss = self.task_loss(clean, b, clean_target)
         scale = 1.0 if token_weight is None else token_weight * n
         stats: dict[str, torch.Tensor | int] = {"rows": n, **self.task_stats(clean, b)}
         self._task_stats(stats, task_loss, n)
@@ -143,7 +152,8 @@ class AdversarialObjective(nn.Module):
         adv = adversarial_loss(lambda h: self.logits(h, b), h0, clean, self.alum,
                                any_rank=self.any_rank, generator=self.generator, delta0=delta0,
                                first_logits=first, clean_target=clean_target,
-                               ascent_f=self._frozen_logits(b) if self.freeze_ascent else None)
+                               ascent_f=self._frozen_logits(b) if self.freeze_ascent else None,
+                               divergence=self.divergence)
         if adv.skipped:
             self.skipped_total += 1
             if first is not None:
@@ -151,7 +161,7 @@ class AdversarialObjective(nn.Module):
                 # backpropagating the task loss through it would still carry 0 * NaN into the
                 # weight gradients. Rebuild the clean pass alone (on every rank: the skip is
                 # collective); this costs a forward only on skipped steps.
-                task_loss = cross_entropy(self.logits(h0, b), b.targets)
+                task_loss = self.task_loss(self.logits(h0, b), b, None)
                 self._task_stats(stats, task_loss, n)
             loss = task_loss
         else:

@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import AutoConfig, AutoModelForMaskedLM
 
 from alum_ds.config import RunConfig
+from alum_ds.data import mixture
 from alum_ds.data.prepare import embedded_dir
 from alum_ds.data.shards import MANIFEST, read_manifest
 from alum_ds.launching import cpu_ranks
@@ -36,6 +38,9 @@ def launcher_world(on_gpu: bool) -> int:
 
 def data_folder(cfg: RunConfig) -> tuple[Path | None, str]:
     """The prepared folder a run reads (None: the embedded corpus, not yet prepared) and a note."""
+    if cfg.data.sources:  # a mixture: its first source's tokenizer is every source's
+        first = mixture.sources_of(cfg.data)[0].dir
+        return first, f"a mixture of {len(cfg.data.sources)} sources, vocabulary from {first}"
     if cfg.data.dir:
         read_manifest(cfg.data.dir)  # the run's own refusal of a missing or unprepared folder
         return Path(cfg.data.dir), str(cfg.data.dir)
@@ -46,13 +51,11 @@ def data_folder(cfg: RunConfig) -> tuple[Path | None, str]:
     return None, f"the embedded corpus, to be prepared on first use in {out}"
 
 
-def meta_model(cfg: RunConfig, vocab_size: int) -> torch.nn.Module:
+def meta_model(cfg: RunConfig, vocab_size: int, pretrained: Path | None = None) -> torch.nn.Module:
     """The run's model on the meta device: its shape without its memory."""
     with torch.device("meta"):
-        if cfg.model.pretrained:
-            from transformers import AutoConfig, AutoModelForMaskedLM  # a pretrained folder only
-
-            return AutoModelForMaskedLM.from_config(AutoConfig.from_pretrained(cfg.model.pretrained))
+        if pretrained is not None:
+            return AutoModelForMaskedLM.from_config(AutoConfig.from_pretrained(pretrained))
         return build_model(arch=cfg.model.arch, preset=cfg.model.preset, vocab_size=vocab_size,
                            seq_len=cfg.data.seq_len, dropout=0.0)
 
@@ -143,7 +146,7 @@ def describe(cfg: RunConfig, ds_path: str, *, resume: str = "", world: int = 0,
                     bf16_supported=dev.bf16_supported)
     data_dir, data_note = data_folder(cfg)
     vocab = read_manifest(data_dir)["tokenizer"]["vocab_size"] if data_dir else cfg.data.vocab_size
-    model = meta_model(cfg, int(vocab))
+    model = meta_model(cfg, int(vocab), plan.pretrained.path if plan.pretrained else None)
     n_params = sum(p.numel() for p in model.parameters())
     b, ds, total = plan.batching, plan.ds, plan.last_step
     lines = [f"config: {section}: {values}" for section, values in cfg.to_dict().items()]

@@ -27,11 +27,12 @@ from alum_ds import runtime as R
 from alum_ds.arch import check_mlm_folder
 from alum_ds.cadence import Every, StopAfter
 from alum_ds.config import AlumConfig, Batching, ConfigError, RunConfig, batching_for
+from alum_ds.data import integrity, mixture
 from alum_ds.data.prepare import ensure_embedded
-from alum_ds.data.shards import check_vocab, read_manifest, sha256_file
+from alum_ds.data.shards import DataError, check_vocab, read_manifest, sha256_file
 from alum_ds.data.stream import TrainStream
 from alum_ds.ds_config import DsPlan, plan_ds
-from alum_ds.evaluation import Validator, show_fill_mask
+from alum_ds.evaluation import MixtureValidator, Validator, show_fill_mask
 from alum_ds.model import PADDED_VOCAB_ROWS, build_model, non_embedding_params
 from alum_ds.objective import AlumObjective
 from alum_ds.optim import planned_steps
@@ -46,6 +47,8 @@ class Preempted(SystemExit):
 
 def resolve_data(cfg: RunConfig) -> Path:
     """The prepared data folder; the embedded default is prepared by one rank per node."""
+    if cfg.data.sources:  # a mixture: the first source's tokenizer is every source's
+        return mixture.sources_of(cfg.data)[0].dir
     if cfg.data.dir:
         return Path(cfg.data.dir)
     cache = R.cache_dir(cfg.data.cache_dir)
@@ -55,6 +58,24 @@ def resolve_data(cfg: RunConfig) -> Path:
     if D.local_rank() != 0:
         out = ensure_embedded(cache, vocab_size=cfg.data.vocab_size, seed=cfg.data.seed)
     return out
+
+
+def verify_data(dirs: list[Path], cfg: RunConfig, rt: R.Runtime) -> dict[str, float] | None:
+    """Every shard hashed once per node before the first step (by its local rank 0; the other
+    ranks wait). A refusal is raised where it was found; the other ranks exit with its code."""
+    error, result = "", None
+    if D.local_rank() == 0:
+        try:
+            result = integrity.verify_for_training(dirs, R.cache_dir(cfg.data.cache_dir),
+                                                   progress=rt.rank == 0)
+        except DataError as e:
+            error = str(e)
+    failed = D.all_reduce(torch.tensor([1.0 if error else 0.0], device=rt.device), "max").item()
+    if error:
+        raise DataError(error)
+    if failed:
+        raise SystemExit(2)  # the rank that found it has printed the one-line error
+    return result
 
 
 class Signals:
@@ -105,6 +126,8 @@ class Plan:
     last_step: int
     branch: bool = False
     """``point`` is another run's checkpoint this run starts from (``run.branch_from``)."""
+    pretrained: Any = None
+    """``model.pretrained`` resolved (``alum_ds.hub.Folder``: a local folder or a Hub snapshot)."""
 
     @property
     def world(self) -> int:
@@ -129,7 +152,8 @@ def plan_run(cfg: RunConfig, ds_path: str, *, resume: str, world: int, on_gpu: b
     if universal:
         ds = ds.loading_universal()
     _check_optional(cfg)
-    return Plan(batching, ds, run_dir, point, universal, total, branch)
+    mixture.check_sources(cfg.data)
+    return Plan(batching, ds, run_dir, point, universal, total, branch, _resolve_pretrained(cfg, run_dir))
 
 
 def _check_optional(cfg: RunConfig) -> None:
@@ -137,11 +161,24 @@ def _check_optional(cfg: RunConfig) -> None:
     if cfg.logging.wandb and importlib.util.find_spec("wandb") is None:
         raise ConfigError("logging.wandb=true needs the wandb package (pip install wandb), which "
                           "is not installed")
-    if cfg.model.pretrained:
-        try:  # a supported family with an MLM head, from config.json alone
-            check_mlm_folder(cfg.model.pretrained)
-        except ValueError as e:
-            raise ConfigError(f"model.pretrained {e}") from None
+
+
+def _resolve_pretrained(cfg: RunConfig, run_dir: Path) -> Any:
+    """``model.pretrained`` as a local folder (a Hub id downloaded once per node; a resumed run
+    keeps the commit it recorded), checked from its config.json alone: a supported family with
+    an MLM head, or any supported encoder under ``model.new_head``."""
+    if not cfg.model.pretrained:
+        return None
+    from alum_ds import hub
+
+    spec = cfg.model.pretrained
+    pinned = hub.pinned_commit(run_dir, "model.pretrained", spec)
+    folder = hub.resolve(spec, "model.pretrained", pinned=pinned)
+    try:
+        check_mlm_folder(folder.path, new_head=cfg.model.new_head)
+    except ValueError as e:
+        raise ConfigError(f"model.pretrained {e}") from None
+    return folder
 
 
 def _alum_words(alum: AlumConfig, total: int) -> str:
@@ -162,12 +199,13 @@ def train(cfg: RunConfig, ds_path: str, *, resume: str = "") -> Path:
                       schedule=cfg.schedule, total_steps=plan.last_step,
                       cache=R.cache_dir(cfg.data.cache_dir),
                       activation_checkpointing=cfg.model.activation_checkpointing)
-    stream = TrainStream(data.dir, seq_len=cfg.data.seq_len, seed=cfg.data.seed, masking=cfg.masking)
+    stream = mixture.open_train_stream(cfg.data, data.dir, seed=cfg.data.seed, masking=cfg.masking)
     step = _load_checkpoint(plan, run, stream)
     log = MT.MetricsLogger(plan.run_dir, enabled=run.rt.rank == 0, tensorboard=cfg.logging.tensorboard,
                            total_steps=plan.last_step, resume_step=step, wandb=_wandb_args(cfg, plan))
     if run.rt.rank == 0:
-        _write_resolved(plan.run_dir, cfg, plan.ds.config, data.dir)
+        _write_resolved(plan.run_dir, cfg, plan.ds.config, data.dir,
+                        {"model.pretrained": plan.pretrained} if plan.pretrained else {})
     _announce(cfg, plan, run, data, stream, log)
     loop = Loop(plan=plan, cfg=cfg, run=run, stream=stream, log=log, data_dir=data.dir,
                 shape=data.shape, flops_per_token=data.flops_per_token,
@@ -185,16 +223,19 @@ class Pretraining:
         self.manifest: dict[str, Any] = {}
         self.shape: dict[str, int] = {}
         self.flops_per_token = 0.0
+        self.verified: dict[str, float] | None = None
 
     def model(self, rt: R.Runtime) -> torch.nn.Module:
         cfg, point = self.cfg, self.plan.point
         self.dir = resolve_data(cfg)
+        self.verified = verify_data([s.dir for s in mixture.sources_of(cfg.data)] or [self.dir], cfg, rt)
         self.manifest = read_manifest(self.dir)
         try:
             mlm = build_model(arch=cfg.model.arch, preset=cfg.model.preset,
                               vocab_size=int(self.manifest["tokenizer"]["vocab_size"]),
                               seq_len=cfg.data.seq_len, dropout=cfg.model.dropout,
-                              pretrained=cfg.model.pretrained,
+                              pretrained=str(self.plan.pretrained.path) if self.plan.pretrained else "",
+                              new_head=cfg.model.new_head,
                               activation_checkpointing=cfg.model.activation_checkpointing)
         except ValueError as e:  # a pretrained model that does not fit the data
             raise ConfigError(str(e)) from None
@@ -228,16 +269,24 @@ def _announce(cfg: RunConfig, plan: Plan, run: R.Run, data: Pretraining, stream:
     b = plan.batching
     log.message(
         f"alum_ds: {run.banner()}, model "
-        f"{cfg.model.pretrained or cfg.model.arch + ' ' + cfg.model.preset} "
-        f"({run.n_params / 1e6:.2f}M params), "
+        f"{plan.pretrained.describe() if plan.pretrained else cfg.model.arch + ' ' + cfg.model.preset} "
+        f"({run.n_params / 1e6:.2f}M params{', new MLM head' if cfg.model.new_head else ''}), "
         f"{_alum_words(cfg.alum, plan.last_step)}, global batch {b.global_batch} "
         f"({b.micro_batch} x {b.accum} accumulation x {run.rt.world}), data {data.dir} "
         f"({len(stream.seqs)} sequences/epoch), run {plan.run_dir}"
     )
+    if data.verified is not None:
+        log.message(integrity.describe(data.verified))
+    if isinstance(stream, mixture.MixtureStream):
+        log.message(stream.describe())
     _report_resume(plan, log)
+    if cfg.model.new_head:
+        log.message(f"warning: model.new_head=true: {type(run.model).__name__}'s MLM head is new, "
+                    "initialised as that class initialises it (decoder tied to the word embeddings "
+                    "where the family ties them); nothing of it comes from model.pretrained")
     if plan.ds.compile_note:
         log.message(plan.ds.compile_note)
-    _check_tokenizer(cfg, data.manifest, log)
+    _check_tokenizer(cfg, plan, data.manifest, log)
 
 
 def _universal_root(plan: Plan, rt: R.Runtime) -> Path:
@@ -279,10 +328,10 @@ def _report_resume(plan: Plan, log: MT.MetricsLogger) -> None:
                     f"{gb} sequences; set schedule.global_batch_size to keep it")
 
 
-def _check_tokenizer(cfg: RunConfig, manifest: dict[str, Any], log: MT.MetricsLogger) -> None:
-    if not cfg.model.pretrained:
+def _check_tokenizer(cfg: RunConfig, plan: Plan, manifest: dict[str, Any], log: MT.MetricsLogger) -> None:
+    if plan.pretrained is None:
         return
-    tj = Path(cfg.model.pretrained) / "tokenizer.json"
+    tj = plan.pretrained.path / "tokenizer.json"
     if tj.is_file() and sha256_file(tj)[:16] != manifest["tokenizer"].get("fingerprint"):
         log.message(f"warning: the data's tokenizer differs from {tj}; prepare the data with "
                     f"`alum-ds prepare --tokenizer {cfg.model.pretrained}`")
@@ -308,8 +357,13 @@ class Loop:
         self.window = MT.StepWindow(run.rt.device)
         self.steps = MT.StepLogger(log, self.window, all_reduce=D.all_reduce, world=self.world,
                                    alpha=cfg.alum.alpha, task="mlm", compiled=plan.ds.compile)
-        self.validator = Validator(self.engine, cfg, data_dir, device=self.device, rank=self.rank,
-                                   world=self.world, log=log)
+        if isinstance(stream, mixture.MixtureStream):
+            self.validator: Validator = MixtureValidator(self.engine, cfg, stream, device=self.device,
+                                                         rank=self.rank, world=self.world, log=log)
+        else:
+            self.validator = Validator(self.engine, cfg, data_dir, device=self.device, rank=self.rank,
+                                       world=self.world, log=log)
+        self._logged_consumed = stream.state.consumed
         last = plan.last_step
         self.log_every = Every(cfg.logging.every, last, final=True)
         self.eval_every = Every(cfg.eval.every, last, final=False)
@@ -391,6 +445,11 @@ class Loop:
         }
         if self.on_gpu:
             values["max_memory_gb"] = mem[1]
+        if isinstance(self.stream, mixture.MixtureStream):
+            values.update(self.stream.log_values())
+            for line in self.stream.new_epochs(self._logged_consumed):
+                self.log.message(f"{line} (by sequence {self.stream.state.consumed:,} of the mixture)")
+        self._logged_consumed = self.stream.state.consumed
         return values
 
     def preempt(self, step: int) -> None:
@@ -443,10 +502,15 @@ def _check_run_dir(run_dir: Path, cfg: RunConfig) -> None:
             )
 
 
-def _write_resolved(run_dir: Path, cfg: RunConfig, ds: dict, data_dir: Path) -> None:
+def _write_resolved(run_dir: Path, cfg: RunConfig, ds: dict, data_dir: Path,
+                    sources: dict[str, Any]) -> None:
+    from alum_ds.hub import sources_record
+
     run_dir.mkdir(parents=True, exist_ok=True)
+    # "sources": the Hub commits the run read (outside the hash: a rerun of the same command
+    # resumes, and keeps those commits).
     doc = {"config_hash": cfg.fingerprint(), "config": cfg.to_dict(), "deepspeed": ds,
-           "data_dir": str(data_dir)}
+           "data_dir": str(data_dir), "sources": sources_record(sources)}
     tmp = run_dir / "config.resolved.json.tmp"
     tmp.write_text(json.dumps(doc, indent=2))
     os.replace(tmp, run_dir / "config.resolved.json")

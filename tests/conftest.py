@@ -84,3 +84,20 @@ def reference(docs40: list[str], tmp_path_factory: pytest.TempPathFactory) -> Pa
         mp.setattr(P, "SHARD_TOKENS", 5000)
         P.prepare(documents=docs40, out_dir=out, vocab_size=VOCAB, seed=SEED, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def mix(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Mixture sources: ``big`` (``data_dir``), ``small`` (a few documents prepared with big's
+    tokenizer: a few dozen sequences of 32) and ``foreign`` (its own, smaller BPE)."""
+    from alum_ds.data import prepare as P
+    from alum_ds.data.corpus import embedded_documents
+
+    docs = embedded_documents()
+    base = tmp_path_factory.mktemp("mix")
+    out = {"big": data_dir, "small": base / "small", "foreign": base / "foreign"}
+    P.prepare(documents=[d[:1200] for d in docs[40:46]], out_dir=out["small"],
+              tokenizer=str(data_dir / "tokenizer"), seed=1, progress=False)
+    P.prepare(documents=[d[:2000] for d in docs[46:52]], out_dir=out["foreign"], vocab_size=300,
+              seed=2, progress=False)
+    return out

@@ -173,7 +173,7 @@ def test_export_equals_engine_and_continual_pretraining(reference: Path, tmp_pat
     log = _train(tmp_path / "continual", cache_dir, f"--model.pretrained={out}", f"--data.dir={data2}",
                  "--schedule.steps=1", "--schedule.global_batch_size=16", "--model.dropout=0",
                  "--schedule.micro_batch_size=16", ranks=1)
-    assert f"model {out}" in log and "warning: the data's tokenizer" not in log
+    assert f"model local folder {out}" in log and "warning: the data's tokenizer" not in log
     first = _by_step(tmp_path / "continual", "mlm_loss")[1]
     stream = TrainStream(data2, seq_len=32, seed=1234, masking=masking)
     assert first == pytest.approx(_mlm_loss(model, [stream.batch_at(0, 16)]), abs=1e-4)

@@ -43,16 +43,34 @@ def _zero3_release_config(path: Path) -> Path:
     return path
 
 
-def _batch_specs(base: Path) -> dict[str, tuple[str, list[str]]]:
+def _mixture_args(base: Path, cache: Path) -> list[str]:
+    """A mixture of the embedded corpus (3/4) and a small folder prepared with its tokenizer (1/4,
+    a few sequences: it starts new epochs within 8 steps), and test_checkpoint's settings: dropout
+    and ALUM on, a global batch of 8 on 2 ranks or 1, saves every 2 steps, evaluations at 4 and 8."""
+    from alum_ds.data.corpus import embedded_documents
+    from alum_ds.data.prepare import ensure_embedded, prepare
+    from tests.test_checkpoint import ARGS
+
+    embedded = ensure_embedded(cache, vocab_size=2048, seed=1234)  # the runs' default data
+    small = base / "small_source"
+    prepare(documents=[d[:600] for d in embedded_documents()[-2:]], out_dir=small,
+            tokenizer=str(embedded / "tokenizer"), progress=False)
+    return [*ARGS, f"--data.sources={embedded}:0.75,{small}:0.25"]
+
+
+def _batch_specs(base: Path, cache: Path) -> dict[str, tuple[str, list[str]]]:
     from tests.test_alum_engine import QUICK as ENGINE_QUICK
     from tests.test_finetune import PRETRAIN
 
+    mixture = _mixture_args(base, cache)
     # ZeRO-3 runs last: their allocator policy (alum_ds.host) stays with the process.
     return {
         "zero0.json": ("zero0.json", QUICK), "zero1.json": ("zero1.json", QUICK),
         "zero2.json": ("zero2.json", QUICK),
         "zero2_accum": ("zero2.json", [*QUICK, "--schedule.micro_batch_size=2", "--schedule.grad_accum=2"]),
         "finetune_pretrain": ("zero2.json", PRETRAIN),  # tests/test_finetune.py's real runs
+        "mixture": ("zero2.json", mixture),  # test_a_mixture_resumes_exactly_on_1_rank_and_back
+        "mixture_cut": ("zero2.json", [*mixture, "--run.stop_after=2"]),
         "zero3.json": ("zero3.json", QUICK),
         # the export check of tests/test_zero3_release.py evaluates the same 64 sequences
         "zero3_release": (str(_zero3_release_config(base / "zero3_release.json")),
@@ -69,7 +87,7 @@ def _stage(name: str, tmp_path_factory: pytest.TempPathFactory, cache: Path) -> 
         pytest.fail(_BATCH_FAILED[0])
     if not _BATCH:
         base = tmp_path_factory.mktemp("batch")
-        specs = _batch_specs(base)
+        specs = _batch_specs(base, cache)
         dirs = {name: base / name.removesuffix(".json") for name in specs}
         ds_path = {name: ds if Path(ds).is_absolute() else str(ROOT / "ds_configs" / ds)
                    for name, (ds, _) in specs.items()}
@@ -250,3 +268,52 @@ def test_a_branch_from_a_plain_prefix_equals_the_run_from_scratch(tmp_path: Path
     assert "differ from this run's in more than the alum section" in err
     err = refused("early", "--alum.start_step=2", f"--run.branch_from={tag}")
     assert "this run has ALUM on from step 2, before the checkpoint's step 4" in err
+
+
+def test_a_mixture_resumes_exactly_on_1_rank_and_back(tmp_path_factory, tmp_path: Path,
+                                                      cache_dir: Path) -> None:
+    """A 2-rank mixture run stopped after step 2 (in the shared launch), continued on 1 rank for
+    steps 3-4 (a plain process: universal conversion 2 -> 1), then on 2 ranks for 5-8 (1 -> 2):
+    every step's loss, every evaluation (per source and the mixture's) and each source's tokens
+    and epochs equal the uninterrupted 2-rank run's; the small source's new epochs are announced."""
+    ref, _ = _stage("mixture", tmp_path_factory, cache_dir)
+    cut, _ = _stage("mixture_cut", tmp_path_factory, cache_dir)
+    from tests.test_checkpoint import ARGS
+
+    sources = json.loads((cut / "config.resolved.json").read_text())["config"]["data"]["sources"]
+    args = [*ARGS, f"--data.sources={','.join(sources)}"]
+    common = [f"--data.cache_dir={cache_dir}", *args]
+    spec = tmp_path / "one.json"
+    spec.write_text(json.dumps({"runs": [[str(cut), str(ROOT / "ds_configs" / "zero2.json"),
+                                          [*common, "--run.stop_after=2"]]]}))
+    r = run([sys.executable, str(ROOT / "tests" / "drivers" / "train_runs.py"), str(spec)], tmp_path,
+            {"MASTER_PORT": free_port()}, timeout=600)
+    one = r.stdout + r.stderr
+    assert r.returncode == 0, one[-3000:]
+    assert "at step 2 (universal: saved by 2 rank(s), now 1)" in one, one[-3000:]
+    spec = tmp_path / "two.json"
+    spec.write_text(json.dumps({"runs": [[str(cut), str(ROOT / "ds_configs" / "zero2.json"), common]]}))
+    r = run(deepspeed_cmd(f"--master_port={free_port()}", str(ROOT / "tests" / "drivers" / "train_runs.py"),
+                          str(spec)), ROOT, timeout=600)
+    two = r.stdout + r.stderr
+    assert r.returncode == 0, two[-3000:]
+    assert "at step 4 (universal: saved by 1 rank(s), now 2)" in two, two[-3000:]
+
+    def by_step(run_dir: Path) -> dict[int, dict]:
+        out: dict[int, dict] = {}
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+            rec = json.loads(line)
+            out.setdefault(rec["step"], {}).update(rec)
+        return out
+
+    want, got = by_step(ref), by_step(cut)
+    assert sorted(got) == sorted(want) == list(range(1, 9))
+    keys = [k for k in want[8] if k.startswith(("tokens/", "epoch/", "eval_loss/"))]
+    assert len([k for k in keys if k.startswith("eval_loss/")]) == 2 and len(keys) == 6, keys
+    for step in range(1, 9):
+        assert got[step]["loss"] == pytest.approx(want[step]["loss"], rel=1e-4), step
+        for k in keys + ["eval_loss", "consumed_sequences"]:
+            if k in want[step]:
+                assert got[step][k] == pytest.approx(want[step][k], rel=1e-4), (step, k)
+    assert want[8]["epoch/small_source"] >= 2  # the small source repeated, in its own epochs
+    assert "data source small_source starts epoch" in one + two

@@ -330,6 +330,61 @@ def test_electra_discriminator_is_refused_for_mlm(tmp_path: Path) -> None:
     assert isinstance(arch.load_mlm(bare, new_head_ok=True), torch.nn.Module)
 
 
+@pytest.mark.parametrize("family", ["bert", "electra", "deberta-v3"])
+def test_new_head_on_a_headless_encoder(family: str, tmp_path: Path) -> None:
+    """model.new_head: a BertModel (sentence-transformers-style) folder, ELECTRA's discriminator
+    and a DeBERTa-v3 encoder without head load as the family's MaskedLM model, the encoder's
+    weights the folder's, the head as the MaskedLM class's ``_init_weights`` makes it (LayerNorm
+    ones and zeros, biases zero, dense weights N(0, initializer_range)), the decoder tied to the
+    word embeddings. Without the flag the refusal names it; with it, a folder that has its own
+    head is refused (the flag never silently does nothing)."""
+    from transformers import AutoModel, BertModel, DebertaV2Model
+
+    torch.manual_seed(0)
+    cfg = _config(family)
+    kind = {"bert": BertModel, "electra": ElectraForPreTraining, "deberta-v3": DebertaV2Model}[family]
+    headless = kind(cfg)
+    folder = _save(headless, tmp_path / "headless")
+    with pytest.raises(ValueError) as e:
+        arch.load_mlm(folder)
+    assert "model.new_head=true" in _one_line(e)
+    with pytest.raises(ValueError) as e:
+        arch.check_mlm_folder(folder)
+    assert "model.new_head=true" in _one_line(e)
+    arch.check_mlm_folder(folder, new_head=True)
+    torch.manual_seed(1)
+    mlm = arch.load_mlm(folder, new_head=True)
+    adapter = arch.adapter_for(mlm, mlm=True)
+    assert type(mlm).__name__ == adapter.mlm_class
+    base = AutoModel.from_pretrained(folder)
+    got = adapter.backbone(mlm).state_dict()
+    for k, v in base.state_dict().items():
+        if k in got:
+            assert torch.equal(got[k], v), k
+    emb = mlm.get_input_embeddings().weight
+    head = [getattr(mlm, m) for m in adapter.mlm_head_modules(mlm.config)]
+    decoder = {"bert": lambda m: m.cls.predictions.decoder, "electra": lambda m: m.generator_lm_head}
+    if family in decoder:  # DeBERTa-v3's lm_predictions multiplies by the embeddings themselves
+        assert decoder[family](mlm).weight is emb
+    for module in (m for h in head for m in h.modules()):
+        if isinstance(module, torch.nn.LayerNorm):
+            assert torch.equal(module.weight, torch.ones_like(module.weight))
+            assert torch.equal(module.bias, torch.zeros_like(module.bias))
+        elif isinstance(module, torch.nn.Linear) and module.weight is not emb:
+            assert module.weight.std().item() == pytest.approx(cfg.initializer_range, rel=0.25)
+        if getattr(module, "bias", None) is not None and not isinstance(module, torch.nn.LayerNorm):
+            assert torch.equal(module.bias, torch.zeros_like(module.bias))
+    torch.manual_seed(1)  # the same seed, the same head (every rank builds the same model)
+    again = arch.load_mlm(folder, new_head=True)
+    assert all(torch.equal(a, b) for a, b in zip(mlm.state_dict().values(), again.state_dict().values()))
+    logits = adapter.mlm_logits(mlm, torch.randn(3, H))
+    assert logits.shape == (3, V) and torch.isfinite(logits).all()
+    with_head = _save(_build(family, "mlm"), tmp_path / "with_head")
+    with pytest.raises(ValueError) as e:
+        arch.load_mlm(with_head, new_head=True)
+    assert "drop model.new_head=true" in _one_line(e)
+
+
 def test_classifier_folder_is_refused_for_mlm(tmp_path: Path) -> None:
     torch.manual_seed(0)
     folder = _save(BertForSequenceClassification(_config("bert")), tmp_path / "cls")

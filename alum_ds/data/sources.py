@@ -16,12 +16,10 @@ import codecs
 import glob
 import hashlib
 import json
-import socket
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 from alum_ds.data.shards import DataError
 
@@ -354,37 +352,47 @@ def _saved_dataset(p: Path, column: str, split: str) -> Source:
     return ArrowDataset(ds, column, label, stamp)
 
 
-def _hub_reachable() -> str:
-    """'' when the Hub's host resolves, else why not (checked first: the Hub client retries an
-    unreachable host for half a minute before it fails)."""
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        return ""  # the user asked for the local cache; load_dataset says if the name is there
-    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
-    try:
-        socket.getaddrinfo(host, 443)
-    except OSError as e:
-        return f"{host} does not resolve ({e.strerror or e})"
-    return ""
+def parse_hf(spec: str, *, config: str = "", split: str = "") -> tuple[str, str, str]:
+    """(name, config, split) of ``hf:NAME[:CONFIG][@SPLIT]``; ``config`` and ``split`` are the
+    defaults for the parts the spec leaves out."""
+    rest = spec[len(HF_PREFIX):] if spec.startswith(HF_PREFIX) else spec
+    rest, at, named_split = rest.partition("@")
+    name, colon, named_config = rest.partition(":")
+    if not name or (colon and not named_config) or (at and not named_split):
+        raise DataError(f"{spec}: expected hf:NAME[:CONFIG][@SPLIT] (e.g. hf:nyu-mll/glue:mrpc@train)")
+    return name, named_config or config, named_split or split
 
 
-def hub_dataset(name: str, *, column: str, split: str, config: str, streaming: bool) -> Source:
-    """A dataset by name from the Hugging Face Hub (``hf:NAME``)."""
-    why = _hub_reachable()
+def load_hub_dataset(name: str, *, config: str, split: str, streaming: bool = False,
+                     fix: str = "--hf-config and --split") -> Any:
+    """``datasets.load_dataset`` of a Hub dataset (``split`` '': every split, a DatasetDict), its
+    failures one-line DataErrors; ``fix`` names the options that choose config and split."""
+    from alum_ds.hub import hub_reachable
+
+    why = hub_reachable()
     if why:
         raise DataError(f"dataset {name!r} needs the Hugging Face Hub, which is unreachable ({why}): "
                         "run with network access, set HF_HUB_OFFLINE=1 to use a cached copy, or "
                         "pass a folder written by save_to_disk")
     import datasets
 
-    label = f"{HF_PREFIX}{name}" + (f"/{config}" if config else "") + f"[{split}]"
+    label = hub_label(name, config, split)
     try:
-        ds = datasets.load_dataset(name, config or None, split=split, streaming=streaming)
+        return datasets.load_dataset(name, config or None, split=split or None, streaming=streaming)
     except Exception as e:  # the Hub client raises many types; all mean "cannot load this name"
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataError(f"dataset {label} does not load ({msg}): check the name, --hf-config and "
-                        "--split, or pass a folder written by save_to_disk") from None
+        raise DataError(f"dataset {label} does not load ({msg}): check the name, {fix}, or pass a "
+                        "folder written by save_to_disk") from None
+
+
+def hub_label(name: str, config: str, split: str) -> str:
+    return f"{HF_PREFIX}{name}" + (f"/{config}" if config else "") + (f"[{split}]" if split else "")
+
+
+def hub_dataset(name: str, *, column: str, split: str, config: str, streaming: bool) -> Source:
+    """A dataset by name from the Hugging Face Hub (``hf:NAME``)."""
+    ds = load_hub_dataset(name, config=config, split=split, streaming=streaming)
+    label = hub_label(name, config, split)
     if streaming:
         return StreamingDataset(ds, column, label)
     return ArrowDataset(ds, column, label, getattr(ds, "_fingerprint", None))
@@ -401,7 +409,8 @@ def expand_inputs(
     streaming: bool = False, exclude: Path | None = None,
 ) -> Corpus:
     """Files named directly, found under folders, or matched by globs (sorted for determinism);
-    saved ``datasets`` folders; ``hf:NAME`` Hub datasets. Files under ``exclude`` (the output
+    saved ``datasets`` folders; ``hf:NAME[:CONFIG][@SPLIT]`` Hub datasets (``hf_config`` and
+    ``split`` where the spec names none). Files under ``exclude`` (the output
     folder) are skipped in folders and globs: its own JSON files are not corpus."""
     skip = exclude.resolve() if exclude is not None else None
 
@@ -411,8 +420,9 @@ def expand_inputs(
     sources: list[Source] = []
     for item in inputs:
         if item.startswith(HF_PREFIX):
-            sources.append(hub_dataset(item[len(HF_PREFIX):], column=text_field, split=split,
-                                       config=hf_config, streaming=streaming))
+            name, config, part = parse_hf(item, config=hf_config, split=split)
+            sources.append(hub_dataset(name, column=text_field, split=part, config=config,
+                                       streaming=streaming))
             continue
         p = Path(item)
         if p.is_dir() and _is_saved_dataset(p):

@@ -159,7 +159,12 @@ class TrainStream:
 
     def batch_at(self, start: int, count: int) -> tuple[np.ndarray, np.ndarray]:
         """Masked ``(inputs, labels)`` for global positions ``[start, start + count)``."""
-        epochs, ids, _ = self.at(np.arange(start, start + count, dtype=np.int64))
+        return self.batch_for(np.arange(start, start + count, dtype=np.int64))
+
+    def batch_for(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Masked ``(inputs, labels)`` for any global positions (a mixture's source reads the
+        positions the schedule gives it)."""
+        epochs, ids, _ = self.at(positions)
         tokens = self.seqs.get(ids)
         inputs = np.empty_like(tokens)
         labels = np.empty_like(tokens)

@@ -6,6 +6,7 @@ files, ``--section.key=value`` overrides and one-line errors as pretraining."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from alum_ds.config import (
     AlumConfig,
@@ -31,6 +32,10 @@ class FinetuneRun(RunBase):
 
 @dataclass
 class TaskConfig(Section):
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"type": ("classification", "regression")}
+    type: str = "classification"
+    """classification (one label per example, cross-entropy) or regression (one real-valued
+    output per example, mean squared error; STS-B style)."""
     checkpoint: str = "runs/default"
     """The pretrained model: an alum-ds run folder, one of its checkpoint folders (or the
     checkpoints/ folder itself), or a Hugging Face folder (``alum-ds export`` output or any local
@@ -50,14 +55,31 @@ class TaskConfig(Section):
     """Second text of a pair (e.g. hypothesis); empty: single texts."""
     label_column: str = "label"
     labels: list[str] = field(default_factory=list)
-    """The label set in id order, comma-separated (default: the training data's labels, sorted)."""
+    """The label set in id order, comma-separated (default: the training data's labels, sorted).
+    F1 (``task.metrics``) is the F1 of the class with id 1, GLUE's positive class."""
+    metrics: list[str] = field(default_factory=list)
+    """What evaluation reports beside the loss, comma-separated: accuracy, f1, macro_f1, mcc
+    (classification), pearson, spearman, mse (regression). Default: accuracy,macro_f1 or
+    pearson,spearman."""
+    epochs: float = 0.0
+    """Train for this many passes over the training data (sets schedule.steps from the data's
+    size and the global batch); 0: schedule.steps decides."""
     max_length: int = 128
     """Tokens per example after truncation."""
     cache_dir: str = ""
     """Where the embedded task is generated (default: $ALUM_DS_CACHE or ~/.cache/alum_ds)."""
 
     def checks(self) -> list[Check]:
+        from alum_ds.finetune.metrics import CLASSIFICATION, REGRESSION
+
+        allowed = CLASSIFICATION if self.type == "classification" else REGRESSION
+        bad = [m for m in self.metrics if m not in allowed]
         return [("task.max_length", self.max_length >= 8, "must be at least 8"),
+                ("task.metrics", not bad, f"{', '.join(bad)} is not a {self.type} metric "
+                 f"(choose from {', '.join(allowed)})"),
+                ("task.epochs", self.epochs >= 0, "must be >= 0"),
+                ("task.labels", not (self.type == "regression" and self.labels),
+                 "is for classification; a regression task's labels are numbers"),
                 ("task.validation", not (self.validation and not self.train),
                  "needs task.train (without it the embedded task is used)")]
 

@@ -1,8 +1,10 @@
 """Labelled examples for sequence classification: read, check, map labels, tokenize, batch.
 
-Sources: CSV/TSV (a header row names the columns), JSON lines (or a JSON array of objects), and
+Sources: CSV/TSV (a header row names the columns), JSON lines (or a JSON array of objects),
 folders written by Hugging Face ``datasets`` (``save_to_disk``: a Dataset, or a DatasetDict whose
-split is chosen by role or named as ``FOLDER@split``). Texts are single (``task.text_column``) or pairs
+split is chosen by role or named as ``FOLDER@split``), and Hub datasets ``hf:NAME[:CONFIG][@SPLIT]``
+(read by ``alum_ds.data.sources``, as ``alum-ds prepare`` reads them; the split chosen by role
+when none is named). Texts are single (``task.text_column``) or pairs
 (``task.text_pair_column``: premise/hypothesis, MNLI/ANLI style). Every problem is a one-line
 ``DataError`` naming the file, the row and the option that fixes it.
 """
@@ -110,8 +112,29 @@ def _records_hf(path: Path, split: str, role: str) -> tuple[list[str], list[tupl
     except (FileNotFoundError, ValueError) as e:
         raise DataError(f"{path} is not a folder saved by datasets' save_to_disk: "
                         f"{str(e).splitlines()[0]}") from None
-    where = str(path)
-    if isinstance(ds, datasets.DatasetDict):
+    return _records_dataset(ds, str(path), split, role)
+
+
+def _records_hub(spec: str, option: str, role: str) -> tuple[list[str], list[tuple[str, dict]], dict]:
+    from alum_ds.data.sources import HF_PREFIX, load_hub_dataset, parse_hf
+
+    name, config, split = parse_hf(spec)
+    ds = load_hub_dataset(name, config=config, split=split,
+                          fix=f"its :CONFIG and @SPLIT ({option}=hf:NAME:CONFIG@SPLIT)")
+    where = f"{HF_PREFIX}{name}" + (f":{config}" if config else "")
+    return _records_dataset(ds, where, split, role, picked=bool(split))
+
+
+def _records_dataset(ds: Any, where: str, split: str, role: str, picked: bool = False
+                     ) -> tuple[list[str], list[tuple[str, dict]], dict]:
+    """Rows of a Dataset or of a DatasetDict's split (``split``, or the first of the role's
+    usual names); ``picked``: ``ds`` is already that split."""
+    import datasets
+
+    path = where
+    if picked:
+        where = f"{where}@{split}"
+    elif isinstance(ds, datasets.DatasetDict):
         names = list(ds)
         if split:
             if split not in ds:
@@ -134,6 +157,10 @@ def _records_hf(path: Path, split: str, role: str) -> tuple[list[str], list[tupl
 def read_examples(spec: str, cols: Columns, role: str) -> Examples:
     """Read one data source (see the module docstring); ``role`` picks a DatasetDict split."""
     option = {"adversarial": "task.adv_eval"}.get(role, f"task.{role}")
+    from alum_ds.data.sources import HF_PREFIX
+
+    if spec.startswith(HF_PREFIX):
+        return _examples(spec, cols, *_records_hub(spec, option, role), option)
     path, split = Path(spec), ""
     if not path.exists() and "@" in spec:
         base, _, split = spec.rpartition("@")
@@ -148,8 +175,14 @@ def read_examples(spec: str, cols: Columns, role: str) -> Examples:
     elif path.suffix.lower() in (".jsonl", ".json"):
         columns, rows = _records_json(path)
     else:
-        raise DataError(f"{option} {spec}: unsupported data file (use .csv, .tsv, .jsonl, .json or a "
-                        "folder saved by datasets' save_to_disk)")
+        raise DataError(f"{option} {spec}: unsupported data file (use .csv, .tsv, .jsonl, .json, a "
+                        "folder saved by datasets' save_to_disk or hf:NAME[:CONFIG][@SPLIT])")
+    return _examples(spec, cols, columns, rows, class_names, option)
+
+
+def _examples(spec: str, cols: Columns, columns: list[str], rows: list[tuple[str, dict[str, Any]]],
+              class_names: dict[str, list[str]], option: str) -> Examples:
+    """Checked examples from rows (``class_names``: a ClassLabel column's names by id)."""
     if not rows:
         raise DataError(f"{option} {spec}: no examples")
     for name, flag in ((cols.text, "task.text_column"), (cols.pair, "task.text_pair_column"),
@@ -206,6 +239,25 @@ class LabelSet:
         return out
 
 
+class RealLabels:
+    """A regression target (``task.type=regression``): each label read as a real number; the
+    model has one output, named ``score``."""
+
+    names = ["score"]
+
+    def ids(self, ex: Examples) -> np.ndarray:
+        out = np.empty(len(ex), dtype=np.float32)
+        for i, label in enumerate(ex.labels):
+            try:
+                out[i] = float(label)
+            except ValueError:
+                raise DataError(f"{ex.rows[i]}: label {label!r} is not a number (task.type="
+                                "regression needs real-valued labels)") from None
+            if not np.isfinite(out[i]):
+                raise DataError(f"{ex.rows[i]}: label {label!r} is not a finite number")
+        return out
+
+
 def _is_int(s: str) -> bool:
     try:
         int(s)
@@ -247,7 +299,7 @@ class Encoded:
         return out
 
 
-def encode(ex: Examples, labels: LabelSet, tokenizer: Any, max_length: int) -> Encoded:
+def encode(ex: Examples, labels: LabelSet | RealLabels, tokenizer: Any, max_length: int) -> Encoded:
     """Tokenize with the model's tokenizer (``<s> a </s></s> b </s>`` for pairs), truncating the
     longer text first to ``max_length`` tokens."""
     y = labels.ids(ex)

@@ -11,8 +11,10 @@ again into the same folder replaces them.
 from __future__ import annotations
 
 import json
+import math
+import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +30,7 @@ from alum_ds.ds_config import DsPlan, plan_ds
 from alum_ds.finetune import data as FD
 from alum_ds.finetune.config import FinetuneConfig
 from alum_ds.finetune.evaluate import Validator
-from alum_ds.finetune.objective import ClassifierObjective
+from alum_ds.finetune.objective import ClassifierObjective, RegressionObjective
 from alum_ds.finetune.source import ModelSource, build_classifier, load_checked_tokenizer, resolve_source
 from alum_ds.finetune.tasks import ensure_topic_task
 
@@ -37,7 +39,7 @@ from alum_ds.finetune.tasks import ensure_topic_task
 class Prepared:
     source: ModelSource
     tokenizer: Any
-    labels: FD.LabelSet
+    labels: FD.LabelSet | FD.RealLabels
     train: FD.Encoded
     validation: FD.Encoded
     extra: dict[str, FD.Encoded]
@@ -69,7 +71,10 @@ def prepare(cfg: FinetuneConfig) -> Prepared:
         labels = labels or meta["labels"]
         name = f"embedded topic task ({folder})"
     extra = {s: FD.read_examples(s, cols, "adversarial") for s in extra_specs}
-    label_set = FD.LabelSet(labels) if labels else FD.LabelSet.from_examples(train)
+    if task.type == "regression":
+        label_set: FD.LabelSet | FD.RealLabels = FD.RealLabels()
+    else:
+        label_set = FD.LabelSet(labels) if labels else FD.LabelSet.from_examples(train)
 
     src = resolve_source(task.checkpoint, task.tokenizer)
     try:
@@ -98,6 +103,24 @@ def _split(ex: FD.Examples) -> tuple[FD.Examples, FD.Examples]:
     return sub(keep, ex.source), sub(held, f"{ex.source} (every 10th example)")
 
 
+def with_epochs(cfg: FinetuneConfig, examples: int, world: int) -> FinetuneConfig:
+    """``cfg`` with schedule.steps set from task.epochs (when set): enough optimizer steps for
+    that many passes over ``examples`` at the global batch of ``world`` ranks."""
+    if not cfg.task.epochs:
+        return cfg
+    per_step = cfg.schedule.micro_batch_size * cfg.schedule.grad_accum * world
+    steps = max(1, math.ceil(cfg.task.epochs * examples / per_step))
+    return replace(cfg, schedule=replace(cfg.schedule, steps=steps))
+
+
+def _build_model(prep: Prepared, cfg: FinetuneConfig) -> Any:
+    model = build_classifier(prep.source, prep.labels.names, dropout=cfg.model.dropout,
+                             activation_checkpointing=cfg.model.activation_checkpointing)
+    if cfg.task.type == "regression":
+        model.config.problem_type = "regression"  # saved with the model: one real output
+    return model
+
+
 def _refuse_pretraining_folder(run_dir: Path) -> None:
     if (run_dir / "checkpoints").is_dir() or (run_dir / "config.resolved.json").is_file():
         raise ConfigError(f"run.dir {run_dir} is a pretraining run folder; fine-tune into another")
@@ -115,6 +138,9 @@ def finetune(cfg: FinetuneConfig, ds_path: str) -> dict[str, Any]:
     run_dir = Path(cfg.run.dir)
     _refuse_pretraining_folder(run_dir)
     prep = prepare(cfg)
+    # The launcher's world size (one rank without one), known before the process group: the
+    # step count of task.epochs is needed to build the run.
+    cfg = with_epochs(cfg, len(prep.train), int(os.environ.get("WORLD_SIZE", "1")))
     try:
         dev = R.detect()
         sched = cfg.schedule
@@ -123,10 +149,9 @@ def finetune(cfg: FinetuneConfig, ds_path: str) -> dict[str, Any]:
             return plan_ds(ds_path, cfg, Batching(sched.micro_batch_size, sched.grad_accum, rt.world),
                            bf16_supported=dev.bf16_supported, on_gpu=rt.on_gpu)
 
-        run = R.build_run(dev, ds, seed=cfg.run.seed, model=lambda rt: build_classifier(
-                              prep.source, prep.labels.names, dropout=cfg.model.dropout,
-                              activation_checkpointing=cfg.model.activation_checkpointing),
-                          objective=ClassifierObjective, alum=cfg.alum, optim=cfg.optim,
+        run = R.build_run(dev, ds, seed=cfg.run.seed, model=lambda rt: _build_model(prep, cfg),
+                          objective=RegressionObjective if cfg.task.type == "regression"
+                          else ClassifierObjective, alum=cfg.alum, optim=cfg.optim,
                           schedule=sched, total_steps=sched.steps,
                           cache=R.cache_dir(cfg.task.cache_dir),
                           activation_checkpointing=cfg.model.activation_checkpointing)
@@ -147,12 +172,13 @@ def _alum_on(cfg: FinetuneConfig) -> bool:
 
 def _announce(cfg: FinetuneConfig, run: R.Run, prep: Prepared, log: MT.MetricsLogger) -> None:
     pair = " (text pairs)" if prep.train.pairs else ""
+    labels = "regression" if cfg.task.type == "regression" else "labels " + ", ".join(prep.labels.names)
     log.message(
         f"alum_ds finetune: {run.banner()}, model from "
-        f"{prep.source.description} ({run.n_params / 1e6:.2f}M params), "
+        f"{prep.source.description} ({run.n_params / 1e6:.2f}M params){prep.source.tokenizer_note}, "
         f"ALUM {'on (alpha=' + format(cfg.alum.alpha, 'g') + ')' if _alum_on(cfg) else 'off'}, "
         f"task {prep.task}{pair}: {len(prep.train)} training / {len(prep.validation)} validation "
-        f"examples, labels {', '.join(prep.labels.names)}")
+        f"examples, {labels}")
     if run.ds.compile_note:
         log.message(run.ds.compile_note)
 
@@ -169,13 +195,14 @@ class Loop:
         self.batching = Batching(sched.micro_batch_size, sched.grad_accum, self.world)
         self.pad = int(prep.tokenizer.pad_token_id)
         self.alum_on = _alum_on(cfg)
-        self.window = MT.StepWindow(self.device, extra=("correct",))
+        self.regression = cfg.task.type == "regression"
+        self.window = MT.StepWindow(self.device, extra=() if self.regression else ("correct",))
         self.steps = MT.StepLogger(log, self.window, all_reduce=D.all_reduce, world=self.world,
-                                   alpha=cfg.alum.alpha, task="ce", compiled=run.ds.compile,
-                                   record_compile=False)
+                                   alpha=cfg.alum.alpha, task=self.objective.task,
+                                   compiled=run.ds.compile, record_compile=False)
         self.validator = Validator(self.engine, cfg, prep.validation, prep.extra,
                                    num_labels=len(prep.labels.names), pad_id=self.pad,
-                                   device=self.device, log=log)
+                                   device=self.device, log=log, regression=self.regression)
         self.log_every = Every(cfg.logging.every, sched.steps, final=True)
         self.eval_every = Every(cfg.eval.every, sched.steps, final=False)
 
@@ -205,8 +232,10 @@ class Loop:
 
     def log_step(self, step: int) -> None:
         def accuracy(r: dict[str, float], steps: int, seconds: float) -> dict[str, Any]:
-            return {"train_accuracy": r["correct"] / max(r["rows"], 1.0),
-                    "examples_per_s": r["rows"] / seconds, "step_time_s": seconds / steps}
+            out = {"examples_per_s": r["rows"] / seconds, "step_time_s": seconds / steps}
+            if not self.regression:
+                out["train_accuracy"] = r["correct"] / max(r["rows"], 1.0)
+            return out
 
         self.steps.flush(step, alum_on=self.alum_on, engine=self.engine,
                          skipped_total=self.objective.skipped_total, extra=accuracy)
@@ -217,7 +246,7 @@ class Loop:
         results = self.validator.final(step)
         results.update(steps=step, alum=self.alum_on, alpha=cfg.alum.alpha if self.alum_on else 0.0,
                        checkpoint=cfg.task.checkpoint, task=prep.task, labels=prep.labels.names,
-                       world_size=self.world, config=cfg.to_dict())
+                       world_size=self.world, config=cfg.to_dict(), sources=prep.source.hub)
         if cfg.run.save_model:
             _save_model(self.engine, self.model, prep, self.run_dir / "model", self.rank)
         if self.rank == 0:

@@ -11,9 +11,11 @@ from __future__ import annotations
 from dataclasses import replace
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from alum_ds import model as M
+from alum_ds.adversarial import Target
 from alum_ds.objective import AdversarialObjective, Batch
 
 
@@ -61,3 +63,30 @@ class ClassifierObjective(AdversarialObjective):
                 correct = ok if correct is None else correct & ok
             return correct, {}
         raise ValueError(f"unknown mode {mode!r}")
+
+
+class RegressionObjective(ClassifierObjective):
+    """One real-valued output per example (STS-B style; the model's ``num_labels`` is 1). The
+    loss is the mean squared error, plus ``alpha`` times the squared difference of the clean and
+    perturbed outputs when ``alum_on``: a single output is no distribution, so the symmetric KL
+    gives way to the squared difference, SMART's and MT-DNN's regulariser for regression
+    (docs/ALUM.md, "Fine-tuning"). ``"predict"`` returns the outputs [B, 1]; there is no
+    ``"robust"`` mode (robust accuracy needs classes)."""
+
+    task = "mse"
+    divergence = "squared"
+
+    def task_loss(self, clean: torch.Tensor, b: Batch, target: Target | None) -> torch.Tensor:
+        return F.mse_loss(clean[:, 0].float(), b.targets.float())
+
+    def task_stats(self, clean: torch.Tensor, b: Batch) -> dict[str, torch.Tensor]:
+        return {}
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                token_type_ids: torch.Tensor | None = None, *, mode: str = "train",
+                alum_on: bool = True, radius: float = 0.0, steps: int = 0,
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor | int]]:
+        if mode == "robust":
+            raise ValueError("robust accuracy needs a classification task")
+        return super().forward(input_ids, attention_mask, labels, token_type_ids, mode=mode,
+                               alum_on=alum_on, radius=radius, steps=steps)

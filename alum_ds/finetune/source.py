@@ -1,8 +1,10 @@
 """Where the pretrained weights come from, and the classifier built on them.
 
 ``task.checkpoint`` is a Hugging Face folder (``alum-ds export`` output, or any local folder of a
-family ``alum_ds.arch`` supports, with a tokenizer), an alum-ds run folder, its checkpoints/
-folder, or one of its checkpoint folders. DeepSpeed checkpoints
+family ``alum_ds.arch`` supports, with a tokenizer), a Hub id ``ORG/NAME[@REVISION]`` (resolved by
+``alum_ds.hub``; a local folder of that name wins), an alum-ds run folder, its checkpoints/
+folder, or one of its checkpoint folders. ``task.tokenizer`` is a folder or a Hub id too.
+DeepSpeed checkpoints
 are consolidated to fp32 with ``alum_ds.export`` into a private temporary folder per process (no
 rank waits for another, and no shared file is written); the folder is removed once the model is
 built. DeepSpeed checkpoints are pickles: fine-tune only from your own runs.
@@ -31,6 +33,10 @@ class ModelSource:
     """A temporary folder to remove once the model is built."""
     max_positions: int | None = None
     """Longest sequence the model's position table holds (None: no limit)."""
+    hub: dict[str, Any] = field(default_factory=dict)
+    """The Hub commits read, by option (``alum_ds.hub.Folder.record``), for results.json."""
+    tokenizer_note: str = ""
+    """For the run's banner: where a Hub ``task.tokenizer`` came from ('' otherwise)."""
 
     def cleanup(self) -> None:
         if self.temporary is not None:
@@ -46,12 +52,22 @@ def _is_deepspeed(p: Path) -> bool:
 
 def resolve_source(checkpoint: str, tokenizer: str = "") -> ModelSource:
     """A ModelSource for ``checkpoint``; raise DataError (one line) when it is none of the three."""
-    p = Path(checkpoint)
+    from alum_ds import hub
+
+    found = hub.resolve(checkpoint, "task.checkpoint", kind="folder")
+    tok = (hub.resolve(tokenizer, "task.tokenizer", kind="tokenizer folder", weights=False)
+           if tokenizer else None)
+    records = {o: f.record() for o, f in (("task.checkpoint", found), ("task.tokenizer", tok))
+               if f is not None and f.from_hub}
+    p = found.path
     if not p.exists():
         raise DataError(f"task.checkpoint {checkpoint}: no such folder (give an alum-ds run folder, a "
-                        "checkpoint folder or an exported Hugging Face folder)")
+                        "checkpoint folder, an exported Hugging Face folder or a Hub id ORG/NAME)")
+    tok_dir = tok.path if tok is not None else None
+    tok_words = f", tokenizer from {tok.describe()}" if tok is not None and tok.from_hub else ""
     if (p / "config.json").is_file():
-        src = ModelSource(p, Path(tokenizer) if tokenizer else p, f"Hugging Face folder {p}")
+        what = found.describe() if found.from_hub else f"Hugging Face folder {p}"
+        src = ModelSource(p, tok_dir or p, what, hub=records, tokenizer_note=tok_words)
     elif _is_deepspeed(p):
         from alum_ds.export import export
 
@@ -62,8 +78,8 @@ def resolve_source(checkpoint: str, tokenizer: str = "") -> ModelSource:
             shutil.rmtree(tmp, ignore_errors=True)
             raise DataError(f"task.checkpoint {checkpoint}: cannot read the DeepSpeed checkpoint: "
                             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-        src = ModelSource(out, Path(tokenizer) if tokenizer else out,
-                          f"DeepSpeed checkpoint {p} (consolidated to fp32)", temporary=tmp)
+        src = ModelSource(out, tok_dir or out, f"DeepSpeed checkpoint {p} (consolidated to fp32)",
+                          temporary=tmp, hub=records, tokenizer_note=tok_words)
     else:
         raise DataError(f"task.checkpoint {checkpoint} is neither a Hugging Face model folder "
                         "(config.json) nor an alum-ds run or checkpoint folder")

@@ -5,8 +5,9 @@ spec (a JSON file, the last argument), in this one process per rank:
 2. a resume of RUN/full's step-3 checkpoint into another run folder, steps 4-5 (RUN/resumed);
 3. ALUM fine-tuning from RUN/full/checkpoints (DeepSpeed's own save folder), 3 steps.
 
-Plus a from-scratch BERT (``model.arch=bert``) on WordPiece data. One launch for all: starting
-the launcher costs more than a tiny run.
+Plus a from-scratch BERT (``model.arch=bert``) on WordPiece data, and the spec's ``extra``
+pretraining runs (headless encoders under ``model.new_head``, a model from a Hub id that both ranks
+resolve at once). One launch for all: starting the launcher costs more than a tiny run.
 """
 
 import json
@@ -38,4 +39,7 @@ for family, folder in spec["families"].items():
         cls=FinetuneConfig), ds)
 train(load_config(None, [*common, "--model.arch=bert", "--model.preset=tiny",
                          f"--data.dir={spec['wordpiece_data']}", f"--run.dir={out / 'bert-scratch'}"]), ds)
+for extra in spec.get("extra", []):
+    train(load_config(None, [*common, f"--data.dir={spec['data']}", *extra["overrides"],
+                             f"--run.dir={out / extra['name']}"]), ds)
 shutdown()
