@@ -37,15 +37,6 @@ def _kl_dtype(*logits: torch.Tensor) -> torch.dtype:
     return dt
 
 
-def kl_logits(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
-    """KL(p || q) from logits, in fp32: summed over the vocabulary, mean over positions. The plain
-    autograd form: the reference the fused forms below are tested against."""
-    dt = _kl_dtype(p_logits, q_logits)
-    logp = F.log_softmax(p_logits.to(dt), dim=-1)
-    logq = F.log_softmax(q_logits.to(dt), dim=-1)
-    return (logp.exp() * (logp - logq)).sum(-1).mean()
-
-
 @dataclass(frozen=True)
 class Target:
     """A detached distribution over the vocabulary, computed once and reused: log-probabilities
@@ -107,7 +98,8 @@ class _SymmetricKL(torch.autograd.Function):
 
 def kl_to_target(target: Target, q_logits: torch.Tensor) -> torch.Tensor:
     """KL(target || softmax(q_logits)), summed over the vocabulary, mean over positions; the
-    gradient reaches ``q_logits`` only. Equals ``kl_logits(target_logits, q_logits)``."""
+    gradient reaches ``q_logits`` only. Equals the plain autograd KL
+    (``tests/_alum_helpers.kl_logits``) of ``target_logits`` and ``q_logits``."""
     dt = _kl_dtype(target.logp, q_logits)
     return _KLToTarget.apply(q_logits, target.logp.to(dt), target.p.to(dt))
 
@@ -115,7 +107,8 @@ def kl_to_target(target: Target, q_logits: torch.Tensor) -> torch.Tensor:
 def symmetric_kl(clean: torch.Tensor, adv: torch.Tensor, clean_target: Target | None = None) -> torch.Tensor:
     """KL(sg(p_clean) || p_adv) + KL(sg(p_adv) || p_clean): each side's target is detached, so the
     gradient moves each distribution towards the other (as in the authors' code). Equals
-    ``kl_logits(clean.detach(), adv) + kl_logits(adv.detach(), clean)`` with its gradients;
+    ``kl_logits(clean.detach(), adv) + kl_logits(adv.detach(), clean)`` with its gradients (the
+    plain autograd KL of ``tests/_alum_helpers``);
     ``clean_target`` (``Target.of(clean)``) saves recomputing the clean side."""
     t = clean_target if clean_target is not None else Target.of(clean)
     dt = _kl_dtype(t.logp, adv)
@@ -347,8 +340,8 @@ def adversarial_loss(
         # Scaling the KL to O(1) before the gradient keeps the ascent gradient away from fp16
         # underflow; the normalisation below makes the step independent of this scale. The scale
         # is capped at 1e8: the KL at delta ~ sigma is below fp32 rounding noise, so it is often
-        # exactly 0 or slightly negative, and the former 1/max(kl, 1e-30) = 1e30 overflowed the
-        # fp16 backward to inf (every step skipped, the precision guard never reached). By
+        # exactly 0 or slightly negative, and a scale of 1/1e-30 = 1e30 overflows the fp16
+        # backward to inf (every step skipped, the precision guard never reached). By
         # Pinsker, |dKL/dlogits| <= sqrt(2 kl), so the scaled gradient stays below ~1.5e4.
         scale = 1.0 / kl.detach().abs().clamp_min(1e-8)
         (g,) = torch.autograd.grad(kl * scale, delta, retain_graph=fused)

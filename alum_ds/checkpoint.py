@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from alum_ds import distributed as D
-from alum_ds.config import ConfigError, RunConfig
+from alum_ds.config import ConfigError, RunConfig, config_from_dict
 
 TAG_RE = re.compile(r"^step(\d{8})$")
 STATE_FILE = "alum_state.json"
@@ -433,8 +433,6 @@ def check_resume(point: ResumePoint, cfg: RunConfig, *, world: int, zero_stage: 
 def _check_branch(point: ResumePoint, cfg: RunConfig, total_steps: int) -> None:
     """A branch must compute what a run from scratch with ``cfg`` would: the checkpoint's run had
     the same settings but for ``alum``, and neither run had ALUM on before the checkpoint."""
-    from alum_ds.config import config_from_dict
-
     theirs = config_from_dict(point.state.get("config", {}))
     if theirs.fingerprint(without=("alum",)) != cfg.fingerprint(without=("alum",)):
         raise ConfigError(f"run.branch_from {point.path}: that run's settings differ from this run's "

@@ -13,6 +13,8 @@ from alum_ds.config import Config, ConfigError, RunConfig, load_config
 from alum_ds.data.shards import DataError
 from alum_ds.ds_config import DEFAULT as DEFAULT_DS_CONFIG
 
+# Each command imports its own modules inside it: `alum-ds --help`, a parse error or a refused
+# config must answer without loading torch, transformers and DeepSpeed (seconds each).
 _LINE_BREAKS = {ord(c): repr(c)[1:-1] for c in "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"}
 
 
@@ -111,6 +113,36 @@ def train_main(argv: list[str] | None = None, prog: str = "alum-ds train") -> in
     return _run(list(sys.argv[1:] if argv is None else argv), p, RunConfig, start)
 
 
+def plan_main(argv: list[str] | None = None, prog: str = "alum-ds plan") -> int:
+    """``alum-ds plan``: ``alum-ds train``'s arguments; prints what that run would do and exits
+    without starting a process group, a model or an engine."""
+    p = _run_parser(prog, "Print what `alum-ds train` (or `deepspeed launch/pretrain.py`) with "
+                    "these arguments would do: the resolved config and DeepSpeed plan, the ranks, "
+                    "the batch arithmetic, the ALUM schedule, an estimate of memory per rank and "
+                    "the checkpoint it would resume from. Starts nothing, writes nothing.")
+    p.add_argument("--resume", default="", help="checkpoint folder to resume from "
+                   "(default: the run folder's latest, if any)")
+    p.add_argument("--world", type=int, default=0, help="ranks to plan for (default: what "
+                   "`deepspeed launch/pretrain.py` starts here: every GPU, or the CPU ranks)")
+    p.add_argument("--device", choices=("here", "gpu"), default="here", help="plan for this "
+                   "machine (default), or for CUDA GPUs with bf16 (a GPU cluster's run, planned "
+                   "from anywhere; give --world)")
+    args, rest = p.parse_known_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        bad = [r for r in rest if not (r.startswith("--") and "=" in r)]
+        if bad:
+            raise ConfigError(f"unrecognised argument {bad[0]!r} (overrides look like "
+                              f"--section.key=value; see {prog} --help)")
+        cfg = load_config(args.config, rest, cls=RunConfig)
+        from alum_ds.planning import describe
+
+        print("\n".join(describe(cfg, args.ds_config, resume=args.resume, world=args.world,
+                                 device=args.device)))
+    except (ConfigError, DataError) as e:
+        return _fail(str(e))
+    return 0
+
+
 def finetune_main(argv: list[str] | None = None, prog: str = "alum-ds finetune") -> int:
     from alum_ds.finetune.config import FinetuneConfig
 
@@ -132,7 +164,7 @@ def finetune_main(argv: list[str] | None = None, prog: str = "alum-ds finetune")
                 aliases={"checkpoint": "task.checkpoint"})
 
 
-def prepare_main(argv: list[str]) -> int:
+def prepare_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="alum-ds prepare",
         description="Tokenize a corpus into shards (or --verify a folder). Rerunning an interrupted "
@@ -162,7 +194,11 @@ def prepare_main(argv: list[str]) -> int:
                    help="encoding processes for a byte-level BPE (default: one per usable core, or "
                         "$ALUM_DS_PREPARE_WORKERS; 0: encode in prepare's own thread)")
     p.add_argument("--verify", metavar="DIR", help="check a prepared folder fully and exit")
-    a = p.parse_args(argv)
+    return p
+
+
+def prepare_main(argv: list[str]) -> int:
+    a = prepare_parser().parse_args(argv)
     from alum_ds.data.encoding import default_workers
     from alum_ds.data.prepare import prepare_inputs, verify
 
@@ -288,6 +324,7 @@ def plot_main(argv: list[str]) -> int:
 
 COMMANDS = {
     "train": ("run ALUM pretraining in this process (or under a launcher)", None),
+    "plan": ("print what `alum-ds train` with the same arguments would do; start nothing", plan_main),
     "prepare": ("tokenize a corpus into shards, or verify a prepared folder", prepare_main),
     "export": ("write a Hugging Face model folder from a checkpoint", export_main),
     "plot": ("draw loss / lr / throughput curves of a run into RUN_DIR/curves.png", plot_main),

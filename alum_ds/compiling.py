@@ -57,15 +57,13 @@ def missing_compiler() -> str:
     return ""
 
 
-def decide(setting: object, *, on_gpu: bool, zero_stage: int, offload: bool) -> tuple[bool, str]:
+def decide(setting: bool | str, *, on_gpu: bool, zero_stage: int, offload: bool) -> tuple[bool, str]:
     """Whether to compile, and a note for the log ("" when nothing is worth saying). ``auto``:
     on for CUDA without ZeRO-3/offload, off elsewhere; ``true`` where it cannot work raises
-    CompileError (one line)."""
-    if setting in (False, "off"):
+    CompileError (one line). ``setting`` is already checked (``ds_config.compile_setting``)."""
+    if setting is False:
         return False, ""
-    if setting not in (True, "on", "auto"):
-        raise CompileError(f'{KEY}.enabled must be true, false or "auto", got {setting!r}')
-    explicit = setting in (True, "on")
+    explicit = setting is True
     if zero_stage == 3 or offload:
         if explicit:
             raise CompileError(f"{KEY}: compiling under ZeRO-3 or with offload is not supported (ZeRO-3 "

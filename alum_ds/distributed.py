@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import os
+import socket
 from datetime import timedelta
+from typing import Any
 
 import torch
+
+# deepspeed is imported inside the functions that use it: the model-free modules that import this
+# one (objective, for ZeRO-3 detection) stay importable, and fast to import, without it.
 
 
 def timeout() -> timedelta:
@@ -29,8 +34,6 @@ def _single_process_env() -> None:
     would fall back to MPI discovery (mpi4py). Describe a one-rank world on a free local port."""
     if "RANK" in os.environ or "OMPI_COMM_WORLD_SIZE" in os.environ:
         return
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -114,3 +117,15 @@ def any_rank_fn(device: torch.device):
         return bool(all_reduce(t, "max").item() > 0)
 
     return any_rank
+
+
+def zero3_partitioned(module: torch.nn.Module) -> bool:
+    """Whether ZeRO-3 has partitioned ``module``'s parameters (DeepSpeed tags each with ``ds_id``)."""
+    return any(hasattr(p, "ds_id") for p in module.parameters())
+
+
+def gathered(module: torch.nn.Module) -> Any:
+    """A context in which ``module``'s parameters are whole on every rank (a no-op below ZeRO-3)."""
+    from deepspeed import zero
+
+    return zero.GatheredParameters(list(module.parameters()), enabled=zero3_partitioned(module))

@@ -17,8 +17,22 @@ import torch
 
 from alum_ds import distributed as D
 from alum_ds.config import RunConfig
+from alum_ds.data.shards import read_manifest
 from alum_ds.data.stream import validation_batches
+from alum_ds.data.unigram import unigram_line
 from alum_ds.metrics import MetricsLogger
+
+WHOLE_SPLIT_TOKENS = 1 << 18
+"""A validation split of at most this many tokens (262,144; the embedded corpus's is about 50k)
+is evaluated whole at the end of a run, so the figure a run ends on is the split's; evaluating
+it costs a few seconds even on a CPU. Larger splits, and the periodic evaluations, take the
+first ``eval.max_sequences`` sequences."""
+
+
+def final_sequences(data_dir: Path, max_sequences: int) -> int:
+    """The held-out sequences the final evaluation scores (0: all): all of a small split."""
+    tokens = sum(s["tokens"] for s in read_manifest(data_dir)["splits"].get("validation", []))
+    return 0 if tokens <= WHOLE_SPLIT_TOKENS else max_sequences
 
 
 def evaluate(engine: Any, cfg: RunConfig, data_dir: Path, device: torch.device, rank: int,
@@ -75,16 +89,20 @@ class Validator:
                  rank: int, world: int, log: MetricsLogger) -> None:
         self.engine, self.cfg, self.data_dir, self.log = engine, cfg, data_dir, log
         self.device, self.rank, self.world = device, rank, world
-        self._unigram: float | None = None
+        self._unigram: dict[int, float] = {}
 
-    def run(self, step: int) -> float:
+    def run(self, step: int, *, final: bool = False) -> float:
         """Evaluate, log ``eval_loss``, ``eval_perplexity``, ``unigram_loss`` and the line that
-        reads the loss against the unigram line; return the loss."""
+        reads the loss against the unigram line; return the loss. The ``final`` evaluation covers
+        a small split whole (``WHOLE_SPLIT_TOKENS``)."""
+        n = self.cfg.eval.max_sequences
+        if final:
+            n = final_sequences(self.data_dir, n)
         ev = evaluate(self.engine, self.cfg, self.data_dir, self.device, self.rank, self.world,
-                      max_sequences=self.cfg.eval.max_sequences)
+                      max_sequences=n)
         ppl = math.exp(min(ev, 50))
-        line = self.unigram_line()
-        record = {"eval_loss": ev, "eval_perplexity": ppl, "unigram_loss": line}
+        line = self.unigram_line(n)
+        record = {"eval_loss": ev, "eval_perplexity": ppl, "unigram_loss": line, "eval_sequences": n}
         if self.cfg.eval.adv_kl_sequences:
             t0 = time.time()
             record.update(evaluate_smoothness(self.engine, self.cfg, self.data_dir, self.device,
@@ -92,21 +110,20 @@ class Validator:
             record["eval_adv_kl_seconds"] = time.time() - t0
         self.log.log(step, record)
         gap = line - ev
-        self.log.message(f"eval at step {step}: masked-LM loss {ev:.4f}, perplexity {ppl:.2f}; a model "
-                         f"of token frequencies alone: {line:.4f} (the run is {abs(gap):.2f} nats "
-                         f"{'below' if gap >= 0 else 'above'} it)")
+        scope = "the whole validation split" if n == 0 else f"{n} validation sequences"
+        self.log.message(f"eval at step {step} on {scope}: masked-LM loss {ev:.4f}, perplexity "
+                         f"{ppl:.2f}; a model of token frequencies alone: {line:.4f} (the run is "
+                         f"{abs(gap):.2f} nats {'below' if gap >= 0 else 'above'} it)")
         return ev
 
-    def unigram_line(self) -> float:
+    def unigram_line(self, max_sequences: int) -> float:
         """The eval loss a model of token frequencies alone reaches on the same targets (rank 0
-        computes it once: counting the training tokens is a bincount over the shards)."""
-        if self._unigram is None and self.rank == 0:
-            from alum_ds.data.unigram import unigram_line
-
-            self._unigram = unigram_line(self.data_dir, seq_len=self.cfg.data.seq_len,
-                                         seed=self.cfg.data.seed, masking=self.cfg.masking,
-                                         max_sequences=self.cfg.eval.max_sequences).eval_nats
-        return self._unigram if self._unigram is not None else math.nan
+        computes it once per scope: counting the training tokens is a bincount over the shards)."""
+        if max_sequences not in self._unigram and self.rank == 0:
+            self._unigram[max_sequences] = unigram_line(
+                self.data_dir, seq_len=self.cfg.data.seq_len, seed=self.cfg.data.seed,
+                masking=self.cfg.masking, max_sequences=max_sequences).eval_nats
+        return self._unigram.get(max_sequences, math.nan)
 
 
 class MixtureValidator(Validator):
@@ -119,14 +136,17 @@ class MixtureValidator(Validator):
         super().__init__(engine, cfg, stream.sources[0].dir, device=device, rank=rank, world=world,
                          log=log)
         self.stream = stream
+        self._mixture_line: float | None = None
 
-    def run(self, step: int) -> float:
+    def run(self, step: int, *, final: bool = False) -> float:
+        """As ``Validator.run``; every evaluation, the final one too, reads ``eval.max_sequences``
+        sequences of each source (the mixture's line is drawn on them)."""
         st, cfg = self.stream, self.cfg
         losses = [evaluate(self.engine, cfg, s.dir, self.device, self.rank, self.world,
                            max_sequences=cfg.eval.max_sequences) for s in st.sources]
         ev = float(sum(w * x for w, x in zip(st.shares, losses)))
         ppl = math.exp(min(ev, 50))
-        line = self.unigram_line()
+        line = self.mixture_line()
         self.log.log(step, {"eval_loss": ev, "eval_perplexity": ppl, "unigram_loss": line,
                             **{f"eval_loss/{s.name}": x for s, x in zip(st.sources, losses)}})
         per = ", ".join(f"{s.name} {x:.4f}" for s, x in zip(st.sources, losses))
@@ -136,14 +156,14 @@ class MixtureValidator(Validator):
                          f"{'below' if line >= ev else 'above'} it)")
         return ev
 
-    def unigram_line(self) -> float:
-        if self._unigram is None and self.rank == 0:
+    def mixture_line(self) -> float:
+        if self._mixture_line is None and self.rank == 0:
             from alum_ds.data.mixture import mixture_unigram
 
-            self._unigram = mixture_unigram(self.stream, seq_len=self.cfg.data.seq_len,
+            self._mixture_line = mixture_unigram(self.stream, seq_len=self.cfg.data.seq_len,
                                             seed=self.cfg.data.seed, masking=self.cfg.masking,
                                             max_sequences=self.cfg.eval.max_sequences)[0]
-        return self._unigram if self._unigram is not None else math.nan
+        return self._mixture_line if self._mixture_line is not None else math.nan
 
 
 def show_fill_mask(run_dir: Path, data_dir: Path, cfg: RunConfig, log: MetricsLogger) -> None:

@@ -27,6 +27,7 @@ from alum_ds import model as M
 from alum_ds.adversarial import Target, add_perturbation, adversarial_loss, init_delta, normalize, project
 from alum_ds.compiling import frozen
 from alum_ds.config import AlumConfig, ConfigError
+from alum_ds.distributed import zero3_partitioned
 
 
 class _CrossEntropy(torch.autograd.Function):
@@ -275,7 +276,7 @@ class AdversarialObjective(nn.Module):
         Refused under ZeRO-3: the fused graph is backpropagated twice (the ascent, then the final
         backward) while ZeRO-3 gathers a module's parameters for backward once per forward and
         releases them after the first traversal, so the second finds them partitioned."""
-        if any(hasattr(p, "ds_id") for p in self.model.parameters()):
+        if zero3_partitioned(self.model):
             raise ConfigError(
                 "alum.fused_first_pass=true does not work under ZeRO-3 (its graph is "
                 "backpropagated twice and ZeRO-3 re-gathers parameters only once per forward): "

@@ -26,6 +26,7 @@ from alum_ds import distributed as D
 from alum_ds import guard as G
 from alum_ds import metrics as MT
 from alum_ds import runtime as R
+from alum_ds.arch import check_mlm_folder
 from alum_ds.cadence import Every, StopAfter
 from alum_ds.config import AlumConfig, Batching, ConfigError, RunConfig, batching_for
 from alum_ds.data import integrity, mixture
@@ -177,7 +178,6 @@ def _resolve_pretrained(cfg: RunConfig, run_dir: Path) -> Any:
     if not cfg.model.pretrained:
         return None
     from alum_ds import hub
-    from alum_ds.arch import check_mlm_folder
 
     spec = cfg.model.pretrained
     pinned = hub.pinned_commit(run_dir, "model.pretrained", spec)
@@ -615,7 +615,7 @@ class Loop:
         cfg, last = self.cfg, self.plan.last_step
         if cfg.schedule.max_tokens and last < cfg.schedule.steps:
             self.log.message(f"token budget of {cfg.schedule.max_tokens:,} reached at step {last}")
-        ev = self.validator.run(step)
+        ev = self.validator.run(step, final=True)
         _write_summary(self.plan.run_dir, self.rank, step, ev, self.engine)
         if cfg.eval.fill_mask and self.rank == 0:
             show_fill_mask(self.plan.run_dir, self.data_dir, cfg, self.log)
@@ -700,11 +700,8 @@ def _write_resolved(run_dir: Path, cfg: RunConfig, ds: dict, data_dir: Path,
 
 def _write_summary(run_dir: Path, rank: int, step: int, eval_loss: float, engine: Any) -> None:
     """Per-rank summary; the parameter checksum shows the ranks hold the same model."""
-    from deepspeed import zero
-
-    params = list(engine.module.parameters())
-    with zero.GatheredParameters(params, enabled=hasattr(params[0], "ds_id")):
-        checksum = float(sum(p.detach().double().sum() for p in params))
+    with D.gathered(engine.module):
+        checksum = float(sum(p.detach().double().sum() for p in engine.module.parameters()))
     out = {"step": step, "eval_loss": eval_loss, "param_checksum": checksum}
     (run_dir / f"summary.rank{rank}.json").write_text(json.dumps(out))
 

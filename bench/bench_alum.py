@@ -297,7 +297,12 @@ def baseline_loss(mlm, input_ids, labels, cfg):
     import torch.nn.functional as F
 
     from alum_ds import model as M
-    from alum_ds.adversarial import kl_logits
+
+    def kl_logits(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
+        """KL(p || q) from logits in fp32 by plain autograd, as the published code computes it."""
+        logp = F.log_softmax(p_logits.float(), dim=-1)
+        logq = F.log_softmax(q_logits.float(), dim=-1)
+        return (logp.exp() * (logp - logq)).sum(-1).mean()
 
     V = mlm.config.vocab_size
     h0 = M.embed(mlm, input_ids)

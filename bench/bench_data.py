@@ -117,8 +117,7 @@ def bench_stream(data_dir: Path, *, seconds: float, repeats: int, seq_len: int, 
     from alum_ds.config import MaskingConfig
     from alum_ds.data.stream import TrainStream
 
-    masking = MaskingConfig()
-    masking.whole_word = whole_word  # read if present: the run config does not have it yet
+    masking = MaskingConfig(whole_word=whole_word)
     rates = []
     for _ in range(repeats):
         s = TrainStream(data_dir, seq_len=seq_len, seed=1, masking=masking)

@@ -20,12 +20,12 @@ from alum_ds.adversarial import (
     PrecisionError,
     add_perturbation,
     adversarial_loss,
-    kl_logits,
     symmetric_kl,
     token_norm,
 )
 from alum_ds.config import AlumConfig
 from alum_ds.objective import AlumObjective
+from tests._alum_helpers import kl_logits
 
 V, T, B = 300, 16, 2
 MASK_ID = 4

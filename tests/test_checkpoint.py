@@ -139,6 +139,7 @@ def test_export_equals_engine_and_continual_pretraining(reference: Path, tmp_pat
     from alum_ds.config import config_from_dict
     from alum_ds.data.corpus import embedded_documents
     from alum_ds.data.stream import TrainStream, validation_batches
+    from alum_ds.evaluation import final_sequences
 
     out = tmp_path / "hf"
     assert main(["export", str(reference), str(out)]) == 0
@@ -146,12 +147,13 @@ def test_export_equals_engine_and_continual_pretraining(reference: Path, tmp_pat
     tok = AutoTokenizer.from_pretrained(out)
     assert model.config.vocab_size == len(tok) and (out / "model.safetensors").is_file()
     # The exported model's masked-LM loss on the run's validation batches is the run's final
-    # evaluation (the engine's numbers), to fp32 precision.
+    # evaluation (the engine's numbers, on the whole of the small split), to fp32 precision.
     resolved = json.loads((reference / "config.resolved.json").read_text())
     data_dir = Path(resolved["data_dir"])
     masking = config_from_dict(resolved["config"]).masking  # the run's, whatever its default
     val = validation_batches(data_dir, seq_len=32, seed=1234, masking=masking, batch=16,
-                             rank=0, world=1, max_sequences=64)
+                             rank=0, world=1, max_sequences=final_sequences(data_dir, 64))
+    assert final_sequences(data_dir, 64) == 0  # the embedded split is evaluated whole
     final_eval = _by_step(reference, "eval_loss")[STEPS]
     assert _mlm_loss(model, val) == pytest.approx(final_eval, abs=1e-4)
     # Anyone's tools load it: the fill-mask pipeline from the folder alone.

@@ -18,7 +18,8 @@ import torch
 
 from alum_ds import compiling, cpu_fastpath
 from alum_ds import model as M
-from alum_ds.config import AlumConfig
+from alum_ds.config import AlumConfig, ConfigError
+from alum_ds.ds_config import compile_setting
 from alum_ds.objective import AlumObjective
 
 V, T, B = 300, 16, 2
@@ -124,8 +125,8 @@ def test_decide() -> None:
     assert compiling.decide("auto", on_gpu=True, zero_stage=3, offload=False) == (False, "")
     with pytest.raises(compiling.CompileError, match="ZeRO-3 or with offload"):
         compiling.decide(True, on_gpu=False, zero_stage=3, offload=False)
-    with pytest.raises(compiling.CompileError, match="must be true, false or"):
-        compiling.decide("yes", on_gpu=False, zero_stage=2, offload=False)
+    with pytest.raises(ConfigError, match="must be"):
+        compile_setting({"torch_compile": {"enabled": "yes"}})
     assert compiling.decide(True, on_gpu=False, zero_stage=2, offload=False) == (True, "")
 
 

@@ -62,6 +62,11 @@ def _encode_workers_alive() -> list:
             and any("alum_ds.data.encoding" in a for a in c.cmdline())]
 
 
+def _pids(pool: object) -> list[int]:
+    """An encoding pool's worker process ids; empty before they start."""
+    return [w.proc.pid for w in pool._workers]
+
+
 def _recording_pools(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Record the pid of every encoding worker started."""
     from alum_ds.data import encoding as E
@@ -71,7 +76,7 @@ def _recording_pools(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
     def start(self: E.EncoderPool) -> None:
         real(self)
-        pids.extend(self.pids())
+        pids.extend(_pids(self))
 
     monkeypatch.setattr(E.EncoderPool, "_start", start)
     return pids
@@ -170,7 +175,7 @@ def test_encoding_worker_failures_are_errors(data_dir: Path) -> None:
         with EncoderPool(enc, 2) as pool:
             it = pool.map((i, docs) for i in range(50))
             got = [next(it), next(it)]
-            os.kill(pool.pids()[1], signal.SIGKILL)
+            os.kill(_pids(pool)[1], signal.SIGKILL)
             got += list(it)
     assert not _encode_workers_alive()
     # And the pool's results are the encoder's, in order.

@@ -96,14 +96,7 @@ def test_word_start_table() -> None:
 
 
 def test_whole_word_masking_keeps_words_whole(data_dir: Path) -> None:
-    from dataclasses import dataclass
-
-    @dataclass
-    class WholeWordMasking(MaskingConfig):
-        whole_word: bool = True  # the field the run config is to gain
-
-    s = _stream(data_dir, masking=WholeWordMasking())
-    assert s._mask_kw["whole_word"] is True
+    s = _stream(data_dir, masking=MaskingConfig(whole_word=True))
     table = s._mask_kw["word_start"]
     n = len(s.seqs)
     inputs, labels = s.batch_at(0, n)

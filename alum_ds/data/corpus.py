@@ -179,10 +179,3 @@ def embedded_fingerprint() -> str:
             h.update(b"unreadable")  # skipped by the extraction too
     return h.hexdigest()[:16]
 
-
-def documents_fingerprint(docs: list[str]) -> str:
-    h = hashlib.sha256()
-    for d in docs:
-        h.update(d.encode("utf-8", "surrogatepass"))
-        h.update(b"\0")
-    return h.hexdigest()[:16]

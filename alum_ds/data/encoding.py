@@ -234,10 +234,6 @@ class EncoderPool:
             self.close(abort=True)
             raise
 
-    def pids(self) -> list[int]:
-        """The worker processes' ids (for tests and diagnostics); empty before they start."""
-        return [w.proc.pid for w in self._workers]
-
     def _take(self, w: _Worker) -> Batch:
         kind, *rest = w.outbox.get()
         if kind != "ok":

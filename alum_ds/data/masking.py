@@ -57,7 +57,6 @@ def mask_batch(
     special_ids: np.ndarray,
     mask_id: int,
     vocab_size: int,
-    whole_word: bool = False,
     word_start: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Return ``(inputs, labels)``: labels hold the original token where selected, -100 elsewhere.
@@ -65,28 +64,21 @@ def mask_batch(
     ``prob`` of the non-special tokens are selected (at least one per sequence); of those
     ``mask_frac`` become <mask>, ``random_frac`` a random non-special token, the rest stay.
 
-    ``whole_word``: words (a token marked in ``word_start``, see ``word_start_table``, or the
+    ``cfg.whole_word``: words (a token marked in ``word_start``, see ``word_start_table``, or the
     first token after a special one, and the tokens up to the next such start) are selected
     whole with probability ``prob`` each, so about ``prob`` of the tokens are still selected, and
     each selected word is masked, randomised or kept as a unit.
     """
-    n, length = tokens.shape
+    length = tokens.shape[1]
     allowed, special_table = _allowed_and_special(vocab_size, tuple(int(x) for x in special_ids))
     is_special = special_table[tokens]
     candidate = ~is_special
     u_sel = uniform(seed, epoch, seq_ids, length, 0)
     u_kind = uniform(seed, epoch, seq_ids, length, 1)
-    if whole_word:
+    if cfg.whole_word:
         if word_start is None:
             raise ValueError("whole_word masking needs word_start (see word_start_table)")
-        starts = word_start[tokens] | is_special
-        starts[:, 1:] |= is_special[:, :-1]
-        starts[:, 0] = True
-        # Each position draws with its word's first position: the word is selected, and
-        # masked/randomised/kept, as one.
-        first = np.maximum.accumulate(np.where(starts, np.arange(length), 0), axis=1)
-        u_sel = np.take_along_axis(u_sel, first, axis=1)
-        u_kind = np.take_along_axis(u_kind, first, axis=1)
+        u_sel, u_kind = _word_draws(tokens, is_special, word_start, u_sel, u_kind)
     selected = (u_sel < cfg.prob) & candidate
     # A sequence with nothing selected would contribute no loss; select its likeliest candidate
     # (its whole word, as the draws are shared within a word).
@@ -94,11 +86,28 @@ def mask_batch(
     if empty.any():
         rows = np.flatnonzero(empty)
         scores = np.where(candidate, u_sel, np.inf)[rows]
-        if whole_word:
+        if cfg.whole_word:
             selected[rows] |= scores == scores.min(axis=1, keepdims=True)
         else:
             selected[rows, scores.argmin(axis=1)] = True
     u_tok = uniform(seed, epoch, seq_ids, length, 2)
+    return _corrupt(tokens, selected, u_kind, u_tok, cfg, mask_id, allowed)
+
+
+def _word_draws(tokens: np.ndarray, is_special: np.ndarray, word_start: np.ndarray,
+                u_sel: np.ndarray, u_kind: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each position draws with its word's first position: the word is selected, and
+    masked/randomised/kept, as one."""
+    starts = word_start[tokens] | is_special
+    starts[:, 1:] |= is_special[:, :-1]
+    starts[:, 0] = True
+    first = np.maximum.accumulate(np.where(starts, np.arange(tokens.shape[1]), 0), axis=1)
+    return np.take_along_axis(u_sel, first, axis=1), np.take_along_axis(u_kind, first, axis=1)
+
+
+def _corrupt(tokens: np.ndarray, selected: np.ndarray, u_kind: np.ndarray, u_tok: np.ndarray,
+             cfg: MaskingConfig, mask_id: int, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The selected positions labelled, and masked, randomised or kept by ``u_kind``."""
     inputs = tokens.astype(np.int64, copy=True)
     labels = np.full_like(inputs, -100)
     labels[selected] = inputs[selected]

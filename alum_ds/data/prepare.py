@@ -523,10 +523,14 @@ def prepare_inputs(inputs: list[str], out_dir: str, **kwargs: Any) -> dict[str, 
     return prepare(corpus=corpus, out_dir=out_dir, source={"inputs": corpus.labels()}, **kwargs)
 
 
+def embedded_dir(cache_dir: str | Path, *, vocab_size: int, seed: int) -> Path:
+    """Where the embedded corpus prepared with these options lives in ``cache_dir``."""
+    return Path(cache_dir) / f"embedded-{embedded_fingerprint()}-v{vocab_size}-s{seed}-f{S.VERSION}"
+
+
 def ensure_embedded(cache_dir: str | Path, *, vocab_size: int, seed: int) -> Path:
     """Prepare the embedded default corpus once per (corpus, options) and reuse it after."""
-    key = f"{embedded_fingerprint()}-v{vocab_size}-s{seed}-f{S.VERSION}"
-    out = Path(cache_dir) / f"embedded-{key}"
+    out = embedded_dir(cache_dir, vocab_size=vocab_size, seed=seed)
     if (out / S.MANIFEST).is_file():
         return out
     docs = embedded_documents()

@@ -115,9 +115,8 @@ def _masking_kwargs(data_dir: str | Path, masking: MaskingConfig) -> dict[str, o
     special = np.asarray(m["special_ids"], dtype=np.int64)
     kw: dict[str, object] = {"special_ids": special, "mask_id": int(m["mask_id"]),
                              "vocab_size": int(m["vocab_size"])}
-    # ``masking.whole_word`` is read if the config has it (the field is optional).
-    if getattr(masking, "whole_word", False):
-        kw.update(whole_word=True, word_start=_word_start(Path(data_dir) / m["dir"], special,
+    if masking.whole_word:
+        kw.update(word_start=_word_start(Path(data_dir) / m["dir"], special,
                                                           int(m["vocab_size"])))
     return kw
 

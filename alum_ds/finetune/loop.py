@@ -121,9 +121,12 @@ def _build_model(prep: Prepared, cfg: FinetuneConfig) -> Any:
     return model
 
 
-def _prepare_run_dir(run_dir: Path) -> None:
+def _refuse_pretraining_folder(run_dir: Path) -> None:
     if (run_dir / "checkpoints").is_dir() or (run_dir / "config.resolved.json").is_file():
-        raise ConfigError(f"--run.dir {run_dir} is a pretraining run folder; fine-tune into another")
+        raise ConfigError(f"run.dir {run_dir} is a pretraining run folder; fine-tune into another")
+
+
+def _prepare_run_dir(run_dir: Path) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     for name in ("metrics.jsonl", "results.json", "tensorboard", "model"):
         p = run_dir / name
@@ -133,8 +136,7 @@ def _prepare_run_dir(run_dir: Path) -> None:
 def finetune(cfg: FinetuneConfig, ds_path: str) -> dict[str, Any]:
     """Run one fine-tuning; return the results (also written to RUN/results.json on rank 0)."""
     run_dir = Path(cfg.run.dir)
-    if (run_dir / "checkpoints").is_dir() or (run_dir / "config.resolved.json").is_file():
-        raise ConfigError(f"run.dir {run_dir} is a pretraining run folder; fine-tune into another")
+    _refuse_pretraining_folder(run_dir)
     prep = prepare(cfg)
     # The launcher's world size (one rank without one), known before the process group: the
     # step count of task.epochs is needed to build the run.
@@ -256,10 +258,7 @@ class Loop:
 
 def _save_model(engine: Any, model: Any, prep: Prepared, out: Path, rank: int) -> None:
     """A Hugging Face folder (safetensors + tokenizer); ZeRO-3 shards are gathered first."""
-    from deepspeed import zero
-
-    params = list(engine.module.parameters())
-    with zero.GatheredParameters(params, enabled=hasattr(params[0], "ds_id")):
+    with D.gathered(engine.module):
         if rank == 0:
             tmp = out.with_name(out.name + ".partial")
             shutil.rmtree(tmp, ignore_errors=True)
