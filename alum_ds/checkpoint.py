@@ -27,7 +27,6 @@ loading one runs code, so resume only from your own runs.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import re
@@ -42,6 +41,7 @@ import torch
 
 from alum_ds import distributed as D
 from alum_ds.config import ConfigError, RunConfig, config_from_dict
+from alum_ds.data.shards import sha256_file
 
 TAG_RE = re.compile(r"^step(\d{8})$")
 STATE_FILE = "alum_state.json"
@@ -149,8 +149,7 @@ def _write_latest(ckpt_root: Path, tag: str) -> None:
 
 
 def file_digest(path: Path) -> dict[str, Any]:
-    with open(path, "rb") as f:
-        return {"size": os.fstat(f.fileno()).st_size, "sha256": hashlib.file_digest(f, "sha256").hexdigest()}
+    return {"size": path.stat().st_size, "sha256": sha256_file(path)}
 
 
 def owner_of(name: str) -> int:

@@ -164,11 +164,11 @@ def test_readme_main_job_runs_in_a_fresh_folder(tmp_path: Path) -> None:
     losses = _losses(run_dir)
     assert losses[-1] < losses[0] - 1.0, losses
     # It learns context: its final eval loss lies well below a model of token frequencies alone
-    # (measured 1.01 nats below; bench/results/README.md, "The main job"). The margin allows for
-    # another CPU's rounding, not for a recipe that learns less.
+    # (measured 0.91 nats below on the whole split; bench/results/README.md, "The main job"). The
+    # margin allows for another CPU's rounding, not for a recipe that learns less.
     recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     final = [r for r in recs if "eval_loss" in r][-1]
-    assert final["eval_loss"] < final["unigram_loss"] - 0.85, final
+    assert final["eval_loss"] < final["unigram_loss"] - 0.8, final
     assert (run_dir / "checkpoints" / "latest").is_file()
     assert list((tmp_path / "cache").glob("embedded-*/manifest.json"))
     assert "(DeepSpeed config " in log and "a model of token frequencies alone" in log
