@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from alum_ds import distributed as D
 from alum_ds.config import ConfigError, RunConfig, config_from_dict
@@ -199,8 +200,6 @@ def _write_failure(root: Path, tag: str, errors: list[str], written: int) -> Che
 
 
 def _write_extra(path: Path, extra: dict[str, Any]) -> None:
-    from safetensors.torch import save_file
-
     save_file({k: v.contiguous() for k, v in extra.items()}, str(path / (EXTRA_FILE + ".tmp")))
     os.replace(path / (EXTRA_FILE + ".tmp"), path / EXTRA_FILE)
 
@@ -322,8 +321,6 @@ def read_extra(tag_dir: Path) -> dict[str, Any]:
     p = tag_dir / EXTRA_FILE
     if not p.is_file():
         return {}
-    from safetensors.torch import load_file
-
     return load_file(str(p))
 
 

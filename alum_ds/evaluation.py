@@ -13,13 +13,18 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy
 import torch
 
 from alum_ds import distributed as D
+from alum_ds import showcase
 from alum_ds.config import RunConfig
+from alum_ds.data.mixture import mixture_unigram
 from alum_ds.data.shards import read_manifest
 from alum_ds.data.stream import validation_batches
-from alum_ds.data.unigram import unigram_line
+from alum_ds.data.tokenizer import load_tokenizer
+from alum_ds.data.unigram import token_counts, unigram_line, unigram_log_probs
+from alum_ds.export import export
 from alum_ds.metrics import MetricsLogger
 
 WHOLE_SPLIT_TOKENS = 1 << 18
@@ -158,8 +163,6 @@ class MixtureValidator(Validator):
 
     def mixture_line(self) -> float:
         if self._mixture_line is None and self.rank == 0:
-            from alum_ds.data.mixture import mixture_unigram
-
             self._mixture_line = mixture_unigram(self.stream, seq_len=self.cfg.data.seq_len,
                                             seed=self.cfg.data.seed, masking=self.cfg.masking,
                                             max_sequences=self.cfg.eval.max_sequences)[0]
@@ -169,15 +172,6 @@ class MixtureValidator(Validator):
 def show_fill_mask(run_dir: Path, data_dir: Path, cfg: RunConfig, log: MetricsLogger) -> None:
     """Rank 0: export the run's last checkpoint (as ``alum-ds export`` does) into a scratch
     folder and print the fill-mask answers for ``eval.fill_mask`` held-out sentences."""
-    # The showcase's libraries (numpy, the exporter, the tokenizer) load only for a run that
-    # shows it, at its end.
-    import numpy
-
-    from alum_ds import showcase
-    from alum_ds.data.tokenizer import load_tokenizer
-    from alum_ds.data.unigram import token_counts, unigram_log_probs
-    from alum_ds.export import export
-
     examples = showcase.masked_examples(data_dir, load_tokenizer(data_dir / "tokenizer"),
                                         cfg.eval.fill_mask, seq_len=cfg.data.seq_len)
     if not examples:

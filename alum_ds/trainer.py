@@ -24,6 +24,7 @@ import torch
 from alum_ds import checkpoint as C
 from alum_ds import distributed as D
 from alum_ds import guard as G
+from alum_ds import hub
 from alum_ds import metrics as MT
 from alum_ds import runtime as R
 from alum_ds.arch import check_mlm_folder
@@ -177,8 +178,6 @@ def _resolve_pretrained(cfg: RunConfig, run_dir: Path) -> Any:
     an MLM head, or any supported encoder under ``model.new_head``."""
     if not cfg.model.pretrained:
         return None
-    from alum_ds import hub
-
     spec = cfg.model.pretrained
     pinned = hub.pinned_commit(run_dir, "model.pretrained", spec)
     folder = hub.resolve(spec, "model.pretrained", pinned=pinned)
@@ -679,13 +678,11 @@ def _check_run_dir(run_dir: Path, cfg: RunConfig) -> None:
 
 def _write_resolved(run_dir: Path, cfg: RunConfig, ds: dict, data_dir: Path,
                     sources: dict[str, Any]) -> None:
-    from alum_ds.hub import sources_record
-
     run_dir.mkdir(parents=True, exist_ok=True)
     # "sources": the Hub commits the run read (outside the hash: a rerun of the same command
     # resumes, and keeps those commits).
     doc = {"config_hash": cfg.fingerprint(), "config": cfg.to_dict(), "deepspeed": ds,
-           "data_dir": str(data_dir), "sources": sources_record(sources)}
+           "data_dir": str(data_dir), "sources": hub.sources_record(sources)}
     tmp = run_dir / "config.resolved.json.tmp"
     tmp.write_text(json.dumps(doc, indent=2))
     os.replace(tmp, run_dir / "config.resolved.json")
