@@ -105,6 +105,37 @@ def test_guard_settings_are_checked(override: str, needle: str) -> None:
         load_config(None, [override])
 
 
+def _strict(text: str) -> dict:
+    """Parse as RFC 8259 JSON: NaN and Infinity literals are errors."""
+    def refuse(name: str) -> None:
+        raise ValueError(f"non-standard JSON literal {name}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_metrics_of_a_non_finite_step_are_standard_json(tmp_path: Path) -> None:
+    from alum_ds import records
+    from alum_ds.metrics import MetricsLogger
+    from alum_ds.plot import read_metrics
+
+    log = MetricsLogger(tmp_path, enabled=True, tensorboard=True, total_steps=3)
+    log.log(1, {"loss": 5.0, "mlm_loss": 5.0, "lr": 1e-3, "tokens_per_s": 10.0})
+    log.log(2, {"loss": math.nan, "mlm_loss": math.nan, "grad_norm": math.inf, "lr": 1e-3,
+                "tokens_per_s": 10.0, "eval_loss/a/b": -math.inf, "per": [1.0, math.nan]})
+    log.close()
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    one, two = (_strict(x) for x in lines)
+    assert "nonfinite" not in one and one["loss"] == 5.0
+    assert two["loss"] is None and two["grad_norm"] is None and two["per"] == [1.0, None]
+    assert two["nonfinite"] == {"/loss": "NaN", "/mlm_loss": "NaN", "/grad_norm": "Infinity",
+                                "/eval_loss~1a~1b": "-Infinity", "/per/1": "NaN"}
+    back = records.loads(lines[1])
+    assert math.isnan(back["loss"]) and back["grad_norm"] == math.inf
+    assert back["eval_loss/a/b"] == -math.inf and math.isnan(back["per"][1]) and "nonfinite" not in back
+    train, _, _ = read_metrics(tmp_path)  # the plot's reader sees the NaN, not a null
+    assert math.isnan(train[2]["loss"]) and train[1]["loss"] == 5.0
+    assert records.dumps({"eval_loss": math.nan}) == '{"eval_loss": null, "nonfinite": {"/eval_loss": "NaN"}}'
+
+
 # -- checkpoint integrity on files, one process ----------------------------------------------
 
 def _checkpoint(root: Path, step: int, payload: dict[str, bytes]) -> C.ResumePoint:
@@ -321,6 +352,10 @@ def test_nan_run_stops_with_latest_on_the_last_finite_checkpoint(faults: dict) -
     assert "warning: step 6: non-finite loss: no optimizer update (1 in a row" in faults["log"]
     assert (root / "latest").read_text() == C.tag_for(4)
     assert C.complete_tags(root) == [C.tag_for(4)]
+    recs = [_strict(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]  # standard JSON
+    skipped = {r["step"]: r for r in recs if "loss" in r and r["step"] in (6, 7, 8)}
+    assert sorted(skipped) == [6, 7, 8]
+    assert all(r["loss"] is None and r["nonfinite"]["/loss"] == "NaN" for r in skipped.values())
     assert C.verify(C.find_resume(run_dir)) == ""
     weights = torch.load(root / C.tag_for(4) / "mp_rank_00_model_states.pt", weights_only=False)["module"]
     assert all(torch.isfinite(t).all() for t in weights.values())
