@@ -220,10 +220,11 @@ def surviving_radius(h: torch.Tensor, norm: str = "linf") -> float:
 
 
 # The median |h| above which the embedding output is taken for a diverged model's. h is the
-# embedding LayerNorm's output (ELECTRA's: a projection of it), so its scale is the LayerNorm weight: it starts at 1 and trained encoders keep the median |h| O(1) (a few outlier
-# features reach ~10-20, the median ignores them). A median of 100 needs weights two orders of
-# magnitude past that, as a few steps at a far too high learning rate leave them; a radius that
-# survives rounding there would be as large as a healthy model's whole activation.
+# embedding LayerNorm's output (ELECTRA's: a projection of it), so its scale is the LayerNorm
+# weight: it starts at 1 and trained encoders keep the median |h| O(1) (a few outlier features
+# reach ~10-20; the median ignores them). A median of 100 needs weights two orders of magnitude
+# past that, as a few steps at a far too high learning rate leave them; a radius that survives
+# rounding there would be as large as a healthy model's whole activation.
 DIVERGED_MEDIAN = 100.0
 
 
