@@ -5,7 +5,8 @@ one-process ``alum-ds train`` runs check a full tmpfs during a save and the reru
 launch (tests/fault/fault_runs.py) checks, on ZeRO-2: a flipped bit in rank 1's shard and a
 garbage ``latest`` (resumed from the previous checkpoint with the uninterrupted run's losses), no
 intact checkpoint (one-line refusal, nothing changed), a run poisoned with NaN and one with a
-loss spike (both rolled back past the data window, then finished); and on ZeRO-0 fp32 (where the
+loss spike (both rolled back past the data window, then finished), the NaN run again on
+ZeRO-3 (partitioned weights, the rollback reloading a partitioned checkpoint); and on ZeRO-0 fp32 (where the
 guard itself skips the update) a NaN run stopped with ``latest`` on its last finite checkpoint.
 """
 
@@ -273,6 +274,9 @@ def faults(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> dict:
         {"train": [str(base / "spike"), ds, [*args, "--schedule.steps=12", "--guard.spike_steps=2",
                                              "--guard.spike_window=4"]],
          "env": {"POISON_LOSS_AT": "6,7"}},
+        {"train": [str(base / "z3"), str(ROOT / "ds_configs" / "zero3.json"),
+                   [*args, "--schedule.steps=12", "--checkpoint.keep=1"]],
+         "env": {"POISON_STEP": "5", "POISON_ONCE": "1"}},
         {"train": [str(base / "stop"), str(ROOT / "ds_configs" / "zero0.json"),
                    [*args, "--schedule.steps=12", "--checkpoint.keep=1", "--guard.action=stop"]],
          "env": {"POISON_STEP": "5"}},
@@ -334,6 +338,25 @@ def test_nan_and_spike_roll_back_and_skip_the_window(faults: dict) -> None:
         assert (C.checkpoint_dir(run_dir) / "latest").read_text() == C.tag_for(12)
     assert ("loss above 2 x its running median" in log and "for 2 steps (steps 6-7" in log
             and f"rolled back to {C.checkpoint_dir(spike) / C.tag_for(4)}" in log)
+
+
+@pytest.mark.distributed
+def test_nan_rolls_back_under_zero3(faults: dict) -> None:
+    """ZeRO-3: each rank holds a partition of the weights (the poisoned one too) and the rollback
+    reloads the partitioned checkpoint mid-run; with checkpoint.keep=1 the step-4 checkpoint it
+    rolls back to is the only one kept through the NaN steps."""
+    z3 = faults["base"] / "z3"
+    root = C.checkpoint_dir(z3)
+    assert (f"guard: 3 steps in a row with a non-finite loss (steps 6-8; guard.max_nonfinite=3): "
+            f"rolled back to {root / C.tag_for(4)} (step 4) and skipped the 32 sequences seen "
+            "since it") in faults["log"]
+    state = C.read_state(root / C.tag_for(12))
+    assert state["zero_stage"] == 3 and {m["rank"] for m in state["files"].values()} == {0, 1}
+    losses = _losses(z3)
+    assert sorted(losses) == list(range(1, 13)) and all(math.isfinite(v) for v in losses.values())
+    last = [r for r in _records(z3) if "consumed_sequences" in r][-1]
+    assert last["step"] == 12 and last["consumed_sequences"] == 12 * 8 + 32
+    assert (root / "latest").read_text() == C.tag_for(12) and C.complete_tags(root) == [C.tag_for(12)]
 
 
 @pytest.mark.distributed
