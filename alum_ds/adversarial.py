@@ -337,14 +337,7 @@ def adversarial_loss(
         raise ValueError("the random-perturbation control takes no ascent pass to fuse")
     for step in range(cfg.ascent_steps if ascent_steps is None else ascent_steps):
         if cfg.perturbation == "random":
-            # The control arm: the ascent's direction replaced by Gaussian noise, then normalised
-            # and projected exactly as an ascent step, so delta has ALUM's radius; no pass runs
-            # and no gradient is taken.
-            noise = torch.randn(delta.shape, dtype=torch.float32, device=h.device, generator=generator)
-            with torch.no_grad():
-                moved = delta.detach() + cfg.eta * normalize(noise, cfg.norm)
-                delta = project(moved, cfg.epsilon, cfg.norm) if cfg.update == "project" else \
-                    normalize(moved, cfg.norm)
+            delta = _random_step(delta, cfg, generator)
             continue
         fused = step == 0 and first_logits is not None
         if not fused:
@@ -353,29 +346,7 @@ def adversarial_loss(
         kl = kl_to_target(target, adv) if kl_on else squared_to_target(clean_logits, adv)
         if step == 0:
             kl_before = kl.detach()
-        # Scaling the KL to O(1) before the gradient keeps the ascent gradient away from fp16
-        # underflow; the normalisation below makes the step independent of this scale. The scale
-        # is capped at 1e8: the KL at delta ~ sigma is below fp32 rounding noise, so it is often
-        # exactly 0 or slightly negative, and a scale of 1/1e-30 = 1e30 overflows the fp16
-        # backward to inf (every step skipped, the precision guard never reached). By
-        # Pinsker, |dKL/dlogits| <= sqrt(2 kl), so the scaled gradient stays below ~1.5e4.
-        scale = 1.0 / kl.detach().abs().clamp_min(1e-8)
-        (g,) = torch.autograd.grad(kl * scale, delta, retain_graph=fused)
-        with torch.no_grad():
-            g = g / scale
-            # A non-finite gradient zeroes delta from here on (the remaining passes still run, on
-            # every rank, with a harmless zero perturbation) and marks the step skipped. Decided
-            # on the device: ``where`` never lets the NaN through.
-            finite = torch.isfinite(g).all()
-            ok = ok & finite
-            g = torch.where(finite, g, torch.zeros_like(g))
-            grad_norm = token_norm(g, cfg.norm).mean()
-            moved = delta.detach() + cfg.eta * normalize(g, cfg.norm)
-            if cfg.update == "project":
-                moved = project(moved, cfg.epsilon, cfg.norm)
-            else:
-                moved = normalize(moved, cfg.norm)
-            delta = torch.where(ok, moved, torch.zeros_like(moved))
+        delta, ok, grad_norm = _ascent_step(kl, delta, ok, cfg, retain_graph=fused)
 
     h_adv = add_perturbation(h, delta)
     frac = _surviving_fraction(h, delta, h_adv)
@@ -394,3 +365,41 @@ def adversarial_loss(
         return AdvResult(zero, True, zero, grad_norm, kl_before)
     return AdvResult(loss=loss, skipped=False, delta_norm=token_norm(delta.detach(), cfg.norm).mean(),
                      grad_norm=grad_norm, kl_before=kl_before)
+
+
+def _random_step(delta: torch.Tensor, cfg: AlumConfig, generator: torch.Generator | None) -> torch.Tensor:
+    """The control arm's step: the ascent's direction replaced by Gaussian noise, then normalised
+    and projected exactly as an ascent step, so delta has ALUM's radius; no pass runs and no
+    gradient is taken."""
+    noise = torch.randn(delta.shape, dtype=torch.float32, device=delta.device, generator=generator)
+    with torch.no_grad():
+        moved = delta.detach() + cfg.eta * normalize(noise, cfg.norm)
+        return project(moved, cfg.epsilon, cfg.norm) if cfg.update == "project" else \
+            normalize(moved, cfg.norm)
+
+
+def _ascent_step(kl: torch.Tensor, delta: torch.Tensor, ok: torch.Tensor, cfg: AlumConfig, *,
+                 retain_graph: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One normalised gradient-ascent step on delta: (the new delta, whether every ascent
+    gradient so far was finite, this gradient's mean per-token norm)."""
+    # Scaling the KL to O(1) before the gradient keeps the ascent gradient away from fp16
+    # underflow; the normalisation below makes the step independent of this scale. The scale
+    # is capped at 1e8: the KL at delta ~ sigma is below fp32 rounding noise, so it is often
+    # exactly 0 or slightly negative, and a scale of 1/1e-30 = 1e30 overflows the fp16
+    # backward to inf (every step skipped, the precision guard never reached). By
+    # Pinsker, |dKL/dlogits| <= sqrt(2 kl), so the scaled gradient stays below ~1.5e4.
+    scale = 1.0 / kl.detach().abs().clamp_min(1e-8)
+    (g,) = torch.autograd.grad(kl * scale, delta, retain_graph=retain_graph)
+    with torch.no_grad():
+        g = g / scale
+        # A non-finite gradient zeroes delta from here on (the remaining passes still run, on
+        # every rank, with a harmless zero perturbation) and marks the step skipped. Decided
+        # on the device: ``where`` never lets the NaN through.
+        finite = torch.isfinite(g).all()
+        ok = ok & finite
+        g = torch.where(finite, g, torch.zeros_like(g))
+        grad_norm = token_norm(g, cfg.norm).mean()
+        moved = delta.detach() + cfg.eta * normalize(g, cfg.norm)
+        moved = project(moved, cfg.epsilon, cfg.norm) if cfg.update == "project" else \
+            normalize(moved, cfg.norm)
+        return torch.where(ok, moved, torch.zeros_like(moved)), ok, grad_norm

@@ -102,20 +102,24 @@ def train_main(argv: list[str] | None = None, prog: str = "alum-ds train") -> in
     p.add_argument("--resume", default="", help="checkpoint folder to resume from "
                    "(default: the run folder's latest, if any)")
     p.add_argument("--check", action="store_true", help="check the config, the DeepSpeed JSON, the "
-                   "run folder, its checkpoint and the data folder as the run would, say what it "
-                   "would do and exit without writing anything")
+                   "run folder, its checkpoint and the data folder as the run would, print what it "
+                   "would do (as `alum-ds plan`) and exit without writing anything")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--check" in argv:
+        return plan_main([a for a in argv if a != "--check"], prog, check=True)
 
     def start(cfg: Config, args: argparse.Namespace) -> None:
         from alum_ds.trainer import train
 
-        train(cfg, args.ds_config, resume=args.resume, check=args.check)
+        train(cfg, args.ds_config, resume=args.resume)
 
-    return _run(list(sys.argv[1:] if argv is None else argv), p, RunConfig, start)
+    return _run(argv, p, RunConfig, start)
 
 
-def plan_main(argv: list[str] | None = None, prog: str = "alum-ds plan") -> int:
+def plan_main(argv: list[str] | None = None, prog: str = "alum-ds plan", *, check: bool = False) -> int:
     """``alum-ds plan``: ``alum-ds train``'s arguments; prints what that run would do and exits
-    without starting a process group, a model or an engine."""
+    without starting a process group, a model or an engine (``check``: as ``train --check``,
+    which ends with the line saying so)."""
     p = _run_parser(prog, "Print what `alum-ds train` (or `deepspeed launch/pretrain.py`) with "
                     "these arguments would do: the resolved config and DeepSpeed plan, the ranks, "
                     "the batch arithmetic, the ALUM schedule, an estimate of memory per rank and "
@@ -138,6 +142,8 @@ def plan_main(argv: list[str] | None = None, prog: str = "alum-ds plan") -> int:
 
         print("\n".join(describe(cfg, args.ds_config, resume=args.resume, world=args.world,
                                  device=args.device)))
+        if check:
+            print("alum-ds: check passed; nothing was written")
     except (ConfigError, DataError) as e:
         return _fail(str(e))
     return 0

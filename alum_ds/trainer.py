@@ -197,18 +197,11 @@ def _alum_words(alum: AlumConfig, total: int) -> str:
     return "ALUM on" if start == 0 else f"plain MLM to step {start}, then ALUM (of {total} steps)"
 
 
-def train(cfg: RunConfig, ds_path: str, *, resume: str = "", check: bool = False) -> Path:
-    """Run (or continue) training; return the run folder. ``check``: only plan the run (every
-    refusal that needs no process group, model or engine), say what it would do, write nothing."""
+def train(cfg: RunConfig, ds_path: str, *, resume: str = "") -> Path:
+    """Run (or continue) training; return the run folder."""
     dev = R.detect()
     plan = plan_run(cfg, ds_path, resume=resume, world=int(os.environ.get("WORLD_SIZE", "1")),
                     on_gpu=dev.on_gpu, bf16_supported=dev.bf16_supported)
-    if check:
-        start = f"resumes at step {plan.point.step}" if plan.point else "a new run"
-        print(f"alum-ds: check passed: run folder {plan.run_dir} ({start}), ZeRO-{plan.ds.zero_stage}, "
-              f"{plan.ds.precision}, global batch {plan.batching.global_batch}, {plan.last_step} steps, "
-              f"{_alum_words(cfg.alum, plan.last_step)}; nothing was written")
-        return plan.run_dir
     data = Pretraining(cfg, plan)
 
     def ds_plan(rt: R.Runtime) -> DsPlan:

@@ -304,11 +304,7 @@ def prepare(
     out = Path(out_dir)
     prog = Progress(progress)
     t0 = time.time()
-    if tokenizer_kind not in TOKENIZER_KINDS:
-        raise S.DataError(f"--tokenizer-kind {tokenizer_kind}: choose from {', '.join(TOKENIZER_KINDS)}")
-    if tokenizer and tokenizer_kind != "bpe":
-        raise S.DataError(f"--tokenizer-kind {tokenizer_kind} chooses the tokenizer to learn; "
-                          f"--tokenizer {tokenizer} loads one instead: give one of the two")
+    _check_tokenizer_choice(tokenizer, tokenizer_kind)
     opts = {"vocab_size": vocab_size, "tokenizer": _dir_digest(tokenizer) if tokenizer else "",
             "val_fraction": val_fraction, "seed": seed,
             "sample_bytes": 0 if tokenizer else tokenizer_sample_bytes}
@@ -337,40 +333,14 @@ def prepare(
         _write_progress(out, state)
     else:
         tok = load_tokenizer(out / "tokenizer")
-    vocab = len(tok)
-    dtype = S.token_dtype(vocab)
-    # Encode with the saved tokenizer's own file, on a fresh run too: a resumed run, which has
-    # only the file, must encode exactly alike.
-    # (encode_special_tokens, no truncation or padding: see encoding_backend). Set after
-    # save_pretrained, so the saved tokenizer keeps the usual behaviour.
-    backend = encoding_backend(Tokenizer.from_file(str(out / "tokenizer" / "tokenizer.json")))
-    # The word cache needs about a quarter of the Rust pipeline's CPU time per token, but it
-    # holds the GIL: one core per process. A pool of processes gives it every core (on 2 cores
-    # 1.8 s in one thread against 3 to 6 s for the Rust tokenizer on both). Splitting each batch
-    # between the word cache and Rust was measured slower: the Rust threads take the cores the
-    # word cache needs.
+    dtype = S.token_dtype(len(tok))
     cut = state["cuts"][-1] if state["cuts"] else None
     writer = _Writer(out, dtype, seed=seed, val_fraction=val_fraction, entries=state["splits"],
                      any_val=bool(cut and cut["any_val"]))
-    workers = default_workers() if encode_workers is None else encode_workers
-    with contextlib.ExitStack() as stack:
-        if not WordCacheEncoder.supports(backend):
-            encode_map = in_thread(_rust_batch(backend, dtype))
-        elif workers > 0:
-            encode_map = stack.enter_context(EncoderPool(WordCacheEncoder(backend, dtype), workers)).map
-        else:
-            encode_map = in_thread(WordCacheEncoder(backend, dtype).encode_batch)
-        n_docs, replaced = _encode(corpus, encode_map, writer, state, out, cut, prog)
+    n_docs, replaced = _encode_corpus(corpus, out, dtype, writer, state, cut, prog, encode_workers)
     writer.finish(n_docs)
     _clean(out, {e["name"] for s in SPLITS for e in state["splits"][s]})
-    if sum(e["tokens"] for e in state["splits"]["train"]) == 0:
-        names = ", ".join(corpus.labels()[:3])
-        raise S.DataError(f"{names}: the training split holds no tokens; add text or lower --val-fraction")
-    if val_fraction > 0 and sum(e["tokens"] for e in state["splits"]["validation"]) == 0:
-        # A run evaluates on it at its end: an empty one failed there, after the whole schedule.
-        names = ", ".join(corpus.labels()[:3])
-        raise S.DataError(f"{names}: the validation split holds no tokens ({n_docs} document(s) "
-                          "in all); add documents (at least two) or raise --val-fraction")
+    _require_tokens(state, corpus, n_docs, val_fraction)
 
     manifest = {
         "tokenizer": {
@@ -389,6 +359,51 @@ def prepare(
     prog.message(f"wrote {sum(len(v) for v in state['splits'].values())} shard(s), {n_docs:,} "
                  f"documents, {tokens:,} tokens to {out} in {time.time() - t0:,.1f} s")
     return S.read_manifest(out)
+
+
+def _check_tokenizer_choice(tokenizer: str, kind: str) -> None:
+    if kind not in TOKENIZER_KINDS:
+        raise S.DataError(f"--tokenizer-kind {kind}: choose from {', '.join(TOKENIZER_KINDS)}")
+    if tokenizer and kind != "bpe":
+        raise S.DataError(f"--tokenizer-kind {kind} chooses the tokenizer to learn; "
+                          f"--tokenizer {tokenizer} loads one instead: give one of the two")
+
+
+def _encode_corpus(corpus: Corpus, out: Path, dtype: Any, writer: _Writer, state: dict[str, Any],
+                   cut: dict[str, Any] | None, prog: Progress,
+                   encode_workers: int | None) -> tuple[int, int]:
+    """Encode the corpus (from ``cut`` on, when resumed) into ``writer``'s shards: (documents,
+    bytes replaced as invalid UTF-8)."""
+    # Encode with the saved tokenizer's own file, on a fresh run too: a resumed run, which has
+    # only the file, must encode exactly alike.
+    # (encode_special_tokens, no truncation or padding: see encoding_backend). Set after
+    # save_pretrained, so the saved tokenizer keeps the usual behaviour.
+    backend = encoding_backend(Tokenizer.from_file(str(out / "tokenizer" / "tokenizer.json")))
+    # The word cache needs about a quarter of the Rust pipeline's CPU time per token, but it
+    # holds the GIL: one core per process. A pool of processes gives it every core (on 2 cores
+    # 1.8 s in one thread against 3 to 6 s for the Rust tokenizer on both). Splitting each batch
+    # between the word cache and Rust was measured slower: the Rust threads take the cores the
+    # word cache needs.
+    workers = default_workers() if encode_workers is None else encode_workers
+    with contextlib.ExitStack() as stack:
+        if not WordCacheEncoder.supports(backend):
+            encode_map = in_thread(_rust_batch(backend, dtype))
+        elif workers > 0:
+            encode_map = stack.enter_context(EncoderPool(WordCacheEncoder(backend, dtype), workers)).map
+        else:
+            encode_map = in_thread(WordCacheEncoder(backend, dtype).encode_batch)
+        return _encode(corpus, encode_map, writer, state, out, cut, prog)
+
+
+def _require_tokens(state: dict[str, Any], corpus: Corpus, n_docs: int, val_fraction: float) -> None:
+    if sum(e["tokens"] for e in state["splits"]["train"]) == 0:
+        names = ", ".join(corpus.labels()[:3])
+        raise S.DataError(f"{names}: the training split holds no tokens; add text or lower --val-fraction")
+    if val_fraction > 0 and sum(e["tokens"] for e in state["splits"]["validation"]) == 0:
+        # A run evaluates on it at its end: an empty one failed there, after the whole schedule.
+        names = ", ".join(corpus.labels()[:3])
+        raise S.DataError(f"{names}: the validation split holds no tokens ({n_docs} document(s) "
+                          "in all); add documents (at least two) or raise --val-fraction")
 
 
 def tokenizer_ids(tok: Any) -> dict[str, Any]:

@@ -335,18 +335,28 @@ def _say(msg: str) -> None:
 
 def run_suite(plan: Plan) -> dict[str, Any]:
     """Check every task, run what is not done yet, write OUT/suite.md, suite.json and the chart."""
-    from alum_ds.finetune.source import _is_deepspeed
-
-    suite = plan.suite
-    runs = [(label, ckpt, task, mode, seed) for label, ckpt in plan.models for task in suite.tasks
+    data = _checked_data(plan)
+    models = dict(_consolidated(plan))
+    runs = [(label, task, mode, seed) for label, _ in plan.models for task in plan.suite.tasks
             for mode in plan.modes for seed in range(plan.seeds)]
+    results = [_one_run(plan, i, len(runs), label, models[label], task, mode, seed, data[task.name])
+               for i, (label, task, mode, seed) in enumerate(runs, 1)]
+    table = build_table(plan, results)
+    if _rank0():
+        write_outputs(plan, table, results)
+    return table
+
+
+def _checked_data(plan: Plan) -> dict[str, dict[str, str]]:
+    """Every task's data and settings checked before any training, then its converted files
+    written: {task: {split: path}}."""
     data: dict[str, dict[str, str]] = {}
     pending: Pending = []
-    for task in suite.tasks:
+    for task in plan.suite.tasks:
         data[task.name], writes = check_task(task, plan.out / "data")
         pending += writes
         for _, ckpt in plan.models:
-            for mode in plan.modes:  # settings refused before any training
+            for mode in plan.modes:
                 try:
                     _config(plan, task, mode, 0, ckpt, plan.out, data[task.name])
                 except ConfigError as e:
@@ -355,8 +365,15 @@ def run_suite(plan: Plan) -> dict[str, Any]:
     for ex, cols, path, sources in pending:
         path.parent.mkdir(parents=True, exist_ok=True)
         _write_jsonl(ex, cols, path, sources)
-    # In one process a DeepSpeed run is consolidated once for all its fine-tunings (under a
-    # launcher each rank consolidates privately, as alum-ds finetune does).
+    return data
+
+
+def _consolidated(plan: Plan) -> list[tuple[str, str]]:
+    """(label, checkpoint) per model. In one process a DeepSpeed run is consolidated once for all
+    its fine-tunings (under a launcher each rank consolidates privately, as alum-ds finetune
+    does)."""
+    from alum_ds.finetune.source import _is_deepspeed
+
     models = []
     for label, ckpt in plan.models:
         p = Path(ckpt)
@@ -370,33 +387,31 @@ def run_suite(plan: Plan) -> dict[str, Any]:
                 export(ckpt, str(hf))
             ckpt = str(hf)
         models.append((label, ckpt))
-    results: list[dict[str, Any]] = []
-    for i, (label, ckpt, task, mode, seed) in enumerate(runs, 1):
-        ckpt = dict(models)[label]
-        run_dir = plan.out / "runs" / _slug(label) / _slug(task.name) / f"{mode}-seed{seed}"
-        cfg = _config(plan, task, mode, seed, ckpt, run_dir, data[task.name])
-        record = run_dir / "suite_result.json"
-        what = f"task {i}/{len(runs)}: {task.name}, {mode}, seed {seed} ({label})"
-        done = _read_record(record, cfg)
-        if done is not None:
-            _say(f"{what}: done before, skipped")
-            results.append(done)
-            continue
-        _say(what)
-        if _rank0():
-            record.unlink(missing_ok=True)
-        from alum_ds.finetune.loop import finetune
+    return models
 
-        res = finetune(cfg, plan.ds_path)
-        rec = {"model": label, "task": task.name, "mode": mode, "seed": seed, "config": cfg.to_dict(),
-               "results": {k: res[k] for k in ("validation", "adversarial", "steps")}}
-        if _rank0():
-            record.write_text(records.dumps(rec, indent=2))
-        results.append(rec)
-    table = build_table(plan, results)
+
+def _one_run(plan: Plan, i: int, n: int, label: str, ckpt: str, task: Task, mode: str, seed: int,
+             data: dict[str, str]) -> dict[str, Any]:
+    """One fine-tuning of the suite, or its record from an earlier invocation."""
+    run_dir = plan.out / "runs" / _slug(label) / _slug(task.name) / f"{mode}-seed{seed}"
+    cfg = _config(plan, task, mode, seed, ckpt, run_dir, data)
+    record = run_dir / "suite_result.json"
+    what = f"task {i}/{n}: {task.name}, {mode}, seed {seed} ({label})"
+    done = _read_record(record, cfg)
+    if done is not None:
+        _say(f"{what}: done before, skipped")
+        return done
+    _say(what)
     if _rank0():
-        write_outputs(plan, table, results)
-    return table
+        record.unlink(missing_ok=True)
+    from alum_ds.finetune.loop import finetune
+
+    res = finetune(cfg, plan.ds_path)
+    rec = {"model": label, "task": task.name, "mode": mode, "seed": seed, "config": cfg.to_dict(),
+           "results": {k: res[k] for k in ("validation", "adversarial", "steps")}}
+    if _rank0():
+        record.write_text(records.dumps(rec, indent=2))
+    return rec
 
 
 def _read_record(path: Path, cfg: FinetuneConfig) -> dict[str, Any] | None:
