@@ -219,10 +219,21 @@ def surviving_radius(h: torch.Tensor, norm: str = "linf") -> float:
     return math.ceil(r / 10**exp) * 10**exp
 
 
+# The median |h| above which the embedding output is taken for a diverged model's. h is the
+# embedding LayerNorm's output (ELECTRA's: a projection of it), so its scale is the LayerNorm
+# weight: it starts at 1 and trained encoders keep the median |h| O(1) (a few outlier features
+# reach ~10-20; the median ignores them). A median of 100 needs weights two orders of magnitude
+# past that, as a few steps at a far too high learning rate leave them; a radius that survives
+# rounding there would be as large as a healthy model's whole activation.
+DIVERGED_MEDIAN = 100.0
+
+
 def _lost_perturbation(h: torch.Tensor, delta: torch.Tensor, frac: float, cfg: AlumConfig) -> str:
-    """The precision guard's message. In fp16/bf16 it names a radius the dtype keeps. In fp32 (or
-    with non-finite values) the dtype is not the cause: the embedding output has grown so large
-    that any ordinary radius rounds away, which is what a diverged run looks like."""
+    """The precision guard's message, from what the guard measured. Non-finite values, or an
+    embedding output grown past ``DIVERGED_MEDIAN``: the model has diverged, and the message says
+    so without naming a radius (the perturbation's precision is not the cause). Otherwise in
+    fp16/bf16 it names a radius the dtype keeps; in fp32 (no dtype limit) the radius is below the
+    rounding of the largest activations."""
     dtype = str(h.dtype).removeprefix("torch.")
     lost = (f"only {frac:.0%} of the ALUM perturbation reaches the encoder (alum.eta={cfg.eta:g}, "
             f"alum.epsilon={cfg.epsilon:g})")
@@ -231,14 +242,19 @@ def _lost_perturbation(h: torch.Tensor, delta: torch.Tensor, frac: float, cfg: A
         return (f"{lost}: the embedding output or the perturbation is not finite, so the run has "
                 "diverged (it is not the perturbation's precision): lower optim.lr, or resume from "
                 "an earlier checkpoint")
+    median = float(hd.float().abs().median())
+    if median > DIVERGED_MEDIAN:
+        return (f"{lost}: the embedding output has grown to a median |h| of {median:.3g} (a "
+                f"healthy model's embedding LayerNorm output is about 1), so the run has diverged "
+                f"(it is not the perturbation's precision): lower optim.lr or lengthen the warm-up, "
+                f"and resume from an earlier checkpoint")
     r = surviving_radius(h, cfg.norm)
     if r > 0:
         return (f"ALUM perturbation does not survive {dtype}: {lost}. Use a radius of at least "
                 f"{r:g} (--alum.eta={r:g} --alum.epsilon={r:g}) or train in fp32")
     big = float(hd.float().abs().max())
-    return (f"{lost} in {dtype}: the embedding output reaches |h| = {big:.3g}, so the step rounds "
-            f"away; with activations that large the run has diverged (lower optim.lr, or resume "
-            f"from an earlier checkpoint), else raise alum.eta and alum.epsilon above "
+    return (f"{lost} in {dtype}: the embedding output reaches |h| = {big:.3g}, so a step that small "
+            f"rounds away: raise alum.eta and alum.epsilon above "
             f"{big * float(torch.finfo(h.dtype).eps):.1g}")
 
 

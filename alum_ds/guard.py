@@ -185,16 +185,32 @@ def install(engine: Any) -> None:
     """Give the plain torch optimizer (ZeRO-0, fp32) DeepSpeed's overflow protocol: skip the update
     when the gradient norm is not finite, set ``overflow`` (the engine then counts the step as
     skipped) and ``_global_grad_norm`` (the engine reports it). DeepSpeed's own optimizers
-    already do both."""
+    already do both. With gradient clipping on, the norm is the one DeepSpeed's clipping computes
+    anyway (its ``clip_fp32_gradients`` drops it): the check then adds one host read, no pass
+    over the gradients."""
     opt = engine.optimizer
     if not isinstance(opt, torch.optim.Optimizer) or hasattr(opt, "overflow"):
         return
     inner = opt.step
+    clipped: list[torch.Tensor] = []
+
+    if hasattr(engine, "clip_fp32_gradients"):
+        from deepspeed.runtime.utils import clip_grad_norm_
+
+        def clip_fp32_gradients() -> None:  # DeepSpeed's, keeping the norm it returns
+            clipped.append(clip_grad_norm_(parameters=engine.module.parameters(),
+                                           max_norm=engine.gradient_clipping(), mpu=engine.mpu))
+
+        engine.clip_fp32_gradients = clip_fp32_gradients
 
     def step(*args: Any, **kwargs: Any) -> Any:
-        grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
-        norm = (torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads
-                else torch.zeros(()))
+        if clipped:
+            norm = clipped.pop().reshape(())
+            clipped.clear()
+        else:
+            grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
+            norm = (torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads
+                    else torch.zeros(()))
         opt._global_grad_norm = norm
         # One host read, on this path only: the others pay the same inside DeepSpeed.
         opt.overflow = not bool(torch.isfinite(norm))

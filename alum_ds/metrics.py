@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from alum_ds import compiling
+from alum_ds import compiling, records
 
 # Peak dense throughput by device name fragment (bf16/fp16 tensor cores), for the MFU estimate.
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "V100": 125e12, "A10": 125e12}
@@ -177,7 +177,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         rec = {"step": step, "time": round(time.time(), 3), **values}
-        self.jsonl.write(json.dumps(rec) + "\n")
+        self.jsonl.write(records.dumps(rec) + "\n")  # standard JSON: a NaN is null, named
         numeric = {k: v for k, v in values.items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
         if self.tb is not None:

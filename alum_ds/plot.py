@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from alum_ds import records
 from alum_ds.config import ConfigError
 
 
@@ -23,7 +24,7 @@ def read_metrics(run_dir: str | Path) -> tuple[dict[int, dict[str, Any]], dict[i
     unigram = None
     for line in path.read_text().splitlines():
         try:
-            rec = json.loads(line)
+            rec = records.loads(line)  # a skipped step's null loss is NaN again
         except json.JSONDecodeError:
             continue  # a torn last line from a kill
         if "loss" in rec:

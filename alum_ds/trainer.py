@@ -26,6 +26,7 @@ from alum_ds import distributed as D
 from alum_ds import guard as G
 from alum_ds import hub
 from alum_ds import metrics as MT
+from alum_ds import records
 from alum_ds import runtime as R
 from alum_ds.arch import check_mlm_folder
 from alum_ds.cadence import Every, StopAfter
@@ -693,7 +694,7 @@ def _write_summary(run_dir: Path, rank: int, step: int, eval_loss: float, engine
     with D.gathered(engine.module):
         checksum = float(sum(p.detach().double().sum() for p in engine.module.parameters()))
     out = {"step": step, "eval_loss": eval_loss, "param_checksum": checksum}
-    (run_dir / f"summary.rank{rank}.json").write_text(json.dumps(out))
+    (run_dir / f"summary.rank{rank}.json").write_text(records.dumps(out))
 
 
 __all__ = ["train", "plan_run", "EXIT_PREEMPTED", "Signals"]

@@ -122,7 +122,8 @@ def run_alum_ds(args: argparse.Namespace, work: Path, port: int, model: Path, al
     ]
     subprocess.run(cmd, check=True, cwd=work, stdout=subprocess.DEVNULL,
                    env={**os.environ, "ALUM_DS_CPU_RANKS": "1"})
-    recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    from alum_ds import records  # metrics.jsonl: a non-finite value is null, named
+    recs = [records.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [r["step_time_s"] for r in recs if "step_time_s" in r]
 
 

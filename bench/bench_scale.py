@@ -145,7 +145,8 @@ def run_case(preset: str, ds: str, args: argparse.Namespace, data_args: list[str
     res["rss_gib_while_stepping_max_rank"] = round(max(training.values(), default=0) / GIB, 2)
     times = []
     if metrics.is_file():
-        recs = [json.loads(x) for x in metrics.read_text().splitlines()]
+        from alum_ds import records  # metrics.jsonl: a non-finite value is null, named
+        recs = [records.loads(x) for x in metrics.read_text().splitlines()]
         times = [r["step_time_s"] for r in recs if "step_time_s" in r]
     res["first_step_s"] = round(times[0], 2) if times else None
     res["step_time_s_median_after_first"] = round(statistics.median(times[1:]), 2) if len(times) > 1 else None

@@ -128,7 +128,8 @@ def run_alum_ds(args: argparse.Namespace, work: Path, port: int, data_dir: Path,
     ]
     subprocess.run(cmd, check=True, cwd=work, stdout=subprocess.DEVNULL,
                    env={**os.environ, "ALUM_DS_CPU_RANKS": "1"})
-    recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    from alum_ds import records  # metrics.jsonl: a non-finite value is null, named
+    recs = [records.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     comp = {"compile_seconds": sum(r["compile_seconds"] for r in recs if "compile_seconds" in r),
             "graphs_compiled": max((r["graphs_compiled"] for r in recs if "graphs_compiled" in r), default=0)}
     return [r["step_time_s"] for r in recs if "step_time_s" in r], comp

@@ -105,7 +105,8 @@ def measure_job(run_dir: str, radii: list[float], pgd_steps: int, max_sequences:
     resolved = json.loads((run / "config.resolved.json").read_text())
     cfg: RunConfig = config_from_dict(resolved["config"])
     data = Path(resolved["data_dir"])
-    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    from alum_ds import records  # metrics.jsonl: a non-finite value is null, named
+    recs = [records.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     final = [r for r in recs if "eval_loss" in r][-1]  # the trainer logs the line beside it
     folder = export(str(run), str(run / "hf"))
     model = AutoModelForMaskedLM.from_pretrained(folder).eval()

@@ -67,7 +67,8 @@ SCALES = {
 
 def run_figures(run_dir: Path, start: int) -> dict:
     """The run's final eval record and the median step time of its ALUM phase."""
-    recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    from alum_ds import records  # metrics.jsonl: a non-finite value is null, named
+    recs = [records.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     final = [r for r in recs if "eval_loss" in r][-1]
     times = [r["step_time_s"] for r in recs if "step_time_s" in r and r["step"] > start]
     return {"eval_loss": final["eval_loss"], "adv_kl_eps": final["eval_adv_kl_eps"],

@@ -42,7 +42,8 @@ def main() -> int:
         t0 = time.time()
         train(load_config(None, [*FIXED, *overrides, f"--run.dir={run}"]), "zero2.json")
         seconds = time.time() - t0
-        recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        from alum_ds import records  # metrics.jsonl: a non-finite value is null, named
+        recs = [records.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     below = {r["step"]: round(r["unigram_loss"] - r["eval_loss"], 3) for r in recs if "eval_loss" in r}
     point = {"name": name, "overrides": overrides, "below_unigram_line": below, "seconds": round(seconds)}
     OUT.parent.mkdir(parents=True, exist_ok=True)

@@ -442,6 +442,25 @@ def low_precision_parts(dtype):
     return parts(m, ids, labels)
 
 
+def test_precision_guard_does_not_blame_delta_when_the_weights_diverged():
+    """bf16 weights after a few steps at lr=1e3 (Adam moves each weight ~lr per step): the embedding
+    LayerNorm's weight near 1e4, every value finite. The radius that survives bf16 there (~1e2) is
+    no advice: the model has diverged, and the message says so without naming a radius."""
+    m = tiny(dtype=torch.bfloat16)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.endswith("embeddings.LayerNorm.weight"):
+                p.mul_(1e4)
+    ids, labels = batch()
+    _, h0, clean, f = parts(m, ids, labels)
+    assert torch.isfinite(h0).all() and float(h0.float().abs().median()) > A.DIVERGED_MEDIAN
+    with pytest.raises(PrecisionError) as err:
+        adversarial_loss(f, h0, clean, AlumConfig(), generator=gen())
+    msg = str(err.value)
+    assert "diverged" in msg and "optim.lr" in msg and "median |h|" in msg
+    assert "radius of at least" not in msg and "--alum.eta=" not in msg
+
+
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 def test_precision_guard_bf16(monkeypatch, norm):
     _, h0, clean, f = low_precision_parts(torch.bfloat16)

@@ -5,7 +5,8 @@ one-process ``alum-ds train`` runs check a full tmpfs during a save and the reru
 launch (tests/fault/fault_runs.py) checks, on ZeRO-2: a flipped bit in rank 1's shard and a
 garbage ``latest`` (resumed from the previous checkpoint with the uninterrupted run's losses), no
 intact checkpoint (one-line refusal, nothing changed), a run poisoned with NaN and one with a
-loss spike (both rolled back past the data window, then finished); and on ZeRO-0 fp32 (where the
+loss spike (both rolled back past the data window, then finished), the NaN run again on
+ZeRO-3 (partitioned weights, the rollback reloading a partitioned checkpoint); and on ZeRO-0 fp32 (where the
 guard itself skips the update) a NaN run stopped with ``latest`` on its last finite checkpoint.
 """
 
@@ -103,6 +104,37 @@ def test_guard_spike_is_a_multiple_of_the_running_median_for_m_steps() -> None:
 def test_guard_settings_are_checked(override: str, needle: str) -> None:
     with pytest.raises(ValueError, match=needle.replace("(", r"\(").replace(")", r"\)")):
         load_config(None, [override])
+
+
+def _strict(text: str) -> dict:
+    """Parse as RFC 8259 JSON: NaN and Infinity literals are errors."""
+    def refuse(name: str) -> None:
+        raise ValueError(f"non-standard JSON literal {name}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_metrics_of_a_non_finite_step_are_standard_json(tmp_path: Path) -> None:
+    from alum_ds import records
+    from alum_ds.metrics import MetricsLogger
+    from alum_ds.plot import read_metrics
+
+    log = MetricsLogger(tmp_path, enabled=True, tensorboard=True, total_steps=3)
+    log.log(1, {"loss": 5.0, "mlm_loss": 5.0, "lr": 1e-3, "tokens_per_s": 10.0})
+    log.log(2, {"loss": math.nan, "mlm_loss": math.nan, "grad_norm": math.inf, "lr": 1e-3,
+                "tokens_per_s": 10.0, "eval_loss/a/b": -math.inf, "per": [1.0, math.nan]})
+    log.close()
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    one, two = (_strict(x) for x in lines)
+    assert "nonfinite" not in one and one["loss"] == 5.0
+    assert two["loss"] is None and two["grad_norm"] is None and two["per"] == [1.0, None]
+    assert two["nonfinite"] == {"/loss": "NaN", "/mlm_loss": "NaN", "/grad_norm": "Infinity",
+                                "/eval_loss~1a~1b": "-Infinity", "/per/1": "NaN"}
+    back = records.loads(lines[1])
+    assert math.isnan(back["loss"]) and back["grad_norm"] == math.inf
+    assert back["eval_loss/a/b"] == -math.inf and math.isnan(back["per"][1]) and "nonfinite" not in back
+    train, _, _ = read_metrics(tmp_path)  # the plot's reader sees the NaN, not a null
+    assert math.isnan(train[2]["loss"]) and train[1]["loss"] == 5.0
+    assert records.dumps({"eval_loss": math.nan}) == '{"eval_loss": null, "nonfinite": {"/eval_loss": "NaN"}}'
 
 
 # -- checkpoint integrity on files, one process ----------------------------------------------
@@ -242,6 +274,9 @@ def faults(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> dict:
         {"train": [str(base / "spike"), ds, [*args, "--schedule.steps=12", "--guard.spike_steps=2",
                                              "--guard.spike_window=4"]],
          "env": {"POISON_LOSS_AT": "6,7"}},
+        {"train": [str(base / "z3"), str(ROOT / "ds_configs" / "zero3.json"),
+                   [*args, "--schedule.steps=12", "--checkpoint.keep=1"]],
+         "env": {"POISON_STEP": "5", "POISON_ONCE": "1"}},
         {"train": [str(base / "stop"), str(ROOT / "ds_configs" / "zero0.json"),
                    [*args, "--schedule.steps=12", "--checkpoint.keep=1", "--guard.action=stop"]],
          "env": {"POISON_STEP": "5"}},
@@ -306,6 +341,25 @@ def test_nan_and_spike_roll_back_and_skip_the_window(faults: dict) -> None:
 
 
 @pytest.mark.distributed
+def test_nan_rolls_back_under_zero3(faults: dict) -> None:
+    """ZeRO-3: each rank holds a partition of the weights (the poisoned one too) and the rollback
+    reloads the partitioned checkpoint mid-run; with checkpoint.keep=1 the step-4 checkpoint it
+    rolls back to is the only one kept through the NaN steps."""
+    z3 = faults["base"] / "z3"
+    root = C.checkpoint_dir(z3)
+    assert (f"guard: 3 steps in a row with a non-finite loss (steps 6-8; guard.max_nonfinite=3): "
+            f"rolled back to {root / C.tag_for(4)} (step 4) and skipped the 32 sequences seen "
+            "since it") in faults["log"]
+    state = C.read_state(root / C.tag_for(12))
+    assert state["zero_stage"] == 3 and {m["rank"] for m in state["files"].values()} == {0, 1}
+    losses = _losses(z3)
+    assert sorted(losses) == list(range(1, 13)) and all(math.isfinite(v) for v in losses.values())
+    last = [r for r in _records(z3) if "consumed_sequences" in r][-1]
+    assert last["step"] == 12 and last["consumed_sequences"] == 12 * 8 + 32
+    assert (root / "latest").read_text() == C.tag_for(12) and C.complete_tags(root) == [C.tag_for(12)]
+
+
+@pytest.mark.distributed
 def test_nan_run_stops_with_latest_on_the_last_finite_checkpoint(faults: dict) -> None:
     """ZeRO-0 fp32 (the plain torch optimizer: the guard skips the update itself). NaN weights
     from step 5 on: steps 6-8 are skipped, the save of step 6 is refused, and with
@@ -321,6 +375,10 @@ def test_nan_run_stops_with_latest_on_the_last_finite_checkpoint(faults: dict) -
     assert "warning: step 6: non-finite loss: no optimizer update (1 in a row" in faults["log"]
     assert (root / "latest").read_text() == C.tag_for(4)
     assert C.complete_tags(root) == [C.tag_for(4)]
+    recs = [_strict(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]  # standard JSON
+    skipped = {r["step"]: r for r in recs if "loss" in r and r["step"] in (6, 7, 8)}
+    assert sorted(skipped) == [6, 7, 8]
+    assert all(r["loss"] is None and r["nonfinite"]["/loss"] == "NaN" for r in skipped.values())
     assert C.verify(C.find_resume(run_dir)) == ""
     weights = torch.load(root / C.tag_for(4) / "mp_rank_00_model_states.pt", weights_only=False)["module"]
     assert all(torch.isfinite(t).all() for t in weights.values())

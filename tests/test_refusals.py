@@ -118,6 +118,18 @@ def test_training_refuses_data_without_validation_sequences(here: Path, docs40: 
     assert not (here / "run").exists()
 
 
+def test_a_mixture_source_without_validation_sequences_is_refused(here: Path, data_dir: Path,
+                                                                   docs40: list[str]) -> None:
+    from alum_ds.data.prepare import prepare
+
+    prepare(documents=docs40, out_dir=here / "noval", tokenizer=str(data_dir / "tokenizer"),
+            val_fraction=0.0, progress=False)
+    rc, line = _cli(["train", f"--data.sources={data_dir}:0.5,{here / 'noval'}:0.5", "--run.dir=run"])
+    assert rc == 2 and line.startswith(f"alum-ds: error: data.sources: {here / 'noval'}: ")
+    assert "validation split holds 0 documents" in line
+    assert not (here / "run").exists()
+
+
 def test_training_refuses_a_validation_split_shorter_than_one_sequence(here: Path, data_dir: Path) -> None:
     rc, line = _cli(["train", f"--data.dir={data_dir}", "--run.dir=run", "--data.seq_len=100000"])
     assert rc == 2 and "not one sequence of data.seq_len=100000" in line

@@ -36,7 +36,7 @@ import numpy as np
 
 from alum_ds.config import DataConfig, MaskingConfig
 from alum_ds.data.shards import DataError, read_manifest
-from alum_ds.data.stream import StreamState, TrainStream, _distinct
+from alum_ds.data.stream import StreamState, TrainStream, _distinct, check_splits
 
 PERIOD_MAX = 1 << 16
 """The longest schedule period: shares are exact to 1/65,536 at worst (building it: ~0.2 s)."""
@@ -148,8 +148,10 @@ def source_seed(seed: int, index: int) -> int:
 
 
 def check_sources(data: DataConfig) -> list[Source]:
-    """Refuse a mixture whose folders are missing or were prepared with different tokenizers
-    (before any process group: one line naming both folders)."""
+    """Refuse a mixture whose folders are missing, were prepared with different tokenizers (one
+    line naming both folders) or have a training or validation split without one sequence (one
+    line naming the folder: the run evaluates every source's validation split), before any
+    process group."""
     srcs = sources_of(data)
     try:
         integer_shares([s.weight for s in srcs])
@@ -169,6 +171,11 @@ def check_sources(data: DataConfig) -> list[Source]:
                 f"(fingerprints {tok.get('fingerprint')} and {ftok.get('fingerprint')}): prepare "
                 f"every source with one (`alum-ds prepare INPUT --tokenizer {f.dir}/tokenizer "
                 f"--out DIR`)")
+    for s in srcs:
+        try:
+            check_splits(s.dir, data.seq_len)
+        except DataError as e:
+            raise DataError(f"data.sources: {e}") from None
     return srcs
 
 

@@ -22,6 +22,7 @@ import torch
 
 from alum_ds import distributed as D
 from alum_ds import metrics as MT
+from alum_ds import records
 from alum_ds import runtime as R
 from alum_ds.cadence import Every
 from alum_ds.config import Batching, ConfigError
@@ -250,7 +251,7 @@ class Loop:
         if cfg.run.save_model:
             _save_model(self.engine, self.model, prep, self.run_dir / "model", self.rank)
         if self.rank == 0:
-            (self.run_dir / "results.json").write_text(json.dumps(results, indent=2))
+            (self.run_dir / "results.json").write_text(records.dumps(results, indent=2))
         self.log.message(f"run folder: {self.run_dir.resolve()}")
         self.log.close()
         return results

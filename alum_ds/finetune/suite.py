@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from alum_ds import records
 from alum_ds.config import ConfigError, load_config
 from alum_ds.data.shards import DataError
 from alum_ds.finetune import data as FD
@@ -409,7 +410,7 @@ def _one_run(plan: Plan, i: int, n: int, label: str, ckpt: str, task: Task, mode
     rec = {"model": label, "task": task.name, "mode": mode, "seed": seed, "config": cfg.to_dict(),
            "results": {k: res[k] for k in ("validation", "adversarial", "steps")}}
     if _rank0():
-        record.write_text(json.dumps(rec, indent=2))
+        record.write_text(records.dumps(rec, indent=2))
     return rec
 
 
@@ -417,7 +418,7 @@ def _read_record(path: Path, cfg: FinetuneConfig) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        rec = json.loads(path.read_text())
+        rec = records.loads(path.read_text())
     except json.JSONDecodeError:
         return None
     return rec if rec.get("config") == json.loads(json.dumps(cfg.to_dict())) else None
@@ -533,7 +534,7 @@ def write_outputs(plan: Plan, table: dict[str, Any], results: list[dict[str, Any
                       "ranges": t.ranges} for t in suite.tasks],
            "runs": [{k: r[k] for k in ("model", "task", "mode", "seed")} | {"results": r["results"]}
                     for r in results]}
-    (plan.out / "suite.json").write_text(json.dumps(doc, indent=2))
+    (plan.out / "suite.json").write_text(records.dumps(doc, indent=2))
     print(md, end="")
     if chart(table, plan.out / "suite.png"):
         _say(f"wrote {plan.out / 'suite.md'}, suite.json and suite.png")
