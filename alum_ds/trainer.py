@@ -24,9 +24,8 @@ import torch
 from alum_ds import checkpoint as C
 from alum_ds import distributed as D
 from alum_ds import guard as G
-from alum_ds import hub
+from alum_ds import hub, records
 from alum_ds import metrics as MT
-from alum_ds import records
 from alum_ds import runtime as R
 from alum_ds.arch import check_mlm_folder
 from alum_ds.cadence import Every, StopAfter
