@@ -276,8 +276,6 @@ class AdvResult:
     grad_norm: torch.Tensor
     """Mean per-token norm of the last ascent gradient (before normalisation; non-finite
     entries count as zero)."""
-    kl_before: torch.Tensor
-    """Forward KL at the initial random perturbation (ascent diagnostics)."""
 
 
 def adversarial_loss(
@@ -332,7 +330,6 @@ def adversarial_loss(
     delta = delta0
     ok = torch.ones((), dtype=torch.bool, device=h.device)
     grad_norm = torch.zeros((), device=h.device)
-    kl_before = torch.full((), float("nan"), device=h.device)
     if cfg.perturbation == "random" and first_logits is not None:
         raise ValueError("the random-perturbation control takes no ascent pass to fuse")
     for step in range(cfg.ascent_steps if ascent_steps is None else ascent_steps):
@@ -344,8 +341,6 @@ def adversarial_loss(
             delta.requires_grad_(True)
         adv = first_logits if fused else (ascent_f or f)(add_perturbation(h, delta))
         kl = kl_to_target(target, adv) if kl_on else squared_to_target(clean_logits, adv)
-        if step == 0:
-            kl_before = kl.detach()
         delta, ok, grad_norm = _ascent_step(kl, delta, ok, cfg, retain_graph=fused)
 
     h_adv = add_perturbation(h, delta)
@@ -362,9 +357,9 @@ def adversarial_loss(
     skipped = not (ascent_ok and loss_ok)
     zero = torch.zeros((), device=h.device)
     if any_rank(skipped):
-        return AdvResult(zero, True, zero, grad_norm, kl_before)
+        return AdvResult(zero, True, zero, grad_norm)
     return AdvResult(loss=loss, skipped=False, delta_norm=token_norm(delta.detach(), cfg.norm).mean(),
-                     grad_norm=grad_norm, kl_before=kl_before)
+                     grad_norm=grad_norm)
 
 
 def _random_step(delta: torch.Tensor, cfg: AlumConfig, generator: torch.Generator | None) -> torch.Tensor:
