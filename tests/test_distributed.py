@@ -72,7 +72,7 @@ def _batch_specs(base: Path, cache: Path) -> dict[str, tuple[str, list[str]]]:
         "mixture": ("zero2.json", mixture),  # test_a_mixture_resumes_exactly_on_1_rank_and_back
         "mixture_cut": ("zero2.json", [*mixture, "--run.stop_after=2"]),
         "zero3.json": ("zero3.json", QUICK),
-        # the export check of tests/test_zero3_release.py evaluates the same 64 sequences
+        # tests/test_zero3_release.py's export check scores what its final evaluation scored
         "zero3_release": (str(_zero3_release_config(base / "zero3_release.json")),
                           [*QUICK, "--eval.max_sequences=64"]),
         "zero3_offload": ("zero3_offload.json", ENGINE_QUICK),
