@@ -39,6 +39,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 from _stats import paired_bootstrap, paired_ratio_bootstrap
+from experiment_mini_alum import SCALES as MINI_SCALES
 from experiment_mini_alum import _done, _finished, _worker_init, measure_job, pretrain_job
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,9 +60,8 @@ SCALES = {
     "cpu": {"steps": 260, "start": 200, "overrides": ["--schedule.micro_batch_size=16"]},
     "smoke": {"steps": 12, "start": 8, "overrides": ["--schedule.micro_batch_size=8",
                                                      "--schedule.warmup_steps=2"]},  # plumbing only
-    "gpu": {"steps": 20000, "start": 12000, "overrides": [
-        "--model.preset=base", "--optim.lr=6e-4", "--schedule.warmup_steps=1000", "--model.dropout=0.1",
-        "--schedule.micro_batch_size=32", "--data.seq_len=128", "--data.vocab_size=8192"]},
+    # The base preset's recipe of the ALUM study, ALUM from 60% of training.
+    "gpu": {"steps": 20000, "start": 12000, "overrides": MINI_SCALES["gpu"]["overrides"]},
 }
 
 

@@ -79,6 +79,17 @@ def _workdir() -> Iterator[Path]:
             os.chdir(old)
 
 
+def _check_file_arg(option: str, name: str, content: Any) -> None:
+    """``train --check OPTION NAME`` with ``content`` as that JSON file in a fresh folder: accepted
+    or refused in one line, and the folder left as it was."""
+    with _workdir() as d:
+        (d / name).write_text(json.dumps(content))
+        before = _tree(d)
+        rc, lines, out = _cli(["train", "--check", option, name])
+        _accepted_or_refused(rc, lines, out)
+        assert _tree(d) == before
+
+
 # --- run configs ------------------------------------------------------------------------------
 
 def _fields() -> list[tuple[str, Any]]:
@@ -181,12 +192,7 @@ JSON_VALUES = st.recursive(
                               JSON_VALUES, max_size=3), JSON_VALUES),
     min_size=1, max_size=3))
 def test_any_config_file_is_accepted_or_refused_in_one_line(sections: dict[str, Any]) -> None:
-    with _workdir() as d:
-        (d / "run.json").write_text(json.dumps(sections))
-        before = _tree(d)
-        rc, lines, out = _cli(["train", "--check", "--config", "run.json"])
-        _accepted_or_refused(rc, lines, out)
-        assert _tree(d) == before
+    _check_file_arg("--config", "run.json", sections)
 
 
 # --- DeepSpeed JSONs --------------------------------------------------------------------------
@@ -227,12 +233,7 @@ def test_any_mutated_ds_config_is_accepted_or_refused_in_one_line(name: str, dat
             parent.pop(path[-1])
         if not ds:
             break
-    with _workdir() as d:
-        (d / "ds.json").write_text(json.dumps(ds))
-        before = _tree(d)
-        rc, lines, out = _cli(["train", "--check", "--ds_config", "ds.json"])
-        _accepted_or_refused(rc, lines, out)
-        assert _tree(d) == before
+    _check_file_arg("--ds_config", "ds.json", ds)
 
 
 def _bad_ds(data: st.DataObject, ds: dict[str, Any]) -> tuple[str, str]:
