@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from alum_ds.config import Config, ConfigError, RunConfig, load_config
+from alum_ds.config import Config, ConfigError, DataConfig, RunConfig, cache_dir, load_config
 from alum_ds.data.shards import DataError
 from alum_ds.ds_config import DEFAULT as DEFAULT_DS_CONFIG
 
@@ -177,7 +177,8 @@ def prepare_parser() -> argparse.ArgumentParser:
         "prepare with the same inputs and options continues it.")
     p.add_argument("inputs", nargs="*", help=".txt/.jsonl/.parquet files, folders or globs; "
                    "folders written by datasets' save_to_disk; hf:NAME for a Hub dataset")
-    p.add_argument("--out", help="output folder")
+    p.add_argument("--out", help="output folder, or an fsspec URL (s3://, gs://, az://, ...): "
+                   "prepared in the node cache, then uploaded, the manifest last")
     p.add_argument("--vocab-size", type=int, default=8192)
     p.add_argument("--tokenizer", default="", help="existing tokenizer: a local folder or a Hub id "
                    "ORG/NAME[@REVISION] (a local folder of that name wins)")
@@ -199,18 +200,21 @@ def prepare_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None,
                    help="encoding processes for a byte-level BPE (default: one per usable core, or "
                         "$ALUM_DS_PREPARE_WORKERS; 0: encode in prepare's own thread)")
-    p.add_argument("--verify", metavar="DIR", help="check a prepared folder fully and exit")
+    p.add_argument("--verify", metavar="DIR", help="check a prepared folder (or URL, fetched into "
+                   "the node cache) fully and exit")
     return p
 
 
 def prepare_main(argv: list[str]) -> int:
     a = prepare_parser().parse_args(argv)
+    from alum_ds.data import remote
     from alum_ds.data.encoding import default_workers
     from alum_ds.data.prepare import prepare_inputs, verify
 
     try:
         if a.verify:
-            print(json.dumps(verify(a.verify), indent=2))
+            target = remote.fetch_all(a.verify, DataConfig()) if remote.is_url(a.verify) else a.verify
+            print(json.dumps(verify(target), indent=2))
             return 0
         if not a.inputs or not a.out:
             return _fail("prepare needs INPUT... and --out DIR (or --verify DIR)")
@@ -231,12 +235,17 @@ def prepare_main(argv: list[str]) -> int:
             tokenizer = str(found.path)
             if found.from_hub:
                 print(f"tokenizer: {found.describe()}", file=sys.stderr)
-        m = prepare_inputs(a.inputs, a.out, vocab_size=a.vocab_size, tokenizer=tokenizer,
+        store = remote.Store(a.out, DataConfig().fetch_retry_s) if remote.is_url(a.out) else None
+        out = remote.mirror_dir(a.out, cache_dir()) if store else a.out
+        m = prepare_inputs(a.inputs, out, vocab_size=a.vocab_size, tokenizer=tokenizer,
                            val_fraction=a.val_fraction, seed=a.seed, text_field=a.text_field,
                            split=a.split, hf_config=a.hf_config, streaming=a.streaming,
                            tokenizer_sample_bytes=a.tokenizer_sample_bytes, fresh=a.fresh,
                            progress=not a.quiet, encode_workers=workers,
                            tokenizer_kind=a.tokenizer_kind)
+        if store is not None:
+            n = remote.upload(Path(out), a.out, store.retry_s)
+            print(f"uploaded {n} files to {a.out} (the manifest last)", file=sys.stderr)
     except (ConfigError, DataError) as e:
         return _fail(str(e))
     except KeyboardInterrupt:

@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 
 try:  # Python 3.11+; on 3.10 config files must be JSON
     import tomllib
@@ -147,6 +148,14 @@ def parse_sources(key: str, value: Any) -> list[str]:
     return out
 
 
+def cache_dir(explicit: str = "") -> Path:
+    """The node-local cache folder (the embedded default, fine-tuning tasks, mirrors of remote
+    data, the verified-shard record): ``explicit``, else $ALUM_DS_CACHE, else ~/.cache/alum_ds."""
+    if explicit:
+        return Path(explicit)
+    return Path(os.environ.get("ALUM_DS_CACHE", Path.home() / ".cache" / "alum_ds"))
+
+
 @dataclass
 class DataConfig(Section):
     PARSE: ClassVar[dict[str, Any]] = {"sources": parse_sources}
@@ -159,7 +168,13 @@ class DataConfig(Section):
     weight is the share of training sequences drawn from its folder (weights are normalised to
     sum to 1); every folder must have been prepared with the same tokenizer."""
     cache_dir: str = ""
-    """Where the embedded default is prepared. Empty: $ALUM_DS_CACHE or ~/.cache/alum_ds."""
+    """The node-local cache folder: the embedded default, mirrors of remote folders, the record
+    of verified shards. Empty: $ALUM_DS_CACHE or ~/.cache/alum_ds."""
+    cache_max_gb: float = 0.0
+    """Bound on the mirrors of remote folders in the cache (GB, 10^9 bytes): mirrors no run on
+    the node is using are evicted, least recently used first. 0: unbounded."""
+    fetch_retry_s: float = 120.0
+    """How long a read from a remote store is retried, with backoff, before the run stops."""
     seq_len: int = 32
     """Tokens per packed training sequence, including <s> and </s> (a real corpus wants 128-512)."""
     vocab_size: int = 2048
@@ -171,6 +186,8 @@ class DataConfig(Section):
         return [("data.sources", not (self.sources and self.dir),
                  "give either data.dir (one folder) or data.sources (a mixture), not both"),
                 ("data.seq_len", self.seq_len >= 8, "must be at least 8"),
+                ("data.cache_max_gb", self.cache_max_gb >= 0, "must be at least 0 (0: unbounded)"),
+                ("data.fetch_retry_s", self.fetch_retry_s >= 0, "must be at least 0"),
                 seed_check("data.seed", self.seed),
                 ("data.vocab_size", self.vocab_size >= 300, "must be at least 300 (256 bytes + specials)")]
 
@@ -482,7 +499,8 @@ class RunConfig(Config):
         d.pop("checkpoint", None)
         d.pop("eval", None)
         d.pop("guard", None)  # how a divergence is handled, not what a healthy step computes
-        d["data"].pop("cache_dir", None)  # where the embedded default is prepared, not what
+        for key in ("cache_dir", "cache_max_gb", "fetch_retry_s"):  # where and how data is
+            d["data"].pop(key, None)  # cached and fetched, not what it is
         if not d["model"].get("new_head"):  # off: the hash of every config that never sets it
             d["model"].pop("new_head", None)
         if not d["data"].get("sources"):

@@ -16,13 +16,13 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForMaskedLM
 
-from alum_ds.config import RunConfig
-from alum_ds.data import mixture
+from alum_ds.config import RunConfig, cache_dir
+from alum_ds.data import mixture, remote
 from alum_ds.data.prepare import embedded_dir
 from alum_ds.data.shards import MANIFEST, read_manifest
 from alum_ds.launching import cpu_ranks
 from alum_ds.model import build_model
-from alum_ds.runtime import Device, cache_dir, detect
+from alum_ds.runtime import Device, detect
 from alum_ds.trainer import Plan, plan_run
 
 GIB = float(1 << 30)
@@ -38,12 +38,14 @@ def launcher_world(on_gpu: bool) -> int:
 
 def data_folder(cfg: RunConfig) -> tuple[Path | None, str]:
     """The prepared folder a run reads (None: the embedded corpus, not yet prepared) and a note."""
+    remote.fetch_metadata_of(cfg.data)  # remote folders' manifests and tokenizers
     if cfg.data.sources:  # a mixture: its first source's tokenizer is every source's
         first = mixture.sources_of(cfg.data)[0].dir
         return first, f"a mixture of {len(cfg.data.sources)} sources, vocabulary from {first}"
     if cfg.data.dir:
-        read_manifest(cfg.data.dir)  # the run's own refusal of a missing or unprepared folder
-        return Path(cfg.data.dir), str(cfg.data.dir)
+        d = remote.local_dir(cfg.data.dir, cache_dir(cfg.data.cache_dir))
+        read_manifest(d)  # the run's own refusal of a missing or unprepared folder
+        return d, str(cfg.data.dir)
     out = embedded_dir(cache_dir(cfg.data.cache_dir), vocab_size=cfg.data.vocab_size,
                        seed=cfg.data.seed)
     if (out / MANIFEST).is_file():

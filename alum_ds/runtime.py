@@ -35,14 +35,6 @@ from alum_ds.metrics import StepWindow
 from alum_ds.optim import lr_lambda, make_optimizer
 
 
-def cache_dir(explicit: str = "") -> Path:
-    """Where embedded data and tasks are prepared: ``explicit``, else $ALUM_DS_CACHE, else
-    ~/.cache/alum_ds."""
-    if explicit:
-        return Path(explicit)
-    return Path(os.environ.get("ALUM_DS_CACHE", Path.home() / ".cache" / "alum_ds"))
-
-
 @dataclass(frozen=True)
 class Device:
     """What the accelerator is, known before any process group exists."""

@@ -29,8 +29,8 @@ from alum_ds import metrics as MT
 from alum_ds import runtime as R
 from alum_ds.arch import check_mlm_folder
 from alum_ds.cadence import Every, StopAfter
-from alum_ds.config import AlumConfig, Batching, ConfigError, RunConfig, batching_for
-from alum_ds.data import integrity, mixture
+from alum_ds.config import AlumConfig, Batching, ConfigError, RunConfig, batching_for, cache_dir
+from alum_ds.data import integrity, mixture, remote
 from alum_ds.data.prepare import ensure_embedded
 from alum_ds.data.shards import DataError, check_vocab, read_manifest, sha256_file
 from alum_ds.data.stream import TrainStream, check_splits
@@ -52,9 +52,9 @@ def resolve_data(cfg: RunConfig) -> Path:
     """The prepared data folder; the embedded default is prepared by one rank per node."""
     if cfg.data.sources:  # a mixture: the first source's tokenizer is every source's
         return mixture.sources_of(cfg.data)[0].dir
+    cache = cache_dir(cfg.data.cache_dir)
     if cfg.data.dir:
-        return Path(cfg.data.dir)
-    cache = R.cache_dir(cfg.data.cache_dir)
+        return remote.local_dir(cfg.data.dir, cache)
     if D.local_rank() == 0:
         out = ensure_embedded(cache, vocab_size=cfg.data.vocab_size, seed=cfg.data.seed)
     D.barrier()
@@ -69,7 +69,7 @@ def verify_data(dirs: list[Path], cfg: RunConfig, rt: R.Runtime) -> dict[str, fl
     error, result = "", None
     if D.local_rank() == 0:
         try:
-            result = integrity.verify_for_training(dirs, R.cache_dir(cfg.data.cache_dir),
+            result = integrity.verify_for_training(dirs, cache_dir(cfg.data.cache_dir),
                                                    progress=rt.rank == 0)
         except DataError as e:
             error = str(e)
@@ -145,8 +145,9 @@ def plan_run(cfg: RunConfig, ds_path: str, *, resume: str, world: int, on_gpu: b
     cannot divide, a checkpoint of another config or model shape, a missing optional package."""
     run_dir = Path(cfg.run.dir)
     _check_run_dir(run_dir, cfg)
+    remote.fetch_metadata_of(cfg.data)  # the manifests and tokenizers of remote folders
     if cfg.data.dir:  # the embedded default is prepared later, by the ranks
-        check_splits(cfg.data.dir, cfg.data.seq_len)
+        check_splits(remote.local_dir(cfg.data.dir, cache_dir(cfg.data.cache_dir)), cfg.data.seq_len)
     batching = batching_for(cfg, world)
     ds = plan_ds(ds_path, cfg, batching, bf16_supported=bf16_supported, on_gpu=on_gpu)
     G.check_ds(ds.config, cfg.guard)
@@ -201,6 +202,9 @@ def train(cfg: RunConfig, ds_path: str, *, resume: str = "") -> Path:
     plan = plan_run(cfg, ds_path, resume=resume, world=int(os.environ.get("WORLD_SIZE", "1")),
                     on_gpu=dev.on_gpu, bf16_supported=dev.bf16_supported)
     data = Pretraining(cfg, plan)
+    if remote.urls_of(cfg.data):  # shards download while the engine starts
+        data.prefetch = remote.Prefetch(cfg.data, progress=int(os.environ.get("RANK", "0")) == 0)
+        data.prefetch.start()
 
     def ds_plan(rt: R.Runtime) -> DsPlan:
         # The process group exists now: check the checkpoint's files collectively (each rank its
@@ -212,7 +216,7 @@ def train(cfg: RunConfig, ds_path: str, *, resume: str = "") -> Path:
     run = R.build_run(dev, ds_plan, expect_world=plan.world, seed=cfg.run.seed, model=data.model,
                       objective=AlumObjective, alum=cfg.alum, optim=cfg.optim,
                       schedule=cfg.schedule, total_steps=plan.last_step,
-                      cache=R.cache_dir(cfg.data.cache_dir),
+                      cache=cache_dir(cfg.data.cache_dir),
                       activation_checkpointing=cfg.model.activation_checkpointing)
     if cfg.guard.enabled:
         G.install(run.engine)
@@ -242,10 +246,14 @@ class Pretraining:
         self.shape: dict[str, int] = {}
         self.flops_per_token = 0.0
         self.verified: dict[str, float] | None = None
+        self.prefetch: remote.Prefetch | None = None
+        self.fetched: dict[str, float] | None = None
 
     def model(self, rt: R.Runtime) -> torch.nn.Module:
         cfg, point = self.cfg, self.plan.point
         self.dir = resolve_data(cfg)
+        if self.prefetch is not None:
+            self.fetched = self.prefetch.wait()
         self.verified = verify_data([s.dir for s in mixture.sources_of(cfg.data)] or [self.dir], cfg, rt)
         self.manifest = read_manifest(self.dir)
         try:
@@ -294,6 +302,8 @@ def _announce(cfg: RunConfig, plan: Plan, run: R.Run, data: Pretraining, stream:
         f"({b.micro_batch} x {b.accum} accumulation x {run.rt.world}), data {data.dir} "
         f"({len(stream.seqs)} sequences/epoch), run {plan.run_dir}"
     )
+    if data.fetched is not None:
+        log.message(remote.describe(data.fetched))
     if data.verified is not None:
         log.message(integrity.describe(data.verified))
     if isinstance(stream, mixture.MixtureStream):

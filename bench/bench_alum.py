@@ -456,7 +456,7 @@ def rank_main(args: argparse.Namespace) -> None:
     from alum_ds import compiling
     from alum_ds import distributed as D
     from alum_ds import runtime as R
-    from alum_ds.config import AlumConfig, RunConfig, batching_for
+    from alum_ds.config import AlumConfig, RunConfig, batching_for, cache_dir
     from alum_ds.ds_config import plan_ds
     from alum_ds.metrics import flops_per_token
     from alum_ds.model import build_model, non_embedding_params
@@ -491,7 +491,7 @@ def rank_main(args: argparse.Namespace) -> None:
     if args.compile:
         if stage == 3:
             raise SystemExit("bench_alum --compile: not under ZeRO-3 (alum_ds.compiling refuses it)")
-        compiling.use_cache(R.cache_dir() / "inductor")
+        compiling.use_cache(cache_dir() / "inductor")
         compiling.compile_model(mlm)
         variants += ["plain_compiled", "alum_compiled"]
     module = bench_module(mlm, alum, rt.any_rank(), lambda t: D.all_reduce(t, "sum"))

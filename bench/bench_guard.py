@@ -37,7 +37,7 @@ from bench._common import ROOT, machine  # noqa: E402
 def _engine(ds_name: str, overrides: list[str]):
     """A real one-rank DeepSpeed engine on the main job's plain-MLM model (``overrides`` on top)."""
     from alum_ds import runtime as R
-    from alum_ds.config import batching_for, load_config
+    from alum_ds.config import batching_for, cache_dir, load_config
     from alum_ds.data.prepare import ensure_embedded
     from alum_ds.data.shards import read_manifest
     from alum_ds.ds_config import plan_ds
@@ -49,7 +49,7 @@ def _engine(ds_name: str, overrides: list[str]):
     rt = R.start(dev)
     ds = plan_ds(ds_name, cfg, batching_for(cfg, 1), bf16_supported=False, on_gpu=dev.on_gpu)
     R.tune_host(rt, ds)
-    data = ensure_embedded(R.cache_dir(), vocab_size=cfg.data.vocab_size, seed=cfg.data.seed)
+    data = ensure_embedded(cache_dir(), vocab_size=cfg.data.vocab_size, seed=cfg.data.seed)
     vocab = int(read_manifest(data)["tokenizer"]["vocab_size"])
     torch.manual_seed(0)
     mlm = build_model(arch="roberta", preset=cfg.model.preset, vocab_size=vocab, seq_len=cfg.data.seq_len,

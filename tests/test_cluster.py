@@ -216,6 +216,7 @@ def test_dockerfile_copies_everything_the_package_needs() -> None:
     runs = [rest for word, rest in instr if word == "RUN"]
     deps = next(i for i, r in enumerate(runs) if "['project']['dependencies']" in r)
     assert "pip install -r /tmp/requirements.txt" in runs[deps]
+    assert "for e in ('s3', 'gcs', 'azure')" in runs[deps]  # the object stores a cluster reads
     inst = next(i for i, r in enumerate(runs) if "pip install --no-deps -e ." in r)
     assert deps < inst
     order = [w for w, _ in instr]

@@ -50,7 +50,7 @@ def hash_and_max(path: Path, dtype: np.dtype | None) -> tuple[str, int]:
     return h.hexdigest(), top
 
 
-class _Record:
+class VerifiedRecord:
     """The verified-file record of one node (a JSON file, replaced atomically)."""
 
     def __init__(self, path: Path | None) -> None:
@@ -79,7 +79,7 @@ class _Record:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             # Re-read first: another run on this node may have recorded other folders meanwhile.
-            merged = {**_Record(self.path).files, **self.files}
+            merged = {**VerifiedRecord(self.path).files, **self.files}
             S.atomic_write_bytes(self.path, json.dumps(
                 {"format": RECORD_FORMAT, "files": merged}, indent=0).encode())
         except OSError:
@@ -106,7 +106,7 @@ def verify_for_training(data_dirs: Iterable[str | Path], record_dir: str | Path 
                         *, progress: bool = True, workers: int = 0) -> dict[str, float]:
     """Refuse (``DataError``, one line naming the file) any folder whose tokenizer, shard bytes
     or token ids do not match its manifest; return what was hashed and read from the record."""
-    record = _Record(Path(record_dir) / RECORD if record_dir else None)
+    record = VerifiedRecord(Path(record_dir) / RECORD if record_dir else None)
     t0 = time.monotonic()
     checks: list[tuple[Path, str, int, Path]] = []  # (file, sha256, vocabulary or -1, folder)
     dtypes: dict[Path, np.dtype] = {}
@@ -174,4 +174,4 @@ def describe(result: dict[str, float]) -> str:
             f"{cached:,.3f} GiB unchanged since an earlier verification on this node")
 
 
-__all__ = ["verify_for_training", "describe", "hash_and_max", "RECORD"]
+__all__ = ["verify_for_training", "describe", "hash_and_max", "RECORD", "VerifiedRecord"]

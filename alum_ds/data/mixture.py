@@ -34,7 +34,8 @@ from typing import Any
 
 import numpy as np
 
-from alum_ds.config import DataConfig, MaskingConfig
+from alum_ds.config import DataConfig, MaskingConfig, cache_dir
+from alum_ds.data.remote import local_dir
 from alum_ds.data.shards import DataError, read_manifest
 from alum_ds.data.stream import StreamState, TrainStream, _distinct, check_splits
 
@@ -50,15 +51,17 @@ class Source:
 
 
 def sources_of(data: DataConfig) -> list[Source]:
-    """The configured sources, each named by its folder's last component (made unique)."""
+    """The configured sources, each named by its folder's last component (made unique); a URL's
+    folder is its node-local mirror."""
     out: list[Source] = []
     seen: dict[str, int] = {}
+    cache = cache_dir(data.cache_dir)
     for entry in data.sources:
         d, _, w = entry.rpartition(":")
         base = Path(d.rstrip("/")).name or d
         seen[base] = seen.get(base, 0) + 1
         name = base if seen[base] == 1 else f"{base}-{seen[base]}"
-        out.append(Source(name, Path(d), Fraction(w)))
+        out.append(Source(name, local_dir(d, cache), Fraction(w)))
     return out
 
 

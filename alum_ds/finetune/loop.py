@@ -25,7 +25,7 @@ from alum_ds import metrics as MT
 from alum_ds import records
 from alum_ds import runtime as R
 from alum_ds.cadence import Every
-from alum_ds.config import Batching, ConfigError
+from alum_ds.config import Batching, ConfigError, cache_dir
 from alum_ds.data.shards import DataError
 from alum_ds.ds_config import DsPlan, plan_ds
 from alum_ds.finetune import data as FD
@@ -64,7 +64,7 @@ def prepare(cfg: FinetuneConfig) -> Prepared:
         if cols != FD.Columns():
             raise ConfigError("task.text_column/text_pair_column/label_column need task.train (the "
                               "embedded task has text and label)")
-        folder = ensure_topic_task(R.cache_dir(task.cache_dir))
+        folder = ensure_topic_task(cache_dir(task.cache_dir))
         meta = json.loads((folder / "task.json").read_text())
         train = FD.read_examples(str(folder / "train.jsonl"), cols, "train")
         val = FD.read_examples(str(folder / "validation.jsonl"), cols, "validation")
@@ -154,7 +154,7 @@ def finetune(cfg: FinetuneConfig, ds_path: str) -> dict[str, Any]:
                           objective=RegressionObjective if cfg.task.type == "regression"
                           else ClassifierObjective, alum=cfg.alum, optim=cfg.optim,
                           schedule=sched, total_steps=sched.steps,
-                          cache=R.cache_dir(cfg.task.cache_dir),
+                          cache=cache_dir(cfg.task.cache_dir),
                           activation_checkpointing=cfg.model.activation_checkpointing)
     finally:
         prep.source.cleanup()
