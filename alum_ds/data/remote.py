@@ -47,6 +47,9 @@ _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "az": "azure", "abfs": "azure",
            "abfss": "azure"}
 FETCH_THREADS = 8
+# The store clients' credential failures (botocore, google-auth, azure-identity): not transient.
+_CREDENTIAL_ERRORS = {"NoCredentialsError", "PartialCredentialsError", "DefaultCredentialsError",
+                      "ClientAuthenticationError", "CredentialUnavailableError"}
 _held: dict[Path, Any] = {}  # mirror -> open file holding its shared in-use lock
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
@@ -87,7 +90,9 @@ class Store:
         self.url, self.retry_s = url.rstrip("/"), retry_s
         protocol = self.url.split("://", 1)[0]
         try:
-            self.fs, self.root = fsspec.core.url_to_fs(self.url)
+            # A client of its own: fsspec's instance cache would hand back one made under
+            # another environment (endpoint, credentials) earlier in the process.
+            self.fs, self.root = fsspec.core.url_to_fs(self.url, skip_instance_cache=True)
         except ImportError:
             extra = _EXTRAS.get(protocol)
             how = f"pip install 'alum_ds[{extra}]'" if extra else f"install fsspec's {protocol} package"
@@ -108,6 +113,10 @@ class Store:
             except PermissionError as e:
                 raise S.DataError(f"{what}: access denied ({_one_line(e)})") from None
             except Exception as e:  # the store's transient faults come as many types
+                if type(e).__name__ in _CREDENTIAL_ERRORS:
+                    raise S.DataError(f"{what}: no usable credentials for the store "
+                                      f"({_one_line(e)}): set them as its client reads them (for "
+                                      "S3: the AWS_* variables or ~/.aws)") from None
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise S.DataError(
