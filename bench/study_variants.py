@@ -84,6 +84,8 @@ def main() -> int:
     p.add_argument("--radius", type=float, default=0.0,
                    help="alum.eta = alum.epsilon of every arm (the smoothness is measured at it and "
                    "3x); 0: the run-config default (1e-3)")
+    p.add_argument("--alum-from", type=int, default=0, metavar="STEP",
+                   help="the arms branch from the plain prefix at this step (0: the scale's)")
     p.add_argument("--adv-kl-sequences", type=int, default=128)
     p.add_argument("--mlm-radii", default="0.01,0.03")
     p.add_argument("--pgd-steps", type=int, default=5)
@@ -101,7 +103,11 @@ def main() -> int:
         write(summarise(saved["runs"], saved["seeds"], saved["settings"], saved["seconds"],
                         bench_costs(a.bench_json)), Path(a.out))
         return 0
-    scale = SCALES[a.scale]
+    scale = dict(SCALES[a.scale])
+    if a.alum_from:
+        if not 0 < a.alum_from < scale["steps"]:
+            p.error(f"--alum-from {a.alum_from}: expected a step in 1..{scale['steps'] - 1}")
+        scale["start"] = a.alum_from
     work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="alum_study_"))
     work.mkdir(parents=True, exist_ok=True)
     cache = a.cache_dir or os.environ.get("ALUM_DS_CACHE", str(Path.home() / ".cache" / "alum_ds"))

@@ -1,5 +1,5 @@
-"""Pins ``bench/bench_data.py``: the data benchmark still runs in quick mode and writes its figures
-(saved, never asserted as timings)."""
+"""Pins ``bench/bench_data.py`` and ``bench/bench_remote.py``: the data benchmarks still run in quick
+mode and write their figures (saved, never asserted as timings)."""
 
 from __future__ import annotations
 
@@ -9,14 +9,20 @@ from pathlib import Path
 import pytest
 
 
-def test_bench_quick_writes_its_figures(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _load(name: str, monkeypatch: pytest.MonkeyPatch):
+    """``bench/NAME.py`` as a module, importing its neighbours as running the script would."""
     import importlib.util
 
-    path = Path(__file__).resolve().parent.parent / "bench" / "bench_data.py"
-    monkeypatch.syspath_prepend(str(path.parent))  # as running the script would: bench/_common.py
-    spec = importlib.util.spec_from_file_location("bench_data", path)
+    path = Path(__file__).resolve().parent.parent / "bench" / f"{name}.py"
+    monkeypatch.syspath_prepend(str(path.parent))
+    spec = importlib.util.spec_from_file_location(name, path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_bench_quick_writes_its_figures(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bench = _load("bench_data", monkeypatch)
     out = tmp_path / "data.json"
     bench.main(["--quick", "--out", str(out)])
     res = json.loads(out.read_text())
@@ -28,13 +34,7 @@ def test_bench_quick_writes_its_figures(tmp_path: Path, monkeypatch: pytest.Monk
 
 def test_bench_remote_quick_writes_its_figures(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``bench/bench_remote.py --quick``: its own S3 server on 127.0.0.1, a fetch, a stream."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parent.parent / "bench" / "bench_remote.py"
-    monkeypatch.syspath_prepend(str(path.parent))
-    spec = importlib.util.spec_from_file_location("bench_remote", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _load("bench_remote", monkeypatch)
     out = tmp_path / "remote.json"
     bench.main(["--quick", "--out", str(out)])
     res = json.loads(out.read_text())
