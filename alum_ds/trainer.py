@@ -299,7 +299,8 @@ def _announce(cfg: RunConfig, plan: Plan, run: R.Run, data: Pretraining, stream:
         f"{plan.pretrained.describe() if plan.pretrained else cfg.model.arch + ' ' + cfg.model.preset} "
         f"({run.n_params / 1e6:.2f}M params{', new MLM head' if cfg.model.new_head else ''}), "
         f"{_alum_words(cfg.alum, plan.last_step)}, global batch {b.global_batch} "
-        f"({b.micro_batch} x {b.accum} accumulation x {run.rt.world}), data {data.dir} "
+        f"({b.micro_batch} x {b.accum} accumulation x {run.rt.world}), data "
+        f"{_data_words(cfg, data.dir)} "
         f"({len(stream.seqs)} sequences/epoch), run {plan.run_dir}"
     )
     if data.fetched is not None:
@@ -316,6 +317,10 @@ def _announce(cfg: RunConfig, plan: Plan, run: R.Run, data: Pretraining, stream:
     if plan.ds.compile_note:
         log.message(plan.ds.compile_note)
     _check_tokenizer(cfg, plan, data.manifest, log)
+
+
+def _data_words(cfg: RunConfig, folder: Path) -> str:
+    return f"{cfg.data.dir} (mirrored in {folder})" if remote.is_url(cfg.data.dir) else str(folder)
 
 
 def _intact_plan(plan: Plan, cfg: RunConfig, ds_path: str, rt: R.Runtime, dev: R.Device) -> Plan:

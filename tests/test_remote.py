@@ -212,7 +212,7 @@ def test_two_ranks_train_from_s3_and_resume_from_it_while_it_is_down(
     r = run(deepspeed_cmd(f"--master_port={free_port()}", *args, "--run.stop_after=4"), ROOT, s3.env)
     first = r.stdout + r.stderr
     assert r.returncode == 0, first[-3000:]
-    assert "remote data:" in first and f"data {remote.mirror_dir(url, node)}" in first
+    assert "remote data:" in first and f"data {url} (mirrored in {remote.mirror_dir(url, node)})" in first
     shutil.rmtree(node)
     s3.stop()
     back = threading.Timer(6.0, s3.start)

@@ -48,6 +48,12 @@ class Source:
     name: str
     dir: Path
     weight: Fraction
+    given: str = ""
+    """The folder as configured: ``dir`` itself, or the URL ``dir`` mirrors."""
+
+    @property
+    def label(self) -> str:
+        return self.given if self.given and self.given != str(self.dir) else str(self.dir)
 
 
 def sources_of(data: DataConfig) -> list[Source]:
@@ -61,7 +67,7 @@ def sources_of(data: DataConfig) -> list[Source]:
         base = Path(d.rstrip("/")).name or d
         seen[base] = seen.get(base, 0) + 1
         name = base if seen[base] == 1 else f"{base}-{seen[base]}"
-        out.append(Source(name, local_dir(d, cache), Fraction(w)))
+        out.append(Source(name, local_dir(d, cache), Fraction(w), d))
     return out
 
 
@@ -170,7 +176,7 @@ def check_sources(data: DataConfig) -> list[Source]:
         f, ftok = first
         if tok.get("fingerprint") != ftok.get("fingerprint") or tok["vocab_size"] != ftok["vocab_size"]:
             raise DataError(
-                f"data.sources: {s.dir} and {f.dir} were prepared with different tokenizers "
+                f"data.sources: {s.label} and {f.label} were prepared with different tokenizers "
                 f"(fingerprints {tok.get('fingerprint')} and {ftok.get('fingerprint')}): prepare "
                 f"every source with one (`alum-ds prepare INPUT --tokenizer {f.dir}/tokenizer "
                 f"--out DIR`)")
@@ -248,7 +254,7 @@ class MixtureStream:
                 for s, b, e, size in zip(self.sources, before, now, self.sizes) if e > b]
 
     def describe(self) -> str:
-        parts = [f"{s.name} ({s.dir}, share {share:.4f}, {int(n):,} sequences/epoch)"
+        parts = [f"{s.name} ({s.label}, share {share:.4f}, {int(n):,} sequences/epoch)"
                  for s, share, n in zip(self.sources, self.shares, self.sizes)]
         how = ("exact" if self.exact else
                f"the given weights rounded to multiples of 1/{self.schedule.period}")
