@@ -21,6 +21,8 @@ from safetensors.torch import save_file
 
 from alum_ds.checkpoint import STATE_FILE, ResumePoint, read_latest, read_state, root_of, verify
 from alum_ds.config import ConfigError, config_from_dict
+from alum_ds.data import remote
+from alum_ds.data.shards import MANIFEST
 
 
 def locate(checkpoint: str) -> tuple[Path, str, Path]:
@@ -56,6 +58,17 @@ def model_config_of(state: dict[str, Any], vocab: int, run_dir: Path | None = No
                         dropout=cfg.model.dropout)
 
 
+def _data_folder(state: dict) -> Path:
+    """The run's data folder. A remote folder's mirror evicted since the run is fetched again
+    (its manifest and tokenizer: all that export reads)."""
+    d = Path(state["data_dir"])
+    data = state.get("config", {}).get("data", {})
+    spec = data.get("dir") or (data.get("sources") or [""])[0].rpartition(":")[0]
+    if remote.is_url(spec) and not (d / MANIFEST).is_file():
+        remote.fetch_metadata(spec, d.parent.parent, float(data.get("fetch_retry_s", 120.0)))
+    return d
+
+
 def export(checkpoint: str, out_dir: str) -> Path:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from transformers import AutoModelForMaskedLM, AutoTokenizer
@@ -70,7 +83,7 @@ def export(checkpoint: str, out_dir: str) -> Path:
     if damage:
         raise ConfigError(f"checkpoint {root / tag} is damaged: {damage}; export an older checkpoint "
                           f"(a folder under {root}) or restore the file")
-    data_dir = Path(state["data_dir"])
+    data_dir = _data_folder(state)
     mcfg = model_config_of(state, int(read_manifest(data_dir)["tokenizer"]["vocab_size"]), run_dir)
     with torch.device("meta"):
         model = AutoModelForMaskedLM.from_config(mcfg)

@@ -232,3 +232,9 @@ def test_two_ranks_train_from_s3_and_resume_from_it_while_it_is_down(
     want, got = _losses(ref), _losses(tmp_path / "run")
     assert len(got) == len(want) == 8
     assert got == pytest.approx(want, rel=1e-4), (got, want)
+    # Export after the node cache lost the mirror: its manifest and tokenizer are fetched again.
+    from alum_ds.export import export
+
+    shutil.rmtree(node)
+    out = export(str(tmp_path / "run" / "checkpoints"), str(tmp_path / "export"))
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
