@@ -201,8 +201,8 @@ def test_two_ranks_train_from_s3_and_resume_from_it_while_it_is_down(
         s3, tmp_path_factory, tmp_path: Path, cache_dir: Path) -> None:
     """The embedded corpus uploaded to the server; a 2-rank run reads it from there, stops after
     step 4; the node cache is wiped and the server stopped; the resumed run retries (its own
-    backoff: botocore's retries cut to one attempt) until the server is back (6 s later), fetches
-    and verifies everything again and finishes. Every step's
+    backoff: botocore's retries cut to one attempt) until the server is back (restarted when a
+    rank says it is retrying), fetches and verifies everything again and finishes. Every step's
     loss is the shared launch's zero2 run's, which read the same folder from the disk."""
     from alum_ds.data.prepare import ensure_embedded
     from tests.test_distributed import QUICK, _losses, _stage
@@ -219,16 +219,27 @@ def test_two_ranks_train_from_s3_and_resume_from_it_while_it_is_down(
     assert "remote data:" in first and f"data {url} (mirrored in {remote.mirror_dir(url, node)})" in first
     shutil.rmtree(node)
     s3.stop()
-    back = threading.Timer(6.0, s3.start)
-    back.start()
+    # The server comes back once a rank says it is retrying (botocore's retries cut to one
+    # attempt: the retrying is alum_ds's).
+    env = {**os.environ, **s3.env, "AWS_MAX_ATTEMPTS": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop("ALUM_DS_RESPAWNED", None)
+    proc = subprocess.Popen(deepspeed_cmd(f"--master_port={free_port()}", *args), cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines, back = [], False
     try:
-        r = run(deepspeed_cmd(f"--master_port={free_port()}", *args), ROOT,
-                {**s3.env, "AWS_MAX_ATTEMPTS": "1"})  # the retrying is alum_ds's, not botocore's
+        for line in proc.stdout:
+            lines.append(line)
+            if not back and "retrying for up to" in line:
+                s3.start()
+                back = True
+        proc.wait(timeout=600)
     finally:
-        back.join()
-    second = r.stdout + r.stderr
-    assert r.returncode == 0, second[-3000:]
-    assert "retrying for up to" in second and "resum" in second.lower(), second[-3000:]
+        if not back:
+            s3.start()
+        proc.kill()
+    second = "".join(lines)
+    assert back and proc.returncode == 0, second[-3000:]
+    assert "resumed from" in second, second[-3000:]
     want, got = _losses(ref), _losses(tmp_path / "run")
     assert len(got) == len(want) == 8
     assert got == pytest.approx(want, rel=1e-4), (got, want)
