@@ -190,10 +190,18 @@ def test_a_damaged_mirror_is_fetched_again_and_the_cache_bound_evicts_unused_mir
     _one_line(e, "data.cache_max_gb", "raise it")
 
 
-def test_an_unknown_store_is_one_line() -> None:
+def test_an_unknown_store_or_a_missing_client_package_is_one_line() -> None:
+    import importlib.util
+
     with pytest.raises(DataError) as e:
         remote.Store("nosuchstore://bucket/data", 1)
     _one_line(e, "nosuchstore://bucket/data", "fsspec knows no such store")
+    if importlib.util.find_spec("gcsfs") is None:  # not in the dev extra: the hint names the extra
+        with pytest.raises(DataError) as e:
+            remote.Store("gs://bucket/data", 1)
+        _one_line(e, "gs://bucket/data", "pip install gcsfs", '".[gcs]"')
+    else:
+        assert remote.Store("gs://bucket/data", 1).root == "bucket/data"
 
 
 @pytest.mark.distributed

@@ -44,8 +44,9 @@ from alum_ds.data.integrity import RECORD, VerifiedRecord, hash_and_max
 
 T = TypeVar("T")
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-_EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "az": "azure", "abfs": "azure",
-           "abfss": "azure"}
+# protocol -> (fsspec's package for it, the project's extra that pins it)
+_CLIENTS = {"s3": ("s3fs", "s3"), "s3a": ("s3fs", "s3"), "gs": ("gcsfs", "gcs"), "gcs": ("gcsfs", "gcs"),
+            "az": ("adlfs", "azure"), "abfs": ("adlfs", "azure"), "abfss": ("adlfs", "azure")}
 FETCH_THREADS = 8
 # The store clients' credential failures (botocore, google-auth, azure-identity): not transient.
 _CREDENTIAL_ERRORS = {"NoCredentialsError", "PartialCredentialsError", "DefaultCredentialsError",
@@ -94,8 +95,9 @@ class Store:
             # another environment (endpoint, credentials) earlier in the process.
             self.fs, self.root = fsspec.core.url_to_fs(self.url, skip_instance_cache=True)
         except ImportError:
-            extra = _EXTRAS.get(protocol)
-            how = f"pip install 'alum_ds[{extra}]'" if extra else f"install fsspec's {protocol} package"
+            client = _CLIENTS.get(protocol)
+            how = (f"pip install {client[0]} (the project's {client[1]} extra: pip install -e "
+                   f"\".[{client[1]}]\")" if client else f"install fsspec's package for {protocol}://")
             raise S.DataError(f"{self.url}: reading {protocol}:// needs its fsspec package: {how}") from None
         except ValueError as e:
             raise S.DataError(f"{self.url}: {e} (fsspec knows no such store)") from None
