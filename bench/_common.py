@@ -8,6 +8,7 @@ size) are requested: the shape of the model a user of RoBERTa's tokenizer trains
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -19,6 +20,17 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def corpus_parser(doc: str, *, mb: float, out: str) -> argparse.ArgumentParser:
+    """The options of a benchmark over a generated corpus: its size, repeats, a quick mode, and
+    the results file (under bench/results/)."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--mb", type=float, default=mb, help="corpus size in MB")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--quick", action="store_true", help="a tiny corpus and one repeat (seconds)")
+    p.add_argument("--out", default=str(ROOT / "bench" / "results" / out))
+    return p
 
 
 def machine() -> dict:

@@ -31,9 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import machine
+from _common import corpus_parser, machine
 
-ROOT = Path(__file__).resolve().parent.parent
 FILES = 4
 
 
@@ -132,11 +131,7 @@ def bench_stream(data_dir: Path, *, seconds: float, repeats: int, seq_len: int, 
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--mb", type=float, default=32.0, help="corpus size in MB")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--quick", action="store_true", help="a tiny corpus and one repeat (seconds)")
-    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "data.json"))
+    p = corpus_parser(__doc__, mb=32.0, out="data.json")
     p.add_argument("--_child", default="", help=argparse.SUPPRESS)
     p.add_argument("--_tokenizer", default="", help=argparse.SUPPRESS)
     p.add_argument("--_out", default="", help=argparse.SUPPRESS)

@@ -23,7 +23,6 @@ a real store's bandwidth.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -34,7 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import ROOT, machine
+from _common import corpus_parser, machine
 from bench_data import bench_stream, write_corpus
 
 
@@ -60,11 +59,7 @@ def _server() -> tuple[object, dict[str, str]]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--mb", type=float, default=64.0, help="corpus size in MB")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--quick", action="store_true", help="a tiny corpus and one repeat (seconds)")
-    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "remote.json"))
+    p = corpus_parser(__doc__, mb=64.0, out="remote.json")
     a = p.parse_args(argv)
     if a.quick:
         a.mb, a.repeats = 0.5, 1
