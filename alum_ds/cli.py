@@ -244,7 +244,7 @@ def prepare_main(argv: list[str]) -> int:
                            progress=not a.quiet, encode_workers=workers,
                            tokenizer_kind=a.tokenizer_kind)
         if store is not None:
-            n = remote.upload(Path(out), a.out, store.retry_s)
+            n = remote.upload(Path(out), store)
             print(f"uploaded {n} files to {a.out} (the manifest last)", file=sys.stderr)
     except (ConfigError, DataError) as e:
         return _fail(str(e))

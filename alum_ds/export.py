@@ -62,10 +62,12 @@ def _data_folder(state: dict) -> Path:
     """The run's data folder. A remote folder's mirror evicted since the run is fetched again
     (its manifest and tokenizer: all that export reads)."""
     d = Path(state["data_dir"])
-    data = state.get("config", {}).get("data", {})
-    spec = data.get("dir") or (data.get("sources") or [""])[0].rpartition(":")[0]
-    if remote.is_url(spec) and not (d / MANIFEST).is_file():
-        remote.fetch_metadata(spec, d.parent.parent, float(data.get("fetch_retry_s", 120.0)))
+    if not (d / MANIFEST).is_file():
+        data = config_from_dict(state["config"]).data
+        cache = d.parent.parent  # a mirror is CACHE/remote/NAME-HASH
+        for url in remote.urls_of(data):
+            if remote.mirror_dir(url, cache) == d:
+                remote.fetch_metadata(url, cache, data.fetch_retry_s)
     return d
 
 

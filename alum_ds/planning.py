@@ -37,8 +37,8 @@ def launcher_world(on_gpu: bool) -> int:
 
 
 def data_folder(cfg: RunConfig) -> tuple[Path | None, str]:
-    """The prepared folder a run reads (None: the embedded corpus, not yet prepared) and a note."""
-    remote.fetch_metadata_of(cfg.data)  # remote folders' manifests and tokenizers
+    """The prepared folder a run reads (None: the embedded corpus, not yet prepared) and a note;
+    after ``plan_run``, which fetched remote folders' manifests and tokenizers."""
     if cfg.data.sources:  # a mixture: its first source's tokenizer is every source's
         first = mixture.sources_of(cfg.data)[0].dir
         return first, f"a mixture of {len(cfg.data.sources)} sources, vocabulary from {first}"

@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
             size = sum(f.stat().st_size for f in local.rglob("*") if f.is_file())
             url = "s3://bench/local"
             t0 = time.perf_counter()
-            remote.upload(local, url, 60)
+            remote.upload(local, remote.Store(url, 60))
             upload_s = time.perf_counter() - t0
             seq = 128
             for r in range(a.repeats):

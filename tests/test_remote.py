@@ -217,7 +217,7 @@ def test_two_ranks_train_from_s3_and_resume_from_it_while_it_is_down(
 
     ref, _ = _stage("zero2.json", tmp_path_factory, cache_dir)
     url = f"s3://{BUCKET}/embedded"
-    remote.upload(ensure_embedded(cache_dir, vocab_size=2048, seed=1234), url, 30)
+    remote.upload(ensure_embedded(cache_dir, vocab_size=2048, seed=1234), remote.Store(url, 30))
     node = tmp_path / "node"
     args = [str(ROOT / "launch" / "pretrain.py"), "--ds_config", str(ROOT / "ds_configs" / "zero2.json"),
             f"--run.dir={tmp_path / 'run'}", f"--data.dir={url}", f"--data.cache_dir={node}", *QUICK]

@@ -294,14 +294,15 @@ def fetch_shards(url: str, cache: Path, *, retry_s: float, max_gb: float = 0.0,
         todo = []
         for name, want, dtype, size in _wanted(mirror, m):
             path = mirror / name
-            rec = record.known(path) if path.is_file() else None
-            if rec is None and path.is_file():  # a file of an earlier fetch or of `prepare --out`
-                got, top = hash_and_max(path, dtype)
-                if got == want:
-                    record.add(path, got, top)
+            if path.is_file():
+                rec = record.known(path)
+                if rec is not None and rec.get("sha256") == want:
                     continue
-            elif rec is not None and rec.get("sha256") == want:
-                continue
+                if rec is None:  # a file of an earlier fetch or of `prepare --out`
+                    got, top = hash_and_max(path, dtype)
+                    if got == want:
+                        record.add(path, got, top)
+                        continue
             todo.append((name, want, dtype, size))
         need = sum(t[3] for t in todo)
         if max_gb > 0:
@@ -367,10 +368,9 @@ class Prefetch(threading.Thread):
         return self.result
 
 
-def upload(local: Path, url: str, retry_s: float) -> int:
-    """A prepared folder to ``url``, the manifest last (a half-written folder has none, so it is
+def upload(local: Path, store: Store) -> int:
+    """A prepared folder to ``store``, the manifest last (a half-written folder has none, so it is
     never taken as prepared); returns the files written."""
-    store = Store(url, retry_s)
     files = [p for p in sorted(local.rglob("*")) if p.is_file() and not p.name.startswith(".")
              and p.name not in (S.MANIFEST, "progress.json") and not p.name.endswith(".tmp")]
     for p in files:
